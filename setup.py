@@ -1,0 +1,49 @@
+"""Builds stars_fast and its extension stars_fast._C.
+
+C++ (CPU kernels) always. CUDA kernels from csrc/cuda/ when torch is a CUDA build, a CUDA toolkit
+is found and a GPU is visible, or when STARS_FAST_BUILD_CUDA=1 forces it (=0 disables it).
+Install after torch: pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("STARS_FAST_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def _extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    if _want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
+        return cpp_extension.CUDAExtension(
+            "stars_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"], py_limited_api=False)
+    return cpp_extension.CppExtension(
+        "stars_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="stars_fast",
+    version="0.1.0",
+    description="Fused spiking-neuron and STARS-loss kernels for data-free ANN-to-SNN distillation",
+    packages=["stars_fast", "stars_fast.ops", "stars_fast.models", "stars_fast.synthesis", "stars_fast.kernels"],
+    package_dir={"stars_fast.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "tqdm", "scikit-learn", "pillow"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"], "triton": ["triton"]},
+)

@@ -1,0 +1,1 @@
+"""The fused ops: torch.library registrations, autograd and backend dispatch."""

@@ -1,0 +1,228 @@
+"""STARS loss (RCA + TAR, paper Eqs. 12-17; shared/DESIGN.md section 2.2) and feature pooling.
+
+The fused backends compute the loss and the gradients for both inputs in one forward pass; the
+backward only scales the stored gradients by grad_output (the loss is the last node of the graph).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+
+DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def _layer_thresholds(zt: Tensor, normalize: bool, quantiles: Sequence[float],
+                      thresholds: Optional[Sequence[float]], eps: float, backend: str):
+    """Teacher-anchored constants of one layer: (theta [M] fp32, shift, scale).
+
+    normalize: z <- (z - mean(zT)) * 1/std(zT) (population std) before thresholding.
+    theta: fixed values, or linear-interpolated quantiles of the (normalized) teacher by selection.
+    """
+    zt = zt.detach()
+    shift, scale = 0.0, 1.0
+    if normalize:
+        shift = zt.mean().item()
+        scale = 1.0 / max(zt.std(correction=0).item(), eps)
+    if thresholds is not None:
+        return torch.tensor(list(thresholds), dtype=torch.float32, device=zt.device), shift, scale
+    zn = (zt - shift) * scale if normalize else zt
+    if backend == "cpu":
+        theta = torch.ops.stars_fast.quantiles(zn, list(quantiles))
+    else:
+        theta = torch.quantile(zn.flatten().float(), torch.tensor(list(quantiles), device=zt.device))
+    return theta.float(), shift, scale
+
+
+@torch.library.custom_op("stars_fast::stars_loss", mutates_args=())
+def _stars_loss_op(z_teacher: List[Tensor], z_student: List[Tensor], quantiles: List[float],
+                   thresholds: Optional[List[float]], delta: float, coef_rca: List[float], coef_tar: List[float],
+                   normalize: bool, eps: float, backend: str
+                   ) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
+    """(total, parts [L, 2] = raw (l_rca, l_tar) per layer, d total/d z_teacher, d total/d z_student)."""
+    z_teacher = [z.contiguous() for z in z_teacher]
+    z_student = [z.contiguous() for z in z_student]
+    consts = [_layer_thresholds(zt, normalize, quantiles, thresholds, eps, backend) for zt in z_teacher]
+    thetas = [c[0] for c in consts]
+    shifts = [c[1] for c in consts]
+    scales = [c[2] for c in consts]
+    if backend == "triton":
+        from ..kernels import stars as triton_stars
+
+        fused = triton_stars.stars_loss_fused
+    else:
+        fused = torch.ops.stars_fast.stars_loss_fused
+    return fused(z_teacher, z_student, thetas, shifts, scales, coef_rca, coef_tar, delta, eps)
+
+
+@_stars_loss_op.register_fake
+def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend):
+    total = z_teacher[0].new_empty((), dtype=torch.float32)
+    parts = z_teacher[0].new_empty((len(z_teacher), 2), dtype=torch.float32)
+    return total, parts, [torch.empty_like(z) for z in z_teacher], [torch.empty_like(z) for z in z_student]
+
+
+def _stars_setup_context(ctx, inputs, output):
+    ctx.num_layers = len(inputs[0])
+    ctx.save_for_backward(*output[2], *output[3])
+
+
+def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_student_unused):
+    grads = ctx.saved_tensors
+    scaled = [g * grad_total.to(g.dtype) for g in grads]
+    return scaled[:ctx.num_layers], scaled[ctx.num_layers:], None, None, None, None, None, None, None, None
+
+
+_stars_loss_op.register_autograd(_stars_backward, setup_context=_stars_setup_context)
+
+
+def _check_stars_inputs(z_teacher, z_student, quantiles, thresholds, delta, weights, normalize):
+    if isinstance(z_teacher, Tensor) or isinstance(z_student, Tensor):
+        raise TypeError("z_teacher and z_student must be lists of tensors, one [B, C_l] entry per layer")
+    if len(z_teacher) != len(z_student):
+        raise ValueError(f"z_teacher has {len(z_teacher)} layers but z_student has {len(z_student)}")
+    if len(z_teacher) == 0:
+        raise ValueError("stars_loss needs at least one layer")
+    for layer, (zt, zs) in enumerate(zip(z_teacher, z_student)):
+        for side, z in (("z_teacher", zt), ("z_student", zs)):
+            if not isinstance(z, Tensor) or z.dim() != 2:
+                raise ValueError(f"{side}[{layer}] must be a 2-D [B, C] tensor (pool_features first), "
+                                 f"got {getattr(z, 'shape', type(z).__name__)}")
+            if not z.is_floating_point():
+                raise TypeError(f"{side}[{layer}] must be floating point, got {z.dtype}")
+            if z.shape[1] == 0:
+                raise ValueError(f"{side}[{layer}] has no channels")
+        if zt.shape[0] != zs.shape[0]:
+            raise ValueError(f"layer {layer}: teacher batch {zt.shape[0]} != student batch {zs.shape[0]}")
+        if zt.shape[0] < 2:
+            raise ValueError(f"layer {layer}: RCA needs a batch of at least 2 samples, got {zt.shape[0]}")
+        if zt.device != zs.device:
+            raise ValueError(f"layer {layer}: teacher on {zt.device} but student on {zs.device}")
+    if thresholds is None:
+        if len(quantiles) == 0 or not all(0.0 <= q <= 1.0 for q in quantiles):
+            raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {quantiles}")
+    elif len(thresholds) == 0 or not all(math.isfinite(t) for t in thresholds):
+        raise ValueError(f"thresholds must be a non-empty list of finite values, got {thresholds}")
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0, got {delta}")
+    if weights is not None:
+        if len(weights) != len(z_teacher):
+            raise ValueError(f"{len(weights)} weights for {len(z_teacher)} layers")
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    if normalize not in (None, "teacher"):
+        raise ValueError(f"normalize must be None or 'teacher', got {normalize!r}")
+
+
+def stars_loss(
+    z_teacher: Sequence[Tensor],
+    z_student: Sequence[Tensor],
+    *,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    thresholds: Optional[Sequence[float]] = None,
+    delta: float = 0.5,
+    weights: Optional[Sequence[float]] = None,
+    lambda_rca: float = 1.0,
+    lambda_tar: float = 1.0,
+    normalize: Optional[str] = None,
+    return_parts: bool = False,
+    backend: str = "auto",
+    eps: float = 1e-12,
+):
+    """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17).
+
+    z_teacher[l]: pooled teacher pre-ReLU features [B, C_l]; z_student[l]: pooled student pre-LIF
+    features [B, C'_l]. Gradients flow to both. With return_parts, also (L_RCA, L_TAR); on the fused
+    backends these two are detached diagnostics (backpropagate through the total).
+    """
+    _check_stars_inputs(z_teacher, z_student, quantiles, thresholds, delta, weights, normalize)
+    quantiles = [float(q) for q in quantiles]
+    thresholds = None if thresholds is None else [float(t) for t in thresholds]
+    chosen = _backend.resolve(backend, z_teacher[0].device)
+    if chosen == "reference":
+        total, rca, tar = reference.stars_loss(
+            z_teacher, z_student, quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
+            lambda_rca=lambda_rca, lambda_tar=lambda_tar, normalize=normalize, eps=eps)
+        return (total, rca, tar) if return_parts else total
+    weights = [1.0] * len(z_teacher) if weights is None else [float(w) for w in weights]
+    w_sum = sum(weights)
+    coef_rca = [lambda_rca * w / w_sum for w in weights]
+    coef_tar = [lambda_tar * w / w_sum for w in weights]
+    total, parts, _, _ = _stars_loss_op(list(z_teacher), list(z_student), quantiles, thresholds, float(delta),
+                                        coef_rca, coef_tar, normalize == "teacher", float(eps), chosen)
+    total = total.to(torch.promote_types(z_teacher[0].dtype, z_student[0].dtype))
+    if not return_parts:
+        return total
+    layer_weights = parts.new_tensor(weights) / w_sum
+    rca, tar = (parts.detach() * layer_weights[:, None]).sum(dim=0)
+    return total, rca, tar
+
+
+class StarsLoss(torch.nn.Module):
+    """nn.Module form of stars_loss: StarsLoss(**options)(z_teacher, z_student)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, z_teacher, z_student):
+        return stars_loss(z_teacher, z_student, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _fold_time_space(f: Tensor) -> Tensor:
+    """[B, C, H, W] -> [1, B*C, H*W]; [T, B, C, H, W] -> [T, B*C, H*W] (the pool_mean layout)."""
+    if f.dim() == 4:
+        return f.reshape(1, f.shape[0] * f.shape[1], -1)
+    return f.reshape(f.shape[0], f.shape[1] * f.shape[2], -1)
+
+
+@torch.library.custom_op("stars_fast::pool_features", mutates_args=())
+def _pool_op(f: Tensor, backend: str) -> Tensor:
+    x = _fold_time_space(f).contiguous()
+    if backend == "triton":
+        from ..kernels import stars as triton_stars
+
+        pooled = triton_stars.pool_mean(x)
+    else:
+        pooled = torch.ops.stars_fast.pool_mean(x)
+    batch_channels = f.shape[-4:-2]
+    return pooled.to(f.dtype).reshape(batch_channels)
+
+
+@_pool_op.register_fake
+def _(f, backend):
+    return f.new_empty(f.shape[-4:-2])
+
+
+def _pool_setup_context(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+
+
+def _pool_backward(ctx, grad):
+    """d mean/d f = grad / (T*H*W), broadcast: a zero-copy expanded view, nothing materialized."""
+    shape = ctx.shape
+    count = math.prod(shape) // (shape[-4] * shape[-3])
+    return (grad / count)[..., None, None].expand(shape), None
+
+
+_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+def pool_features(f: Tensor, backend: str = "auto") -> Tensor:
+    """Eq. 12: teacher [B, C, H, W] -> mean over H, W; student [T, B, C, H, W] -> mean over T, H, W."""
+    if not isinstance(f, Tensor) or f.dim() not in (4, 5):
+        raise ValueError("pool_features expects [B, C, H, W] (teacher) or [T, B, C, H, W] (student), got "
+                         f"{getattr(f, 'shape', type(f).__name__)}")
+    if not f.is_floating_point():
+        raise TypeError(f"pool_features needs a floating-point tensor, got {f.dtype}")
+    chosen = _backend.resolve(backend, f.device)
+    if chosen == "reference" or f.numel() == 0:
+        return reference.pool_features(f)
+    return _pool_op(f, chosen)

@@ -1,0 +1,176 @@
+"""Plain-PyTorch references of every op: the ground truth for tests and benchmarks.
+
+Written straight from shared/DESIGN.md section 2 (paper Eqs. 1 and 12-17), with autograd doing
+the differentiation, so they share no code with the fused kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+SURROGATE_DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0, "triangle": 1.0}
+
+
+def surrogate_grad(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """sg(u): sigmoid a*s(au)(1-s(au)); atan (a/2)/(1+(pi/2*a*u)^2); triangle max(0, a-|u|)/a^2."""
+    if surrogate == "sigmoid":
+        s = torch.sigmoid(alpha * u)
+        return alpha * s * (1.0 - s)
+    if surrogate == "atan":
+        return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * u) ** 2)
+    if surrogate == "triangle":
+        return torch.clamp(alpha - u.abs(), min=0.0) / (alpha * alpha)
+    raise ValueError(f"unknown surrogate {surrogate!r}")
+
+
+def surrogate_primitive(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """The smooth 'spike' whose derivative is surrogate_grad (SpikingJelly's spiking=False)."""
+    if surrogate == "sigmoid":
+        return torch.sigmoid(alpha * u)
+    if surrogate == "atan":
+        return torch.atan(math.pi / 2.0 * alpha * u) / math.pi + 0.5
+    if surrogate == "triangle":
+        a = alpha
+        left = (u + a) ** 2 / (2 * a * a)
+        right = 1.0 - (a - u) ** 2 / (2 * a * a)
+        mid = torch.where(u < 0, left, right)
+        return torch.where(u < -a, torch.zeros_like(u), torch.where(u >= a, torch.ones_like(u), mid))
+    raise ValueError(f"unknown surrogate {surrogate!r}")
+
+
+class _HeavisideSurrogate(torch.autograd.Function):
+    """Forward Theta(u) (Theta(0) = 1, NaN stays NaN); backward grad * surrogate'(u)."""
+
+    @staticmethod
+    def forward(ctx, u, surrogate, alpha):
+        ctx.save_for_backward(u)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        spike = (u >= 0).to(u.dtype)
+        return torch.where(torch.isnan(u), u, spike)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return grad * surrogate_grad(u, ctx.surrogate, ctx.alpha), None, None
+
+
+def multistep_neuron(
+    x: torch.Tensor,
+    inv_tau: Union[float, torch.Tensor] = 0.5,
+    *,
+    leaky: bool = True,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: str = "sigmoid",
+    alpha: Optional[float] = None,
+    spiking: bool = True,
+    v_init: Optional[torch.Tensor] = None,
+):
+    """Reference multi-step LIF (leaky=True) / IF neuron over x[T, ...]; returns (spikes, v_last).
+
+    charge  LIF decay_input:  h = v + (x[t] - (v - v_r)) * k        (k = 1/tau)
+            LIF otherwise:    h = v - (v - v_r) * k + x[t]
+            IF:               h = v + x[t]
+    fire    s = Theta(h - v_th)          (spiking=False: the surrogate's primitive)
+    reset   hard: v = h (1 - s) + v_reset s      soft (v_reset None): v = h - v_th s, v_r = 0
+    State and arithmetic in fp32 for half inputs, in the input dtype otherwise.
+    """
+    if alpha is None:
+        alpha = SURROGATE_DEFAULT_ALPHA[surrogate]
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xs = x.to(compute)
+    v_r = 0.0 if v_reset is None else v_reset
+    if v_init is None:
+        v = torch.full_like(xs[0], v_r)
+    else:
+        v = v_init.to(compute).expand_as(xs[0])
+    if isinstance(inv_tau, torch.Tensor):
+        inv_tau = inv_tau.to(compute)
+    spikes = []
+    for t in range(xs.shape[0]):
+        if not leaky:
+            h = v + xs[t]
+        elif decay_input:
+            h = v + (xs[t] - (v - v_r)) * inv_tau
+        else:
+            h = v - (v - v_r) * inv_tau + xs[t]
+        u = h - v_threshold
+        if spiking:
+            s = _HeavisideSurrogate.apply(u, surrogate, alpha)
+        else:
+            s = surrogate_primitive(u, surrogate, alpha)
+        s_reset = s.detach() if detach_reset else s
+        if v_reset is None:
+            v = h - v_threshold * s_reset
+        else:
+            v = h * (1.0 - s_reset) + v_reset * s_reset
+        spikes.append(s)
+    return torch.stack(spikes).to(x.dtype), v.to(x.dtype)
+
+
+def pool_features(f: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: [B, C, *S] -> mean over S; [T, B, C, *S] (student, time first) -> mean over T and S."""
+    if f.dim() == 4:
+        return f.mean(dim=(2, 3))
+    if f.dim() == 5:
+        return f.mean(dim=(0, 3, 4))
+    raise ValueError(f"pool_features expects [B, C, H, W] or [T, B, C, H, W], got shape {tuple(f.shape)}")
+
+
+def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eq. 14: mean over pairs i<j of (cos_S(i, j) - cos_T(i, j))^2."""
+    ut = zt / zt.norm(dim=1, keepdim=True).clamp_min(eps)
+    us = zs / zs.norm(dim=1, keepdim=True).clamp_min(eps)
+    i, j = torch.triu_indices(zt.shape[0], zt.shape[0], offset=1, device=zt.device)
+    g_t = (ut[i] * ut[j]).sum(dim=1)
+    g_s = (us[i] * us[j]).sum(dim=1)
+    return ((g_s - g_t) ** 2).mean()
+
+
+def _soft_exceedance(z: torch.Tensor, theta: torch.Tensor, delta: float) -> torch.Tensor:
+    """Eq. 16: p^m = mean_{b,c} sigmoid((z_bc - theta_m) / delta), one value per threshold."""
+    return torch.sigmoid((z.unsqueeze(-1) - theta) / delta).mean(dim=(0, 1))
+
+
+def stars_loss(
+    z_teacher: Sequence[torch.Tensor],
+    z_student: Sequence[torch.Tensor],
+    *,
+    quantiles: Sequence[float] = (0.6, 0.7, 0.8, 0.9, 0.95),
+    thresholds: Optional[Sequence[float]] = None,
+    delta: float = 0.5,
+    weights: Optional[Sequence[float]] = None,
+    lambda_rca: float = 1.0,
+    lambda_tar: float = 1.0,
+    normalize: Optional[str] = None,
+    eps: float = 1e-12,
+):
+    """Reference STARS loss (Eqs. 14-17); returns (total, L_RCA, L_TAR), all differentiable.
+
+    normalize="teacher": z <- (z - mean(zT)) / std(zT) on both sides (population std, constants).
+    Thresholds: torch.quantile of the (normalized) teacher features, detached, or fixed values.
+    """
+    weights = [1.0] * len(z_teacher) if weights is None else list(weights)
+    rca_terms, tar_terms = [], []
+    for zt, zs in zip(z_teacher, z_student):
+        rca_terms.append(_pairwise_rca(zt, zs, eps))
+        if normalize == "teacher":
+            mu = zt.detach().mean()
+            sd = zt.detach().std(correction=0).clamp_min(eps)
+            zt, zs = (zt - mu) / sd, (zs - mu) / sd
+        if thresholds is None:
+            q = torch.tensor(list(quantiles), dtype=zt.dtype, device=zt.device)
+            theta = torch.quantile(zt.detach().flatten(), q)
+        else:
+            theta = torch.tensor(list(thresholds), dtype=zt.dtype, device=zt.device)
+        p_t = _soft_exceedance(zt, theta, delta)
+        p_s = _soft_exceedance(zs, theta, delta)
+        tar_terms.append(((p_s - p_t) ** 2).mean())
+    w_sum = sum(weights)
+    rca = sum(w * r for w, r in zip(weights, rca_terms)) / w_sum
+    tar = sum(w * t for w, t in zip(weights, tar_terms)) / w_sum
+    return lambda_rca * rca + lambda_tar * tar, rca, tar
