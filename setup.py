@@ -45,5 +45,5 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm", "scikit-learn", "pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest", "spikingjelly==2.0.0"]},
 )

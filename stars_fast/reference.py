@@ -84,10 +84,11 @@ def multistep_neuron(
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xs = x.to(compute)
     v_r = 0.0 if v_reset is None else v_reset
+    step_shape = xs.shape[1:]
     if v_init is None:
-        v = torch.full_like(xs[0], v_r)
+        v = xs.new_full(step_shape, v_r)
     else:
-        v = v_init.to(compute).expand_as(xs[0])
+        v = v_init.to(compute).expand(step_shape)
     if isinstance(inv_tau, torch.Tensor):
         inv_tau = inv_tau.to(compute)
     spikes = []
@@ -109,7 +110,8 @@ def multistep_neuron(
         else:
             v = h * (1.0 - s_reset) + v_reset * s_reset
         spikes.append(s)
-    return torch.stack(spikes).to(x.dtype), v.to(x.dtype)
+    spikes = torch.stack(spikes) if spikes else xs.new_empty(xs.shape)
+    return spikes.to(x.dtype), v.to(x.dtype)
 
 
 def pool_features(f: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""Evaluation data: scikit-learn's bundled digits (offline default), CIFAR-10/100, Tiny-ImageNet.
+
+Nothing is ever downloaded. CIFAR and Tiny-ImageNet are read from a local folder in their
+standard layouts (see `EXPECTED_LAYOUT`); a missing folder raises `DatasetNotFoundError`
+naming the layout that was expected. Every dataset yields `(image, label)` with the image a
+float tensor `[C, H, W]` normalized with the dataset's mean and std (`DatasetInfo`), which is
+also the input space the synthesizers optimize in.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: shapes, normalization and the augmentations that suit it."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    flip: bool  # horizontal flips keep the class (not for digits)
+    crop_padding: int  # random-crop padding of the KD-phase augmentation
+
+
+DATASETS = {
+    # digits in [0, 1] (pixel / 16); mean and std of all 1797 images
+    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3760,), flip=False, crop_padding=1),
+    # Fast-Datafree's NORMALIZE_DICT values, so that its pretrained teachers see the inputs they expect
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                           flip=True, crop_padding=4),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+                            flip=True, crop_padding=4),
+    "tiny-imagenet": DatasetInfo("tiny-imagenet", 200, 3, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                 flip=True, crop_padding=4),
+}
+
+EXPECTED_LAYOUT = {
+    "cifar10": "<data-root>/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} "
+               "(the python-pickle version of CIFAR-10)",
+    "cifar100": "<data-root>/cifar-100-python/{train, test} (the python-pickle version of CIFAR-100)",
+    "tiny-imagenet": "<data-root>/tiny-imagenet-200/ with train/<wnid>/images/*.JPEG, "
+                     "val/images/*.JPEG and val/val_annotations.txt (wnids.txt optional)",
+}
+
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder is missing or incomplete; the message names the expected layout."""
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """[N, C, H, W] pixels in [0, 1] -> the normalized input space of the models."""
+    mean = torch.tensor(info.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def denormalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Inverse of `normalize`: normalized inputs -> pixels (not clamped)."""
+    mean = torch.tensor(info.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images * std + mean
+
+
+class PixelDataset(Dataset):
+    """In-memory images (uint8 in [0, 255] or float in [0, 1]), [N, C, H, W], with integer labels."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, info: DatasetInfo):
+        if pixels.shape[0] != labels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {labels.shape[0]} labels")
+        self.pixels, self.labels, self.info = pixels, labels.long(), info
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, index: int):
+        x = self.pixels[index : index + 1]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return normalize(x, self.info)[0], self.labels[index]
+
+
+class ImageFileDataset(Dataset):
+    """Images decoded from files on demand (Tiny-ImageNet), converted to RGB."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], info: DatasetInfo):
+        self.paths, self.labels, self.info = list(paths), torch.tensor(list(labels), dtype=torch.long), info
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        return normalize(x, self.info)[0], self.labels[index]
+
+
+def load_dataset(name: str, split: str, root: Optional[str] = None) -> Dataset:
+    """The `split` ("train" or "test") of dataset `name`; `root` is the local folder (not for digits).
+
+    For Tiny-ImageNet, "test" is the labelled `val` split.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    info = DATASETS[name]
+    if name == "digits":
+        return _load_digits(split, info)
+    if root is None:
+        raise DatasetNotFoundError(f"dataset {name!r} needs --data-root; expected layout: {EXPECTED_LAYOUT[name]}")
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, split, root, info)
+    return _load_tiny_imagenet(split, root, info)
+
+
+def _load_digits(split: str, info: DatasetInfo) -> PixelDataset:
+    """scikit-learn's 1797 8x8 digits, pixels / 16, split 75/25 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train_idx, test_idx = train_test_split(indices, test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+                                           random_state=DIGITS_SPLIT_SEED)
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    pixels = torch.from_numpy(digits.images[idx] / 16.0).float().unsqueeze(1)
+    return PixelDataset(pixels, torch.from_numpy(digits.target[idx]), info)
+
+
+def _find_folder(root: str, folder: str, name: str) -> str:
+    """`root/folder`, or `root` itself when it already is that folder."""
+    root = os.path.expanduser(root)
+    for candidate in (os.path.join(root, folder), root):
+        if os.path.basename(os.path.normpath(candidate)) == folder and os.path.isdir(candidate):
+            return candidate
+    raise DatasetNotFoundError(f"no {folder}/ folder under {root!r}; expected layout: {EXPECTED_LAYOUT[name]}")
+
+
+def _unpickle(path: str, name: str) -> dict:
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"missing file {path!r}; expected layout: {EXPECTED_LAYOUT[name]}")
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _load_cifar(name: str, split: str, root: str, info: DatasetInfo) -> PixelDataset:
+    """CIFAR from the python-pickle batches: `data` uint8 [N, 3072] (RGB planes), labels list."""
+    if name == "cifar10":
+        folder = _find_folder(root, "cifar-10-batches-py", name)
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key = "labels"
+    else:
+        folder = _find_folder(root, "cifar-100-python", name)
+        files = [split]
+        label_key = "fine_labels"
+    batches = [_unpickle(os.path.join(folder, f), name) for f in files]
+    data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+    return PixelDataset(torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)), torch.from_numpy(labels), info)
+
+
+def _load_tiny_imagenet(split: str, root: str, info: DatasetInfo) -> ImageFileDataset:
+    """Tiny-ImageNet's standard folders; class index = position of the wnid in sorted order
+    (what torchvision's ImageFolder on train/ gives, so ImageFolder-trained teachers agree)."""
+    name = "tiny-imagenet"
+    folder = _find_folder(root, "tiny-imagenet-200", name)
+    wnids = _tiny_imagenet_wnids(folder)
+    index = {w: i for i, w in enumerate(wnids)}
+    paths: List[str] = []
+    labels: List[int] = []
+    if split == "train":
+        for wnid in wnids:
+            image_dir = os.path.join(folder, "train", wnid, "images")
+            if not os.path.isdir(image_dir):
+                raise DatasetNotFoundError(f"missing {image_dir!r}; expected layout: {EXPECTED_LAYOUT[name]}")
+            for f in sorted(os.listdir(image_dir)):
+                paths.append(os.path.join(image_dir, f))
+                labels.append(index[wnid])
+    else:
+        annotations = os.path.join(folder, "val", "val_annotations.txt")
+        if not os.path.isfile(annotations):
+            raise DatasetNotFoundError(f"missing {annotations!r}; expected layout: {EXPECTED_LAYOUT[name]}")
+        with open(annotations) as f:
+            for line in f:
+                fields = line.split("\t")
+                if len(fields) >= 2:
+                    paths.append(os.path.join(folder, "val", "images", fields[0]))
+                    labels.append(index[fields[1].strip()])
+    return ImageFileDataset(paths, labels, info)
+
+
+def _tiny_imagenet_wnids(folder: str) -> List[str]:
+    listing = os.path.join(folder, "wnids.txt")
+    if os.path.isfile(listing):
+        with open(listing) as f:
+            return sorted(line.strip() for line in f if line.strip())
+    train = os.path.join(folder, "train")
+    if not os.path.isdir(train):
+        raise DatasetNotFoundError(f"neither wnids.txt nor train/ in {folder!r}; "
+                                   f"expected layout: {EXPECTED_LAYOUT['tiny-imagenet']}")
+    return sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))

@@ -1,0 +1,83 @@
+"""Pieces every synthesizer shares: the frozen-student context, per-sample jitter/flip, pixel clipping."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import DatasetInfo
+
+
+@dataclass
+class SynthesisResult:
+    """One synthesized batch (normalized inputs, detached), its target classes, the final loss terms."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    losses: Dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside the block; both restored on exit.
+
+    During synthesis the student only routes gradients to the images (Algorithm 1, line 18).
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _gather_pixels(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]] (differentiable)."""
+    b, c = x.shape[:2]
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, rows.shape[1], x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, x.shape[2], cols.shape[1]))
+
+
+def _maybe_flip(cols: torch.Tensor, flip: bool) -> torch.Tensor:
+    if not flip:
+        return cols
+    flipped = torch.rand(cols.shape[0], 1, device=cols.device) < 0.5
+    return torch.where(flipped, cols.flip(1), cols)
+
+
+def jitter_and_flip(x: torch.Tensor, lim: float = 1.0 / 8.0, flip: bool = True) -> torch.Tensor:
+    """DeepInversion's augmentation, drawn per sample: a circular shift of up to `lim` of each side
+    (torch.roll semantics), then a horizontal flip with probability 1/2 when `flip`."""
+    b, _, h, w = x.shape
+    lim_h, lim_w = int(h * lim), int(w * lim)
+    off_h = torch.randint(-lim_h, lim_h + 1, (b, 1), device=x.device)
+    off_w = torch.randint(-lim_w, lim_w + 1, (b, 1), device=x.device)
+    rows = (torch.arange(h, device=x.device) - off_h) % h
+    cols = (torch.arange(w, device=x.device) - off_w) % w
+    return _gather_pixels(x, rows, _maybe_flip(cols, flip))
+
+
+def random_crop_and_flip(pixels: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """The KD-phase augmentation (torchvision RandomCrop(size, padding) + RandomHorizontalFlip),
+    per sample, on pixels [B, C, H, W]; the padding is zeros, as torchvision's."""
+    b, _, h, w = pixels.shape
+    padded = F.pad(pixels, (padding, padding, padding, padding))
+    rows = torch.randint(0, 2 * padding + 1, (b, 1), device=pixels.device) + torch.arange(h, device=pixels.device)
+    cols = torch.randint(0, 2 * padding + 1, (b, 1), device=pixels.device) + torch.arange(w, device=pixels.device)
+    return _gather_pixels(padded, rows, _maybe_flip(cols, flip))
+
+
+def pixel_bounds(info: DatasetInfo, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel [1, C, 1, 1] bounds of the normalized space that map to pixels in [0, 1]."""
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    return -mean / std, (1.0 - mean) / std

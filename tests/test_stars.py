@@ -1,0 +1,179 @@
+"""The STARS loss and pooling through the public API against stars_fast.reference (written pair
+by pair from Eqs. 14-17) and hand-computed values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stars_fast
+from stars_fast import reference
+
+from conftest import require_backend
+
+FUSED = ["cpu"]
+TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _features(batch, teacher_channels, student_channels, dtype=torch.float32):
+    zt = [torch.randn(batch, c, dtype=dtype) + 0.3 for c in teacher_channels]
+    zs = [torch.randn(batch, c, dtype=dtype) * 0.7 for c in student_channels]
+    return zt, zs
+
+
+def _loss_and_grads(backend, zt, zs, **options):
+    zt = [z.clone().requires_grad_(True) for z in zt]
+    zs = [z.clone().requires_grad_(True) for z in zs]
+    total, rca, tar = stars_fast.stars_loss(zt, zs, backend=backend, return_parts=True, **options)
+    (total * 1.7).backward()
+    return total.detach(), rca.detach(), tar.detach(), [z.grad for z in zt], [z.grad for z in zs]
+
+
+CASES = [
+    dict(batch=2, tc=(8,), sc=(8,), options={}),
+    dict(batch=33, tc=(16, 24), sc=(20, 12), options=dict(quantiles=(0.5, 0.9))),
+    dict(batch=33, tc=(8, 16, 32), sc=(8, 16, 32), options=dict(normalize="teacher", weights=(1.0, 2.0, 0.5))),
+    dict(batch=256, tc=(16, 32, 64, 128), sc=(16, 48, 64, 96),
+         options=dict(quantiles=(0.6, 0.7, 0.8, 0.9, 0.95), lambda_rca=0.5, lambda_tar=2.0)),
+    dict(batch=17, tc=(10, 10), sc=(6, 14), options=dict(thresholds=(-0.5, 0.0, 0.7), delta=0.25)),
+    dict(batch=17, tc=(10,), sc=(9,), options=dict(thresholds=(0.0, 1.0), normalize="teacher", quantiles=(0.2, 0.4, 0.6, 0.8))),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c['batch']}-L{len(c['tc'])}-{'-'.join(c['options'])}")
+def test_matches_reference(backend, dtype, case):
+    require_backend(backend)
+    zt, zs = _features(case["batch"], case["tc"], case["sc"], dtype)
+    ref = _loss_and_grads("reference", zt, zs, **case["options"])
+    got = _loss_and_grads(backend, zt, zs, **case["options"])
+    tol = TOL[dtype]
+    for name, g, r in zip(("total", "rca", "tar"), got[:3], ref[:3]):
+        torch.testing.assert_close(g, r, **tol, msg=lambda m: f"{name}: {m}")
+    for side, gs, rs in (("teacher", got[3], ref[3]), ("student", got[4], ref[4])):
+        for layer, (g, r) in enumerate(zip(gs, rs)):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g, r, **tol, msg=lambda m: f"grad {side}[{layer}]: {m}")
+
+
+def test_reference_hand_computed():
+    """B=2: one pair. Teacher rows orthogonal (cos 0), student rows parallel (cos 1) -> l_rca = 1.
+    Fixed threshold 0 with delta 1: p = mean sigmoid(z)."""
+    zt = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    zs = [torch.tensor([[2.0, 2.0, 0.0], [1.0, 1.0, 0.0]])]
+    total, rca, tar = reference.stars_loss(zt, zs, thresholds=(0.0,), delta=1.0)
+    assert rca.item() == pytest.approx(1.0)
+    p_t = torch.sigmoid(zt[0]).mean()
+    p_s = torch.sigmoid(zs[0]).mean()
+    assert tar.item() == pytest.approx(((p_s - p_t) ** 2).item())
+    assert total.item() == pytest.approx(rca.item() + tar.item())
+    # The Gram-matrix form gives the same RCA: sum over i != j of D^2 / (B (B - 1)).
+    zt, zs = _features(9, (5,), (7,))
+    g_t = F.normalize(zt[0]) @ F.normalize(zt[0]).T
+    g_s = F.normalize(zs[0]) @ F.normalize(zs[0]).T
+    _, rca, _ = reference.stars_loss(zt, zs)
+    assert rca.item() == pytest.approx(((g_s - g_t) ** 2).sum().item() / (9 * 8), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("options", [{}, dict(normalize="teacher", quantiles=(0.3, 0.75)),
+                                     dict(thresholds=(0.0, 0.5), weights=(2.0, 1.0))])
+def test_gradcheck(backend, options):
+    """float64 gradcheck. Quantile thresholds and normalization statistics are constants of the
+    teacher by definition (no gradient through them), while finite differences on z_teacher would
+    move them; so z_teacher is checked only with fixed thresholds and no normalization."""
+    require_backend(backend)
+    teacher_is_checked = "thresholds" in options and "normalize" not in options
+    zt = [torch.randn(5, 4, dtype=torch.float64, requires_grad=teacher_is_checked),
+          torch.randn(5, 3, dtype=torch.float64, requires_grad=teacher_is_checked)]
+    zs = [torch.randn(5, 6, dtype=torch.float64, requires_grad=True),
+          torch.randn(5, 3, dtype=torch.float64, requires_grad=True)]
+
+    def fn(a, b, c, d):
+        return stars_fast.stars_loss([a, b], [c, d], backend=backend, **options)
+
+    assert torch.autograd.gradcheck(fn, (*zt, *zs), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_bad_inputs(backend):
+    require_backend(backend)
+    zt, zs = _features(4, (3, 5), (3, 5))
+    cases = [
+        (([zt[0]], zs), ValueError, "layers"),
+        (([torch.randn(1, 3)], [torch.randn(1, 3)]), ValueError, "at least 2"),
+        (([torch.randn(4, 3)], [torch.randn(5, 3)]), ValueError, "batch"),
+        (([torch.randn(4, 3, 2)], [torch.randn(4, 3)]), ValueError, "2-D"),
+        (([torch.ones(4, 3, dtype=torch.int32)], [torch.randn(4, 3)]), TypeError, "floating"),
+        ((zt[0], zs[0]), TypeError, "lists"),
+        (([], []), ValueError, "at least one layer"),
+    ]
+    for (a, b), exc, match in cases:
+        with pytest.raises(exc, match=match):
+            stars_fast.stars_loss(a, b, backend=backend)
+    with pytest.raises(ValueError, match="quantiles"):
+        stars_fast.stars_loss(zt, zs, quantiles=(0.5, 1.5), backend=backend)
+    with pytest.raises(ValueError, match="weights"):
+        stars_fast.stars_loss(zt, zs, weights=(1.0,), backend=backend)
+    with pytest.raises(ValueError, match="delta"):
+        stars_fast.stars_loss(zt, zs, delta=0.0, backend=backend)
+    with pytest.raises(ValueError, match="normalize"):
+        stars_fast.stars_loss(zt, zs, normalize="student", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_zero_rows_and_nan(backend):
+    require_backend(backend)
+    zt, zs = _features(6, (4,), (5,))
+    zt[0][2] = 0.0
+    zs[0][3] = 0.0
+    zt = [z.requires_grad_(True) for z in zt]
+    loss = stars_fast.stars_loss(zt, zs, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zt[0].grad).all()
+    zs[0][1, 1] = float("nan")
+    assert torch.isnan(stars_fast.stars_loss(zt, zs, backend=backend))
+    zt_nan = [zt[0].detach().clone()]
+    zt_nan[0][0, 0] = float("nan")
+    assert torch.isnan(stars_fast.stars_loss(zt_nan, zs, backend=backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_opcheck_and_compile(backend):
+    require_backend(backend)
+    from stars_fast.ops.stars import _pool_op, _stars_loss_op
+
+    zt, zs = _features(6, (4, 8), (5, 8))
+    zt = [z.requires_grad_(True) for z in zt]
+    zs = [z.requires_grad_(True) for z in zs]
+    torch.library.opcheck(_stars_loss_op, (zt, zs, [0.5, 0.9], None, 0.5, [0.5, 0.5], [0.5, 0.5], True, 1e-12,
+                                           backend), test_utils=("test_schema", "test_faketensor",
+                                                                 "test_autograd_registration"))
+    torch.library.opcheck(_pool_op, (torch.randn(2, 3, 4, 5, 5, requires_grad=True), backend))
+    module = stars_fast.StarsLoss(backend=backend, normalize="teacher")
+    eager = module(zt, zs)
+    compiled = torch.compile(lambda a, b: module(a, b), fullgraph=True, backend="aot_eager")(zt, zs)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (4, 3, 5, 7, 7), (1, 2, 1, 1, 1)])
+def test_pool_features(backend, shape):
+    require_backend(backend)
+    f = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape, requires_grad=True)
+    with torch.no_grad():
+        g.copy_(f)
+    pooled = stars_fast.pool_features(f, backend=backend)
+    expected = reference.pool_features(g)
+    torch.testing.assert_close(pooled, expected)
+    w = torch.randn_like(expected)
+    (pooled * w).sum().backward()
+    (expected * w).sum().backward()
+    torch.testing.assert_close(f.grad, g.grad)
+
+
+def test_pool_features_bad_inputs():
+    with pytest.raises(ValueError, match="expects"):
+        stars_fast.pool_features(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="floating"):
+        stars_fast.pool_features(torch.ones(2, 3, 4, 4, dtype=torch.int64))
