@@ -1,7 +1,18 @@
-import pytest
+"""Test set-up shared by every test file.
+
+Without a GPU the Triton kernels run under Triton's interpreter: TRITON_INTERPRET=1 must be set
+before any kernel is defined, so it is set here, before stars_fast is imported.
+"""
+import os
+
 import torch
 
-import stars_fast
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import stars_fast  # noqa: E402
 
 
 def backend_usable(name: str, device: str = "cpu") -> bool:
