@@ -29,7 +29,6 @@ Every BatchNorm is a plain nn.BatchNorm2d, so BN-statistics hooks can read its i
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -192,15 +191,16 @@ class DigitsCNN(TapNet):
         return self.linear(x)
 
 
-# name -> constructor(num_classes, in_channels, act); students.py builds its students from these.
+# name -> (class, architecture arguments); the class takes (*arguments, num_classes, in_channels, act).
+# students.py builds the spiking students from the same entries.
 ARCHITECTURES = {
-    "resnet18": partial(ResNet, (2, 2, 2, 2), (64, 128, 256, 512), 64),
-    "resnet34": partial(ResNet, (3, 4, 6, 3), (64, 128, 256, 512), 64),
-    "resnet19": partial(ResNetCifar, (3, 3, 2), (128, 256, 512), 128),
-    "resnet20": partial(ResNetCifar, (3, 3, 3), (16, 32, 64), 16),
-    "vgg11": partial(VGG, VGG_CONFIGS["vgg11"]),
-    "vgg16": partial(VGG, VGG_CONFIGS["vgg16"]),
-    "digits_cnn": DigitsCNN,
+    "resnet18": (ResNet, ((2, 2, 2, 2), (64, 128, 256, 512), 64)),
+    "resnet34": (ResNet, ((3, 4, 6, 3), (64, 128, 256, 512), 64)),
+    "resnet19": (ResNetCifar, ((3, 3, 2), (128, 256, 512), 128)),
+    "resnet20": (ResNetCifar, ((3, 3, 3), (16, 32, 64), 16)),
+    "vgg11": (VGG, (VGG_CONFIGS["vgg11"],)),
+    "vgg16": (VGG, (VGG_CONFIGS["vgg16"],)),
+    "digits_cnn": (DigitsCNN, ()),
 }
 TEACHERS = tuple(ARCHITECTURES)
 
@@ -209,4 +209,5 @@ def build_teacher(name: str, num_classes: int, in_channels: int = 3) -> TapNet:
     """Build an ANN teacher by name (one of TEACHERS), randomly initialised."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown teacher {name!r}; expected one of {TEACHERS}")
-    return ARCHITECTURES[name](num_classes, in_channels)
+    cls, arguments = ARCHITECTURES[name]
+    return cls(*arguments, num_classes, in_channels)

@@ -10,7 +10,8 @@ with random sorted targets y, x jittered and flipped per sample before every for
 clipped to valid pixels after every step. L_adv = -mean(mask * KL(teacher || student)) rewards
 images on which the student still disagrees with the teacher, masked to the samples where both
 predict the same class (Fast-Datafree's "decision adversarial" loss). The student is frozen
-(eval mode, no parameter gradients) and is run only when the adversarial or STARS term needs it.
+(eval mode, no parameter gradients, BatchNorm folded into its convolutions for the round, since
+its weights do not change during it) and is run only when the adversarial or STARS term needs it.
 
 Differences from Fast-Datafree's `DeepInvSyntheiszer`, on purpose: its best-loss tracking
 aliases the live tensor, so it returns the last iterate, which is what we return outright; its
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DatasetInfo
+from ..models import fold_bn
 from .base import SynthesisResult, frozen, jitter_and_flip, pixel_bounds
 from .bn_hooks import BNStatsHooks
 from .stars_regularizer import StarsRegularizer
@@ -65,25 +67,25 @@ class DeepInversionSynthesizer:
         targets = torch.randint(0, self.info.num_classes, (self.batch_size,), device=self.device).sort()[0]
         optimizer = torch.optim.Adam([images], lr=self.lr_g, betas=(0.5, 0.99))
         low, high = pixel_bounds(self.info, self.device)
-        need_student = self.adv > 0 or self.stars is not None
+        student = fold_bn(self.student) if self.adv > 0 or self.stars is not None else None
         losses = {}
-        with BNStatsHooks(self.teacher) as hooks, frozen(self.teacher), frozen(self.student):
+        with BNStatsHooks(self.teacher) as hooks, frozen(self.teacher):
             for _ in range(self.iterations):
-                losses = self._step(images, targets, optimizer, hooks, need_student)
+                losses = self._step(images, targets, optimizer, hooks, student)
                 with torch.no_grad():
                     images.copy_(torch.maximum(torch.minimum(images, high), low))
                 if progress is not None:
                     progress.update(1)
         return SynthesisResult(images.detach(), targets, {k: float(v) for k, v in losses.items()})
 
-    def _step(self, images, targets, optimizer, hooks: BNStatsHooks, need_student: bool) -> dict:
+    def _step(self, images, targets, optimizer, hooks: BNStatsHooks, student: Optional[nn.Module]) -> dict:
         """One Adam step on the images; returns the loss terms as detached tensors (no device sync)."""
         inputs = jitter_and_flip(images, flip=self.info.flip)
         zero = images.new_zeros(())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             t_logits, t_taps = self.teacher(inputs, return_taps=True)
-            if need_student:
-                s_logits, s_taps = self.student(inputs, return_taps=True)
+            if student is not None:
+                s_logits, s_taps = student(inputs, return_taps=True)
         t_logits = t_logits.float()
         loss_bn = hooks.loss()
         loss_oh = F.cross_entropy(t_logits, targets)

@@ -1,0 +1,457 @@
+"""`python -m stars_fast.train`: data-free ANN-to-SNN distillation with DeepInversion + STARS.
+
+With no arguments it runs the offline default: a small CNN teacher trained (once, then cached)
+on scikit-learn's bundled digits, distilled into a small spiking student without touching the
+training images, then both evaluated on the held-out digits. `--preset NAME` loads the
+hyperparameters of the paper's Appendix A; explicit flags override the preset.
+
+Each epoch (Fast-Datafree's schedule): `ep_steps // kd_steps` rounds of (synthesize one batch
+with `g_steps` optimization steps -> add it to the synthetic memory -> `kd_steps` KD steps on
+batches sampled from the memory); KD starts after `warmup` epochs.
+
+Run folder (`--out`), read by other tools:
+  metrics.jsonl    one JSON object per finished epoch: epoch (1-based), student_acc (fraction), losses
+  summary.json     teacher_acc, student_acc, best_student_acc, wall time, the full configuration
+  checkpoint.pt    everything to resume (student, optimizer, scheduler, synthetic memory, RNG,
+                   epoch, metrics history); atomic; tensors and plain Python types only
+  synthetic_epochNNN.png   the last synthesized batch of each epoch
+`--resume` continues the run in `--out` from its checkpoint up to `--epochs`; a run killed
+mid-epoch loses that epoch only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import models
+from .data import DATASETS, DatasetInfo, denormalize, load_dataset
+from .distill import distill_steps, evaluate, make_optimizer, make_scheduler, train_supervised
+from .ops.stars import DEFAULT_QUANTILES
+from .synthesis import DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory
+
+METHODS = ("deepinv",)
+CHECKPOINT_FORMAT = 1
+
+# The offline default (digits). Tuned to finish in a few minutes on 2 CPU cores.
+DEFAULTS: Dict[str, object] = {
+    "preset": None, "method": "deepinv",
+    "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES), "delta": 0.5,
+    "tar_normalize": False,
+    "teacher": "digits_cnn", "teacher_ckpt": None, "student": "digits_snn", "T": 4, "neuron": "lif",
+    "dataset": "digits", "data_root": None,
+    "epochs": 30, "warmup": 0, "batch_size": 128, "synthesis_batch_size": 128,
+    "lr": 0.1, "lr_g": 0.1, "weight_decay": 1e-4,
+    "g_steps": 40, "kd_steps": 40, "ep_steps": 40,
+    "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "memory_size": 51200,
+    "seed": 0, "device": "auto", "backend": "auto", "amp": False,
+    "out": None, "resume": False, "progress": True,
+}
+
+
+def _deepinv_preset(dataset: str, teacher: str, student: str) -> Dict[str, object]:
+    """Appendix A, DeepInversion (+ STARS), shared by the three CIFAR pairs."""
+    return {"method": "deepinv", "dataset": dataset, "teacher": teacher, "student": student, "T": 4,
+            "epochs": 200, "warmup": 0, "kd_steps": 400, "ep_steps": 400, "g_steps": 1000,
+            "batch_size": 256, "synthesis_batch_size": 256, "lr": 0.1, "lr_g": 0.1,
+            "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "seed": 0,
+            "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES),
+            "delta": 0.5, "memory_size": 200 * 256}
+
+
+PAIRS = (("vgg16", "s_vgg16"), ("resnet34", "s_resnet18"), ("resnet19", "s_resnet19"))
+PRESETS: Dict[str, Dict[str, object]] = {
+    "deepinv-digits": {key: DEFAULTS[key] for key in DEFAULTS if key not in ("preset", "out", "resume", "progress")},
+    **{f"deepinv-{dataset}-{teacher}": _deepinv_preset(dataset, teacher, student)
+       for dataset in ("cifar10", "cifar100") for teacher, student in PAIRS},
+}
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI. Flags left out do not appear in the parsed namespace (defaults live in DEFAULTS)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stars_fast.train", argument_default=argparse.SUPPRESS,
+        description="Data-free ANN-to-SNN knowledge distillation with DeepInversion + STARS. Without "
+                    "arguments: the offline digits default (a few minutes on a CPU).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run folder: metrics.jsonl, summary.json, checkpoint.pt, synthetic_epochNNN.png.\n"
+               "Presets (Appendix A of the paper): " + ", ".join(PRESETS))
+
+    def add(group, *flags, help, **kwargs):
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        default = DEFAULTS.get(dest)
+        if default is not None and kwargs.get("action") not in ("store_true",):
+            help += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        group.add_argument(*flags, help=help, **kwargs)
+
+    g = parser.add_argument_group("method and STARS")
+    add(g, "--preset", choices=sorted(PRESETS), metavar="NAME",
+        help="named hyperparameters of the paper's Appendix A; explicit flags override them. "
+             f"One of: {', '.join(PRESETS)}")
+    add(g, "--method", choices=METHODS, help="synthesizer")
+    add(g, "--stars", action=argparse.BooleanOptionalAction,
+        help="add the STARS regularizers (RCA + TAR) to the synthesis loss")
+    add(g, "--lambda-rca", type=float, help="weight of L_RCA (0 switches it off: TAR-only ablation)")
+    add(g, "--lambda-tar", type=float, help="weight of L_TAR (0 switches it off: RCA-only ablation)")
+    add(g, "--quantiles", type=float, nargs="+", metavar="Q", help="teacher quantiles that set the TAR thresholds")
+    add(g, "--delta", type=float, help="TAR sigmoid softness delta")
+    add(g, "--tar-normalize", action="store_true",
+        help="standardize teacher and student features with the teacher's statistics before thresholding")
+
+    g = parser.add_argument_group("models")
+    add(g, "--teacher", help="teacher architecture (resnet18, resnet34, resnet19, resnet20, vgg11, vgg16, digits_cnn)")
+    add(g, "--teacher-ckpt", metavar="PATH",
+        help="teacher weights (a Fast-Datafree checkpoint works); required except for digits, "
+             "where a teacher is trained once and cached under $STARS_FAST_CACHE or ~/.cache/stars_fast")
+    add(g, "--student", help="spiking student (s_resnet18, s_resnet19, s_resnet20, s_vgg16, digits_snn)")
+    add(g, "--T", type=int, help="simulation time steps of the student")
+    add(g, "--neuron", choices=("lif", "if", "plif"), help="spiking neuron of the student")
+
+    g = parser.add_argument_group("data (evaluation only: the student never sees real images)")
+    add(g, "--dataset", choices=tuple(DATASETS), help="evaluation dataset (and its shapes and normalization)")
+    add(g, "--data-root", metavar="DIR", help="local folder of CIFAR / Tiny-ImageNet (never downloaded)")
+
+    g = parser.add_argument_group("schedule")
+    add(g, "--epochs", type=int, help="training epochs")
+    add(g, "--warmup", type=int, help="epochs of synthesis only before KD starts (Fast-Datafree's warm-up)")
+    add(g, "--ep-steps", type=int, help="KD steps per epoch (ep_steps // kd_steps synthesis rounds per epoch)")
+    add(g, "--kd-steps", type=int, help="KD steps after each synthesis round")
+    add(g, "--g-steps", type=int, help="optimization steps per synthesized batch")
+    add(g, "--batch-size", type=int, help="KD batch size")
+    add(g, "--synthesis-batch-size", type=int, help="images per synthesized batch")
+    add(g, "--memory-size", type=int, help="most synthetic images kept for KD (oldest dropped first)")
+
+    g = parser.add_argument_group("optimization and losses")
+    add(g, "--lr", type=float, help="student learning rate (SGD, momentum 0.9, cosine decay)")
+    add(g, "--weight-decay", type=float, help="student weight decay")
+    add(g, "--lr-g", type=float, help="learning rate of the images (Adam, betas 0.5, 0.99)")
+    add(g, "--adv", type=float, help="weight of the adversarial (student-teacher disagreement) loss")
+    add(g, "--bn", type=float, help="weight of the BN-statistics loss")
+    add(g, "--oh", type=float, help="weight of the one-hot (cross-entropy) loss")
+    add(g, "--tv", type=float, help="weight of the total-variation image prior")
+    add(g, "--l2", type=float, help="weight of the L2 image prior")
+    add(g, "--kd-T", type=float, help="KD temperature")
+
+    g = parser.add_argument_group("run")
+    add(g, "--seed", type=int, help="random seed")
+    add(g, "--device", help="auto, cpu, cuda, cuda:N")
+    add(g, "--backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
+        help="backend of the fused ops (neurons, STARS loss)")
+    add(g, "--amp", action="store_true", help="bfloat16 autocast for the forward passes")
+    add(g, "--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    add(g, "--resume", action="store_true",
+        help="continue the run in --out from its checkpoint.pt up to --epochs (starts it if there is none)")
+    add(g, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """Only the flags given on the command line, as {dest: value}."""
+    return vars(build_parser().parse_args(argv))
+
+
+def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """DEFAULTS <- preset <- explicit flags (or `base`, a resumed run's config, <- explicit flags)."""
+    if base is None:
+        base = dict(DEFAULTS)
+        preset = explicit.get("preset")
+        if preset is not None:
+            base.update(PRESETS[preset])
+            base["preset"] = preset
+    config = {**base, **explicit}
+    config["quantiles"] = [float(q) for q in config["quantiles"]]
+    _check_config(config)
+    return config
+
+
+def _check_config(config: Dict[str, object]) -> None:
+    for key in ("epochs", "ep_steps", "kd_steps", "g_steps", "batch_size", "synthesis_batch_size", "T",
+                "memory_size"):
+        if int(config[key]) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["ep_steps"] < config["kd_steps"]:
+        raise SystemExit(f"--ep-steps ({config['ep_steps']}) must be >= --kd-steps ({config['kd_steps']})")
+    if config["dataset"] != "digits" and config["teacher_ckpt"] is None:
+        raise SystemExit(f"--dataset {config['dataset']} needs a pretrained teacher: pass --teacher-ckpt PATH")
+
+
+# --------------------------------------------------------------------------- run-folder files
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _png_bytes(pixels) -> bytes:
+    """A minimal 8-bit grayscale / RGB PNG encoder (pixels: uint8 array [H, W, C], C in {1, 3})."""
+    height, width, channels = pixels.shape
+    raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def write_png(path: str, pixels, use_pil: Optional[bool] = None) -> None:
+    """Write uint8 [H, W, C] pixels as a PNG, with PIL when installed (or `use_pil`), else `_png_bytes`."""
+    if use_pil is None:
+        try:
+            import PIL  # noqa: F401
+
+            use_pil = True
+        except ImportError:
+            use_pil = False
+    if use_pil:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+        _atomic_write(path, buffer.getvalue())
+    else:
+        _atomic_write(path, _png_bytes(pixels))
+
+
+def image_grid(images: torch.Tensor, info: DatasetInfo, min_side: int = 32, padding: int = 1):
+    """Normalized images [N, C, H, W] -> a uint8 [H', W', C] grid, upscaled so each cell is >= min_side px."""
+    pixels = (denormalize(images.detach().float().cpu(), info).clamp(0, 1) * 255).round().to(torch.uint8)
+    n, c, h, w = pixels.shape
+    scale = max(1, math.ceil(min_side / max(h, w)))
+    pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    h, w = h * scale, w * scale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros((c, rows * (h + padding) - padding, cols * (w + padding) - padding), dtype=torch.uint8)
+    for i in range(n):
+        top, left = (i // cols) * (h + padding), (i % cols) * (w + padding)
+        grid[:, top:top + h, left:left + w] = pixels[i]
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+# ------------------------------------------------------------------------------------ models
+
+def cache_dir() -> str:
+    """Where the digits teacher is cached: $STARS_FAST_CACHE, else $XDG_CACHE_HOME/stars_fast, else ~/.cache/stars_fast."""
+    if os.environ.get("STARS_FAST_CACHE"):
+        return os.environ["STARS_FAST_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stars_fast")
+
+
+DIGITS_TEACHER_RECIPE = {"epochs": 30, "lr": 0.05, "batch_size": 64, "seed": 0, "version": 1}
+
+
+def digits_teacher(name: str, info: DatasetInfo, device, progress: bool) -> torch.nn.Module:
+    """The digits teacher: loaded from the cache, or trained on the digits train split and cached.
+
+    It is trained under its own fixed seed (in a forked RNG), so every run and seed shares one teacher.
+    """
+    recipe = DIGITS_TEACHER_RECIPE
+    path = os.path.join(cache_dir(), f"digits-{name}-v{recipe['version']}.pt")
+    if os.path.isfile(path):
+        return models.load_teacher(name, path, info.num_classes, in_channels=info.in_channels).to(device)
+    tqdm.write(f"training the digits teacher {name!r} (cached afterwards at {path})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe["seed"])
+        teacher = models.build_teacher(name, info.num_classes, in_channels=info.in_channels)
+        train_supervised(teacher, load_dataset("digits", "train"), info, epochs=recipe["epochs"], lr=recipe["lr"],
+                         batch_size=recipe["batch_size"], device=device,
+                         generator=torch.Generator().manual_seed(recipe["seed"]), progress=progress)
+    os.makedirs(cache_dir(), exist_ok=True)
+    models.save_checkpoint({"state_dict": teacher.state_dict()}, path)
+    return teacher
+
+
+def load_run_teacher(config, info: DatasetInfo, device) -> torch.nn.Module:
+    if config["teacher_ckpt"] is not None:
+        teacher = models.load_teacher(config["teacher"], config["teacher_ckpt"], info.num_classes,
+                                      in_channels=info.in_channels).to(device)
+    else:
+        teacher = digits_teacher(config["teacher"], info, device, config["progress"])
+    models.freeze(teacher)
+    return teacher
+
+
+def build_synthesizer(config, teacher, student, info: DatasetInfo, device):
+    """The synthesizer named by --method, with the STARS term when --stars."""
+    stars = None
+    if config["stars"]:
+        stars = StarsRegularizer(lambda_rca=config["lambda_rca"], lambda_tar=config["lambda_tar"],
+                                 quantiles=config["quantiles"], delta=config["delta"],
+                                 normalize="teacher" if config["tar_normalize"] else None, backend=config["backend"])
+    if config["method"] == "deepinv":
+        return DeepInversionSynthesizer(
+            teacher, student, info, batch_size=config["synthesis_batch_size"], iterations=config["g_steps"],
+            lr_g=config["lr_g"], bn=config["bn"], oh=config["oh"], adv=config["adv"], tv=config["tv"],
+            l2=config["l2"], stars=stars, amp=config["amp"], device=device)
+    raise SystemExit(f"unknown --method {config['method']!r}; expected one of {METHODS}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------- run
+
+def _default_out() -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = os.path.join("runs", stamp), 1
+    while os.path.exists(out):
+        n += 1
+        out = os.path.join("runs", f"{stamp}-{n}")
+    return out
+
+
+def _rng_state(device: torch.device) -> Dict[str, object]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, object], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """Run the CLI; returns the final summary (what summary.json holds)."""
+    explicit = parse_args(argv)
+    out = explicit.get("out") or _default_out()
+    checkpoint_path = os.path.join(out, "checkpoint.pt")
+    checkpoint = None
+    if os.path.isfile(checkpoint_path):
+        if not explicit.get("resume"):
+            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"{checkpoint_path} has format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
+    config = make_config(explicit, base=None if checkpoint is None else checkpoint["config"])
+    config["out"], config["resume"] = out, False
+    os.makedirs(out, exist_ok=True)
+    return _train(config, checkpoint)
+
+
+def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -> Dict[str, object]:
+    out, progress = config["out"], config["progress"]
+    device = resolve_device(config["device"])
+    info = DATASETS[config["dataset"]]
+    test_set = load_dataset(config["dataset"], "test", config["data_root"])
+
+    teacher = load_run_teacher(config, info, device)
+    teacher_acc = evaluate(teacher, test_set, device=device, amp=config["amp"])
+    tqdm.write(f"teacher {config['teacher']}: {teacher_acc:.2%} top-1 on the {config['dataset']} test split "
+               f"({len(test_set)} images)")
+
+    torch.manual_seed(config["seed"])
+    student = models.build_student(config["student"], info.num_classes, T=config["T"], neuron=config["neuron"],
+                                   backend=config["backend"], in_channels=info.in_channels).to(device)
+    synthesizer = build_synthesizer(config, teacher, student, info, device)
+    memory = SyntheticMemory(info, config["memory_size"], device)
+    optimizer = make_optimizer(student, config["lr"], weight_decay=config["weight_decay"])
+    scheduler = make_scheduler(optimizer, config["epochs"] - config["warmup"])
+
+    start_epoch, history, elapsed = 0, [], 0.0
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["student"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler.T_max = max(1, config["epochs"] - config["warmup"])  # --epochs may have grown
+        memory.load_state_dict(checkpoint["memory"])
+        _set_rng_state(checkpoint["rng"], device)
+        start_epoch, history, elapsed = checkpoint["epoch"], checkpoint["history"], checkpoint["elapsed_s"]
+        tqdm.write(f"resuming {out} after epoch {start_epoch}")
+    # metrics.jsonl always agrees with the checkpoint: drop lines of an epoch the checkpoint lost
+    _atomic_write(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
+
+    rounds = config["ep_steps"] // config["kd_steps"]
+    started = time.time() - elapsed
+    summary = _summary(config, teacher_acc, history, elapsed)
+    epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", unit="epoch", disable=not progress,
+                  initial=start_epoch, total=config["epochs"])
+    for epoch in epochs:
+        epoch_start = time.time()
+        kd_on = epoch >= config["warmup"]
+        steps = tqdm(total=rounds * (config["g_steps"] + (config["kd_steps"] if kd_on else 0)), leave=False,
+                     desc=f"epoch {epoch + 1}", unit="step", disable=not progress)
+        kd_losses, synth_time = [], 0.0
+        for _ in range(rounds):
+            t0 = time.time()
+            result = synthesizer.synthesize(progress=steps)
+            synth_time += time.time() - t0
+            memory.add(result.images)
+            if kd_on:
+                kd_losses.append(distill_steps(student, teacher, memory, optimizer, steps=config["kd_steps"],
+                                               batch_size=config["batch_size"], temperature=config["kd_T"],
+                                               amp=config["amp"], progress=steps))
+        steps.close()
+        lr = optimizer.param_groups[0]["lr"]
+        if kd_on:
+            scheduler.step()
+        student_acc = evaluate(student, test_set, device=device, amp=config["amp"])
+        record = {"epoch": epoch + 1, "student_acc": student_acc,
+                  "kd_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **result.losses,
+                  "lr": lr, "memory_size": len(memory), "synthesis_time_s": round(synth_time, 3),
+                  "epoch_time_s": round(time.time() - epoch_start, 3)}
+        history.append(record)
+        write_png(os.path.join(out, f"synthetic_epoch{epoch + 1:03d}.png"), image_grid(result.images, info))
+        elapsed = time.time() - started
+        _save_checkpoint(out, config, epoch + 1, student, optimizer, scheduler, memory, device, history,
+                         teacher_acc, elapsed)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        summary = _summary(config, teacher_acc, history, elapsed)
+        _write_json(os.path.join(out, "summary.json"), summary)
+        epochs.set_postfix(student_acc=f"{student_acc:.3f}", kd_loss=f"{record['kd_loss'] or 0:.3f}")
+    epochs.close()
+    _write_json(os.path.join(out, "summary.json"), summary)
+    print(f"teacher accuracy: {teacher_acc:.2%}  student accuracy: {summary['student_acc']:.2%}  "
+          f"({config['dataset']} test split, {len(test_set)} images; {summary['epochs_completed']} epochs, "
+          f"{summary['wall_time_s']:.0f} s; run folder {out})")
+    return summary
+
+
+def _save_checkpoint(out, config, epoch, student, optimizer, scheduler, memory, device, history, teacher_acc,
+                     elapsed) -> None:
+    models.save_checkpoint({
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config, "student": student.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "memory": memory.state_dict(),
+        "rng": _rng_state(device), "history": history, "teacher_acc": teacher_acc, "elapsed_s": elapsed,
+    }, os.path.join(out, "checkpoint.pt"))
+
+
+def _summary(config, teacher_acc: float, history: List[Dict[str, object]], elapsed: float) -> Dict[str, object]:
+    accs = [r["student_acc"] for r in history]
+    return {"teacher_acc": teacher_acc, "student_acc": accs[-1] if accs else None,
+            "best_student_acc": max(accs) if accs else None, "epochs_completed": len(history),
+            "wall_time_s": round(elapsed, 1), "config": config}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,108 @@
+"""stars_fast.data: the digits split, CIFAR / Tiny-ImageNet from small fake folders in the real
+formats, and the errors for missing folders."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from stars_fast.data import DATASETS, DatasetNotFoundError, denormalize, load_dataset, normalize
+
+
+def test_digits_split_is_deterministic_disjoint_and_normalized():
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert (len(train), len(test)) == (1347, 450)
+    assert torch.equal(load_dataset("digits", "test").pixels, test.pixels)
+    train_rows = {tuple(x.flatten().tolist()) for x in train.pixels}
+    assert sum(tuple(x.flatten().tolist()) in train_rows for x in test.pixels) < 10  # a few true duplicates at most
+    image, label = test[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32 and 0 <= int(label) < 10
+    assert torch.bincount(test.labels, minlength=10).min() >= 40  # stratified
+    pixels = denormalize(torch.stack([test[i][0] for i in range(len(test))]), DATASETS["digits"])
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+
+
+def _cifar_batch(n, rng, labels_key, num_classes):
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    return {"batch_label": "fake", labels_key: rng.integers(0, num_classes, n).tolist(), "data": data,
+            "filenames": [f"img{i}.png" for i in range(n)]}
+
+
+def _write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def test_cifar10_from_python_pickle_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = [_cifar_batch(4, rng, "labels", 10) for _ in range(5)]
+    for i, batch in enumerate(batches, 1):
+        _write_pickle(folder / f"data_batch_{i}", batch)
+    test_batch = _cifar_batch(3, rng, "labels", 10)
+    _write_pickle(folder / "test_batch", test_batch)
+
+    train = load_dataset("cifar10", "train", str(tmp_path))
+    test = load_dataset("cifar10", "test", str(folder))  # the folder itself works too
+    assert (len(train), len(test)) == (20, 3)
+    image, label = test[1]
+    assert image.shape == (3, 32, 32) and int(label) == test_batch["labels"][1]
+    # rows are R, G, B planes of 1024 row-major pixels each
+    expected = torch.from_numpy(test_batch["data"][1].reshape(3, 32, 32).astype(np.float32) / 255.0)
+    info = DATASETS["cifar10"]
+    assert torch.allclose(image, normalize(expected[None], info)[0], atol=1e-6)
+    assert int(train[5][1]) == batches[1]["labels"][1]
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for split, n in (("train", 6), ("test", 2)):
+        batch = _cifar_batch(n, rng, "fine_labels", 100)
+        batch["coarse_labels"] = [0] * n
+        _write_pickle(folder / split, batch)
+    test = load_dataset("cifar100", "test", str(tmp_path))
+    assert len(test) == 2 and len(load_dataset("cifar100", "train", str(tmp_path))) == 6
+    with open(folder / "test", "rb") as f:
+        assert int(test[1][1]) == pickle.load(f)["fine_labels"][1]
+
+
+def test_tiny_imagenet_folder_layout(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02", "n01"]  # class index follows sorted order: n01 -> 0, n02 -> 1
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for wnid in wnids:
+        images = root / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (10, 20, 30)).save(images / f"{wnid}_{i}.JPEG")
+    Image.new("L", (64, 64), 128).save(root / "val" / "images" / "val_0.JPEG")  # grayscale files exist
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+
+    train = load_dataset("tiny-imagenet", "train", str(tmp_path))
+    val = load_dataset("tiny-imagenet", "test", str(tmp_path))
+    assert len(train) == 4 and sorted(train.labels.tolist()) == [0, 0, 1, 1]
+    image, label = val[0]
+    assert image.shape == (3, 64, 64) and int(label) == 1
+    assert torch.allclose(denormalize(image[None], DATASETS["tiny-imagenet"]), torch.full((1, 3, 64, 64), 128 / 255),
+                          atol=2 / 255)
+
+
+@pytest.mark.parametrize("name, needle", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                          ("tiny-imagenet", "val_annotations.txt")])
+def test_missing_folder_names_the_expected_layout(tmp_path, name, needle):
+    with pytest.raises(DatasetNotFoundError, match=needle):
+        load_dataset(name, "test", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError, match="--data-root"):
+        load_dataset(name, "test", None)
+
+
+def test_incomplete_cifar_folder_names_the_missing_file(tmp_path):
+    os.makedirs(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(DatasetNotFoundError, match="test_batch"):
+        load_dataset("cifar10", "test", str(tmp_path))
