@@ -24,10 +24,10 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
+        nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "stars_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"], py_limited_api=False)

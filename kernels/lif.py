@@ -19,15 +19,16 @@ Backward is the reverse scan of section 2.1 (gv = dL/dv, sg = surrogate'(u), D =
     dL/dk = sum_t gh (x[t] - (v_prev - v_r))  (decay_input)  |  sum_t gh (-(v_prev - v_r))
 
 Recompute choice: the backward keeps h in registers instead of reading a stored h or using grad_x
-as scratch. Each program recomputes its chunk of up to _MAX_STEPS_IN_REGISTERS time steps (the
-time axis of a [STEPS, BLOCK] register tile, unrolled at compile time) and then runs the reverse
-scan over that tile. For T <= 32, every T a spiking network uses in practice, this reads x and
-grad_spikes once and writes grad_x once: the minimal traffic, with no T x N scratch buffer. It also
-stays exact for fp16/bf16 I/O, where a scratch h in grad_x's dtype would lose bits and could flip
-a spike. The cost is one compilation per T (up to 32) and a BLOCK that shrinks as T grows, so the
-tile stays near 32 registers per thread. For T > 32 the scan is cut into chunks of 32 steps, taken
-last to first. The state v at the start of a chunk is found by running the forward again from
-v_init, which costs O(T^2 / 32) extra reads of x.
+as scratch. Each program recomputes its chunk of up to _MAX_STEPS_IN_REGISTERS time steps into a
+compile-time tuple of [BLOCK] tensors (the loop over the chunk is unrolled, so the tuple lives in
+registers, in the same layout as the loads: no shared-memory traffic), then runs the reverse scan
+over it. For T <= 32, every T a spiking network uses in practice, this reads x and grad_spikes once
+and writes grad_x once: the minimal traffic, with no T x N scratch buffer. It also stays exact for
+fp16/bf16 I/O, where a scratch h in grad_x's dtype would lose bits and could flip a spike. The cost
+is one compilation per T (up to 32), and a BLOCK that shrinks as T grows, to keep register use
+bounded. For T > 32 the scan is cut into chunks of 32 steps, taken last to first. The state v at
+the start of a chunk is found by running the forward again from v_init, which costs O(T^2 / 32)
+extra reads of x.
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
@@ -145,12 +146,6 @@ def _initial_v(V_INIT, offs, mask, v_rest, HAS_V_INIT: tl.constexpr):
 
 
 @triton.jit
-def _tile_row(tile, rows, i: tl.constexpr):
-    """Row i of a [STEPS, BLOCK] register tile. The sum adds -0.0 to every other entry, which is exact."""
-    return tl.sum(tl.where(rows == i, tile, -0.0), axis=0)
-
-
-@triton.jit
 def _lif_fwd_kernel(
     X, V_INIT, INV_TAU, SPIKES, V_LAST,
     T, N, v_threshold, v_rest, alpha,
@@ -181,13 +176,14 @@ def _lif_bwd_kernel(
     T, N, v_threshold, v_rest, alpha,
     HAS_GRAD_V_LAST: tl.constexpr, HAS_V_INIT: tl.constexpr, LEAKY: tl.constexpr, HARD_RESET: tl.constexpr,
     DECAY_INPUT: tl.constexpr, SURROGATE: tl.constexpr, SPIKING: tl.constexpr, DETACH_RESET: tl.constexpr,
-    NEED_INV_TAU_GRAD: tl.constexpr, STEPS: tl.constexpr, STEPS_P2: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_INV_TAU_GRAD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad_x[t], dL/dv_init and the per-neuron dL/dk for BLOCK neurons: recompute, then reverse scan.
 
     Chunks of STEPS time steps are taken last to first. For each chunk, v at its start is found by
-    running the forward again from v_init, the chunk's h (and charge term, for dL/dk) are
-    recomputed into [STEPS_P2, BLOCK] register tiles, and the reverse scan reads them back.
+    running the forward again from v_init. The chunk's h (and dh/dk, for dL/dk) are then recomputed
+    into a compile-time tuple of [BLOCK] tensors, which stay in registers, and the reverse scan
+    reads them back.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -199,7 +195,6 @@ def _lif_bwd_kernel(
     else:
         gv = tl.zeros([BLOCK], tl.float32)
     grad_k = tl.zeros([BLOCK], tl.float32)
-    rows = tl.arange(0, STEPS_P2)[:, None]
     num_chunks = tl.cdiv(T, STEPS)
     for chunk in range(num_chunks):
         t0 = (num_chunks - 1 - chunk) * STEPS
@@ -208,26 +203,21 @@ def _lif_bwd_kernel(
             x = tl.load(X + t * n + offs, mask=mask, other=0.0).to(tl.float32)
             h, s, v = _step(v, x, k, v_threshold, v_rest, alpha, LEAKY, HARD_RESET, DECAY_INPUT,
                             SURROGATE, SPIKING)
-        h_tile = tl.zeros([STEPS_P2, BLOCK], tl.float32)
-        q_tile = tl.zeros([STEPS_P2, BLOCK], tl.float32)
+        hs = ()  # h[t0 + i] for the chunk (a compile-time tuple: the values stay in registers)
+        qs = ()  # dh/dk at fixed v, for dL/dk
         for i in tl.static_range(STEPS):
             t = t0 + i
             x = tl.load(X + t * n + offs, mask=mask & (t < T), other=0.0).to(tl.float32)
             h, s, v_next = _step(v, x, k, v_threshold, v_rest, alpha, LEAKY, HARD_RESET, DECAY_INPUT,
                                  SURROGATE, SPIKING)
-            h_tile = tl.where(rows == i, h[None, :], h_tile)
-            if NEED_INV_TAU_GRAD and LEAKY:  # q = dh/dk at fixed v
-                if DECAY_INPUT:
-                    q = x - (v - v_rest)
-                else:
-                    q = -(v - v_rest)
-                q_tile = tl.where(rows == i, q[None, :], q_tile)
+            hs = hs + (h,)
+            if NEED_INV_TAU_GRAD and LEAKY:
+                qs = qs + (x - (v - v_rest) if DECAY_INPUT else -(v - v_rest),)
             v = v_next
-        for j in tl.static_range(STEPS):
-            i = STEPS - 1 - j
+        for i in tl.static_range(STEPS - 1, -1, -1):
             t = t0 + i
             live = t < T
-            h = _tile_row(h_tile, rows, i)
+            h = hs[i]
             u = h - v_threshold
             s = _fire(u, alpha, SURROGATE, SPIKING)
             sg = _surrogate_grad(u, alpha, SURROGATE)
@@ -242,7 +232,7 @@ def _lif_bwd_kernel(
             gx = gh * k if (LEAKY and DECAY_INPUT) else gh
             tl.store(GRAD_X + t * n + offs, gx.to(GRAD_X.dtype.element_ty), mask=mask & live)
             if NEED_INV_TAU_GRAD and LEAKY:
-                grad_k += tl.where(live, gh * _tile_row(q_tile, rows, i), 0.0)
+                grad_k += tl.where(live, gh * qs[i], 0.0)
             gv = tl.where(live, gh * (1.0 - k) if LEAKY else gh, gv)
     tl.store(GRAD_V_INIT + offs, gv.to(GRAD_V_INIT.dtype.element_ty), mask=mask)
     if NEED_INV_TAU_GRAD:
@@ -263,12 +253,11 @@ def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], inv_tau: torch.Tenso
     return n
 
 
-def _steps(T: int) -> Tuple[int, int, int]:
-    """(STEPS, STEPS_P2, BLOCK) of the backward: the register tile is STEPS_P2 x BLOCK."""
+def _steps(T: int) -> Tuple[int, int]:
+    """(STEPS, BLOCK) of the backward: STEPS time steps of BLOCK neurons are held in registers."""
     steps = max(1, min(T, _MAX_STEPS_IN_REGISTERS))
-    steps_p2 = triton.next_power_of_2(steps)
-    per_thread = max(1, min(8, 32 // steps_p2))
-    return steps, steps_p2, 32 * _NUM_WARPS * per_thread
+    per_thread = max(1, min(4, 16 // steps))  # neurons per thread, about 16 held values of h per thread
+    return steps, 32 * _NUM_WARPS * per_thread
 
 
 def lif_forward(
@@ -318,7 +307,7 @@ def lif_backward(
         return grad_x, grad_v_init, grad_inv_tau
     grad_v_last = grad_v_last.contiguous() if grad_v_last is not None else None
     v_init = v_init.contiguous() if v_init is not None else None
-    steps, steps_p2, block = _steps(T)
+    steps, block = _steps(T)
     torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
         grad_spikes, grad_v_last if grad_v_last is not None else x, x, v_init if v_init is not None else x,
         inv_tau, grad_x, grad_v_init, grad_inv_tau if need_inv_tau_grad else grad_v_init,
@@ -326,6 +315,6 @@ def lif_backward(
         HAS_GRAD_V_LAST=grad_v_last is not None, HAS_V_INIT=v_init is not None, LEAKY=bool(leaky),
         HARD_RESET=v_reset is not None, DECAY_INPUT=bool(decay_input), SURROGATE=int(surrogate),
         SPIKING=bool(spiking), DETACH_RESET=bool(detach_reset), NEED_INV_TAU_GRAD=bool(need_inv_tau_grad),
-        STEPS=steps, STEPS_P2=steps_p2, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+        STEPS=steps, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     return grad_x, grad_v_init, grad_inv_tau

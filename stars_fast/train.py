@@ -54,7 +54,7 @@ DEFAULTS: Dict[str, object] = {
     "lr": 0.1, "lr_g": 0.1, "weight_decay": 1e-4,
     "g_steps": 40, "kd_steps": 40, "ep_steps": 40,
     "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "memory_size": 51200,
-    "seed": 0, "device": "auto", "backend": "auto", "amp": False,
+    "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 1,
     "out": None, "resume": False, "progress": True,
 }
 
@@ -66,7 +66,7 @@ def _deepinv_preset(dataset: str, teacher: str, student: str) -> Dict[str, objec
             "batch_size": 256, "synthesis_batch_size": 256, "lr": 0.1, "lr_g": 0.1,
             "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "seed": 0,
             "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES),
-            "delta": 0.5, "memory_size": 200 * 256}
+            "delta": 0.5, "memory_size": 200 * 256, "threads": 0}
 
 
 PAIRS = (("vgg16", "s_vgg16"), ("resnet34", "s_resnet18"), ("resnet19", "s_resnet19"))
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
         help="backend of the fused ops (neurons, STARS loss)")
     add(g, "--amp", action="store_true", help="bfloat16 autocast for the forward passes")
+    add(g, "--threads", type=int,
+        help="CPU threads of PyTorch (0: its default). One is fastest for the small digits models, "
+             "and several threads slow down badly when other processes share the cores")
     add(g, "--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
     add(g, "--resume", action="store_true",
         help="continue the run in --out from its checkpoint.pt up to --epochs (starts it if there is none)")
@@ -235,8 +238,8 @@ def write_png(path: str, pixels, use_pil: Optional[bool] = None) -> None:
         _atomic_write(path, _png_bytes(pixels))
 
 
-def image_grid(images: torch.Tensor, info: DatasetInfo, min_side: int = 32, padding: int = 1):
-    """Normalized images [N, C, H, W] -> a uint8 [H', W', C] grid, upscaled so each cell is >= min_side px."""
+def image_grid(images: torch.Tensor, info: DatasetInfo, min_side: int = 32, padding: int = 2):
+    """Normalized images [N, C, H, W] -> a uint8 [H', W', C] grid on gray, each cell upscaled to >= min_side px."""
     pixels = (denormalize(images.detach().float().cpu(), info).clamp(0, 1) * 255).round().to(torch.uint8)
     n, c, h, w = pixels.shape
     scale = max(1, math.ceil(min_side / max(h, w)))
@@ -244,7 +247,7 @@ def image_grid(images: torch.Tensor, info: DatasetInfo, min_side: int = 32, padd
     h, w = h * scale, w * scale
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = torch.zeros((c, rows * (h + padding) - padding, cols * (w + padding) - padding), dtype=torch.uint8)
+    grid = torch.full((c, rows * (h + padding) - padding, cols * (w + padding) - padding), 128, dtype=torch.uint8)
     for i in range(n):
         top, left = (i // cols) * (h + padding), (i % cols) * (w + padding)
         grid[:, top:top + h, left:left + w] = pixels[i]
@@ -360,6 +363,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -> Dict[str, object]:
     out, progress = config["out"], config["progress"]
+    if config["threads"] > 0:
+        torch.set_num_threads(config["threads"])
     device = resolve_device(config["device"])
     info = DATASETS[config["dataset"]]
     test_set = load_dataset(config["dataset"], "test", config["data_root"])

@@ -17,7 +17,7 @@ from conftest import require_backend
 STAGE_CHANNELS = {
     "resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 512], "resnet19": [128, 256, 512],
     "resnet20": [16, 32, 64], "vgg11": [64, 128, 256, 512, 512], "vgg16": [64, 128, 256, 512, 512],
-    "digits_cnn": [32, 64, 128],
+    "digits_cnn": [16, 32, 64],
 }
 STUDENT_OF = {"s_resnet18": "resnet18", "s_resnet19": "resnet19", "s_resnet20": "resnet20",
               "s_vgg16": "vgg16", "digits_snn": "digits_cnn"}
@@ -26,9 +26,9 @@ SIZES = {
     "resnet18": [(32, 3), (64, 3)], "resnet34": [(32, 3), (64, 3)], "resnet19": [(32, 3)],
     "resnet20": [(32, 3)], "vgg11": [(32, 3), (64, 3)], "vgg16": [(32, 3), (64, 3)], "digits_cnn": [(8, 1)],
 }
-# smaller inputs for the numeric tests (every model pools adaptively, so 16 px runs through)
-SMALL = {"resnet18": (16, 3), "resnet34": (16, 3), "resnet19": (16, 3), "resnet20": (32, 3),
-         "vgg11": (16, 3), "vgg16": (16, 3), "digits_cnn": (8, 1)}
+# smaller inputs for the numeric tests (every model pools adaptively, so 8 px runs through)
+SMALL = {"resnet18": (8, 3), "resnet34": (8, 3), "resnet19": (8, 3), "resnet20": (16, 3),
+         "vgg11": (8, 3), "vgg16": (8, 3), "digits_cnn": (8, 1)}
 
 
 def _randomize_bn(model):

@@ -15,7 +15,7 @@ order. Channel counts per tap:
     resnet34  -> s_resnet18 layer1..4 out: 64,128,256,512       layer1..4 last block: same
     resnet19  -> s_resnet19 layer1..3 out: 128,256,512          same
     resnet20  -> s_resnet20 layer1..3 out: 16,32,64             same
-    digits_cnn -> digits_snn stage1..3 out: 32,64,128           same
+    digits_cnn -> digits_snn stages.0..2 out: 16,32,64          same
 
 (The STARS loss accepts different teacher and student channel counts; these pairs happen to agree.)
 """

@@ -18,21 +18,18 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """The conv that computes bn(conv(x)) with bn's running statistics (computed in float64)."""
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Make `conv` compute bn(conv(x)) with bn's running statistics (per-channel factors in float64)."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     shift = -bn.running_mean.double() * scale
     if bn.affine:
         scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
     bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        # the product keeps the weight's memory format (channels-last stays channels-last)
-        folded.weight = nn.Parameter((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-        folded.bias.copy_(bias)
-    return folded
+    # the product keeps the weight's memory format (a channels-last weight stays channels-last)
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(conv.weight * scale.to(dtype).view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bias.to(dtype))
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -47,8 +44,8 @@ def fold_bn(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, conv_name, _fold(conv, bn))
+                _fold_into(conv, bn)
                 setattr(parent, bn_name, nn.Identity())
     return freeze(model)

@@ -17,7 +17,8 @@ load unchanged (see checkpoints.load_teacher):
   Sequentials of conv(bias)-BN-ReLU with the last ReLU left out (conv at index 3j, BN at 3j+1);
   max-pool after blocks 0-2, after block 3 only for 64-px inputs; adaptive average pool; classifier.
 - digits_cnn: a small CNN for the offline default (scikit-learn digits, 1x8x8, 10 classes):
-  three conv3x3-BN-ReLU stages at 32/64/128 channels with strides 1/2/2, average pool, linear.
+  three conv3x3-BN-ReLU stages at 16/32/64 channels with strides 1/2/2, average pool, linear
+  (about 24k parameters; trains to ~97% test accuracy in a few seconds on one CPU core).
 
 Every architecture is written once, generic over its activation `act` (a module factory): the
 teachers use ReLU, the spiking students (students.py) reuse the same classes with a neuron, so a
@@ -168,7 +169,7 @@ class VGG(TapNet):
 class DigitsCNN(TapNet):
     """Small CNN for 8x8 digits: three conv3x3-BN-act stages (strides 1, 2, 2), average pool, linear."""
 
-    widths = (32, 64, 128)
+    widths = (16, 32, 64)
 
     def __init__(self, num_classes: int, in_channels: int = 1, act: Act = nn.ReLU):
         super().__init__()

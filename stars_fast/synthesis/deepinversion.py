@@ -71,15 +71,17 @@ class DeepInversionSynthesizer:
         losses = {}
         with BNStatsHooks(self.teacher) as hooks, frozen(self.teacher):
             for _ in range(self.iterations):
-                losses = self._step(images, targets, optimizer, hooks, student)
+                losses = self.step(images, targets, optimizer, hooks, student)
                 with torch.no_grad():
                     images.copy_(torch.maximum(torch.minimum(images, high), low))
                 if progress is not None:
                     progress.update(1)
         return SynthesisResult(images.detach(), targets, {k: float(v) for k, v in losses.items()})
 
-    def _step(self, images, targets, optimizer, hooks: BNStatsHooks, student: Optional[nn.Module]) -> dict:
-        """One Adam step on the images; returns the loss terms as detached tensors (no device sync)."""
+    def step(self, images, targets, optimizer, hooks: BNStatsHooks, student: Optional[nn.Module]) -> dict:
+        """One optimization step of the images: forward through the teacher (and the frozen, BN-folded
+        `student` when given), all loss terms, backward to the images, Adam step. Returns the loss
+        terms as detached tensors (no device sync)."""
         inputs = jitter_and_flip(images, flip=self.info.flip)
         zero = images.new_zeros(())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):

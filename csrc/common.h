@@ -1,0 +1,175 @@
+// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): input checks, an accurate exp that
+// gcc auto-vectorizes, AVX2 dispatch, and block-wise access to rows of tensors of any float dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace stars_fast {
+
+#define STARS_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// State and arithmetic dtype: float64 for float64 data, float32 for float32/float16/bfloat16.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---------------------------------------------------------------------------------------------
+// Math that vectorizes without -ffast-math (setup.py compiles with -ffp-contract=off: no FMA
+// contraction, so every operation is rounded exactly as written).
+
+template <typename To, typename From>
+STARS_INLINE To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast size mismatch");
+  To r;
+  std::memcpy(&r, &v, sizeof(To));
+  return r;
+}
+
+// exp(x) = 2^n * e^r, n = round(x / ln2), r = x - n ln2 (Cody-Waite split), e^r by the Cephes
+// minimax polynomial: ~1 ulp over the clamped range [-87, 88], NaN propagates. Branch-free, so gcc
+// vectorizes loops calling it (std::exp would not vectorize, and -ffast-math costs accuracy).
+STARS_INLINE float exp_acc(float x) {
+  x = x > 88.0f ? 88.0f : x;
+  x = x < -87.0f ? -87.0f : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer
+  const float t = x * 1.44269504088896341f + kRound;
+  const float n = t - kRound;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  // t's low mantissa bits hold n (two's complement): 2^n built directly in the exponent field.
+  const uint32_t n_int = bit_cast<uint32_t>(t) - bit_cast<uint32_t>(kRound);
+  return p * bit_cast<float>((n_int + 127u) << 23);
+}
+
+STARS_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// sigmoid(x) = 1 / (1 + e^-x)
+template <typename acc_t>
+STARS_INLINE acc_t sigmoid_acc(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp_acc(-x));
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 dispatch. The extension is built for baseline x86-64 (SSE2); run_vectorized compiles `fn`
+// (a lambda whose loops gcc auto-vectorizes, with everything it calls on the hot path marked
+// STARS_INLINE) a second time for AVX2+FMA and picks that copy when the CPU has it. FMA is only
+// enabled as an instruction set: -ffp-contract=off still forbids fusing a*b+c behind our back.
+
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename Fn>
+__attribute__((target("avx2,fma"))) void run_avx2(const Fn& fn) {
+  fn();
+}
+#endif
+
+template <typename Fn>
+void run_baseline(const Fn& fn) {
+  fn();
+}
+
+template <typename Fn>
+void run_vectorized(const Fn& fn) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx2_fma()) return run_avx2(fn);
+#endif
+  run_baseline(fn);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows of a [R, N] tensor (or an [N] tensor, R = 1) read or written block by block as acc_t.
+// A row is used in place when it already is acc_t with unit stride; otherwise (another dtype, or
+// stride 0 as for the gradient of .sum()) the block is converted through a caller's buffer.
+
+template <typename acc_t>
+class RowReader {
+ public:
+  RowReader() = default;
+  explicit RowReader(const at::Tensor& t) {
+    t_ = (t.dim() == 2 ? t.stride(1) : t.stride(0)) > 1 ? t.contiguous() : t;
+    row_stride_ = t_.dim() == 2 ? t_.stride(0) : 0;
+    col_stride_ = t_.dim() == 2 ? t_.stride(1) : t_.stride(0);
+    direct_ = t_.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && col_stride_ == 1;
+  }
+  // Pointer to elements [begin, begin + n) of row r, as acc_t.
+  const acc_t* block(int64_t r, int64_t begin, int64_t n, acc_t* buf) const {
+    if (direct_) return t_.const_data_ptr<acc_t>() + r * row_stride_ + begin;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_.scalar_type(), "RowReader", [&] {
+      const scalar_t* src = t_.const_data_ptr<scalar_t>() + r * row_stride_ + begin * col_stride_;
+      if (col_stride_ == 0) {
+        std::fill(buf, buf + n, static_cast<acc_t>(src[0]));
+      } else {
+        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
+      }
+    });
+    return buf;
+  }
+
+ private:
+  at::Tensor t_;
+  int64_t row_stride_ = 0, col_stride_ = 1;
+  bool direct_ = false;
+};
+
+// Contiguous output rows: block() gives where to write (in place, or the caller's buffer), and
+// commit() stores a buffered block into the tensor's dtype.
+template <typename acc_t>
+class RowWriter {
+ public:
+  RowWriter() = default;
+  explicit RowWriter(const at::Tensor& t) : t_(t) {
+    TORCH_INTERNAL_ASSERT(t.is_contiguous());
+    row_stride_ = t.dim() == 2 ? t.size(1) : 0;
+    direct_ = t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
+  }
+  acc_t* block(int64_t r, int64_t begin, int64_t, acc_t* buf) const {
+    return direct_ ? t_.data_ptr<acc_t>() + r * row_stride_ + begin : buf;
+  }
+  void commit(int64_t r, int64_t begin, int64_t n, const acc_t* buf) const {
+    if (direct_) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_.scalar_type(), "RowWriter", [&] {
+      scalar_t* dst = t_.data_ptr<scalar_t>() + r * row_stride_ + begin;
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
+    });
+  }
+
+ private:
+  at::Tensor t_;
+  int64_t row_stride_ = 0;
+  bool direct_ = false;
+};
+
+}  // namespace stars_fast

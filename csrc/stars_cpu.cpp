@@ -1,0 +1,332 @@
+// CPU kernels of the STARS loss and its feature pooling (shared/DESIGN.md section 2.2).
+//
+//   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                  (Eq. 12)
+//   quantiles          linear-interpolated quantiles of z.flatten() by exact selection
+//   stars_loss_fused   per layer l, with u = z / max(||z||, eps) row-wise and z' = (z - shift) * scale:
+//       RCA  D = U_S U_S^T - U_T U_T^T,  l_rca = sum_{i != j} D_ij^2 / (B (B - 1))         (Eq. 14)
+//       TAR  p^m = mean_{b,c} sigmoid((z' - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
+//       total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar, and d total / d z for both sides.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+
+namespace stars_fast {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// pool_mean
+
+at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
+  check_float_cpu(x_in, "pool_mean", "x");
+  TORCH_CHECK(x_in.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), R = x.size(1), S = x.size(2);
+  TORCH_CHECK(T > 0 && S > 0, "pool_mean: cannot average over an empty T or S, got shape ", x.sizes());
+  at::Tensor out = at::empty({R}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mean", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t count = static_cast<acc_t>(T * S);
+    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / (T * S)), [&](int64_t begin, int64_t end) {
+      run_vectorized([&]() __attribute__((always_inline)) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t sum = 0;
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* row = xp + (t * R + r) * S;
+            acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+            for (int64_t s = 0; s < S; ++s) row_sum += static_cast<acc_t>(row[s]);
+            sum += row_sum;
+          }
+          op[r] = static_cast<scalar_t>(sum / count);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantiles: as torch.quantile(z.flatten(), q, interpolation='linear') -- rank = q (n - 1),
+// result = lerp(z_(floor rank), z_(ceil rank), rank - floor rank) -- with std::nth_element
+// selections on a shrinking tail for the q in increasing order instead of a full sort.
+
+template <typename acc_t>
+acc_t torch_lerp(acc_t a, acc_t b, acc_t w) {
+  return w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w);
+}
+
+at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
+  check_float_cpu(z, "quantiles", "z");
+  TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
+  TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
+  for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
+  const at::Tensor flat = z.contiguous().view(-1);
+  const int64_t n = flat.numel(), M = static_cast<int64_t>(q.size());
+  const at::ScalarType acc = acc_dtype(z.scalar_type());
+  at::Tensor out = at::empty({M}, z.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "quantiles", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor values_t = flat.to(acc, /*non_blocking=*/false, /*copy=*/true);
+    acc_t* v = values_t.data_ptr<acc_t>();
+    acc_t* res = out.data_ptr<acc_t>();
+    if (std::any_of(v, v + n, [](acc_t a) { return std::isnan(a); })) {
+      std::fill(res, res + M, std::numeric_limits<acc_t>::quiet_NaN());
+      return;
+    }
+    std::vector<int64_t> order(M);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q[a] < q[b]; });
+    int64_t start = 0;  // v[start] is the minimum of v[start:], everything before it is <= it
+    for (int64_t i : order) {
+      const acc_t rank = static_cast<acc_t>(q[i]) * static_cast<acc_t>(n - 1);
+      const int64_t lo = std::min(static_cast<int64_t>(rank), n - 1);
+      const int64_t hi = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
+      if (lo > start) std::nth_element(v + start, v + lo, v + n);
+      start = lo;
+      const acc_t below = v[lo];
+      const acc_t above = hi > lo ? *std::min_element(v + lo + 1, v + n) : below;
+      res[i] = torch_lerp(below, above, rank - static_cast<acc_t>(lo));
+    }
+  });
+  return out.to(z.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// stars_loss_fused
+
+// TAR soft exceedances of one side: sig[m, e] = sigmoid(((z_e - shift) scale - theta_m) / delta) for
+// e in [0, n), and p[m] = mean_e sig[m, e], summed in fixed chunks (deterministic whatever the
+// number of threads).
+template <typename acc_t>
+void soft_exceedance(const acc_t* z, int64_t n, acc_t shift, acc_t scale, const std::vector<acc_t>& theta,
+                     acc_t inv_delta, acc_t* sig, std::vector<double>& p) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t M = static_cast<int64_t>(theta.size()), chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks * M);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    run_vectorized([&]() __attribute__((always_inline)) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t e0 = c * kChunk, e1 = std::min(n, e0 + kChunk);
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t th = theta[m];
+          acc_t* __restrict s = sig + m * n;
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t e = e0; e < e1; ++e) {
+            const acc_t se = sigmoid_acc(((z[e] - shift) * scale - th) * inv_delta);
+            s[e] = se;
+            sum += se;
+          }
+          partial[c * M + m] = sum;
+        }
+      }
+    });
+  });
+  p.assign(M, 0.0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t m = 0; m < M; ++m) p[m] += partial[c * M + m];
+  }
+  for (double& pm : p) pm /= static_cast<double>(n);
+}
+
+// Gradient of one side, row i of z [B, C]:
+//   RCA  g = dl_rca/du_i (a row of E U), dz = (g - u (u . g)) / ||z_i|| (or g / eps when ||z_i|| < eps)
+//   TAR  dz += tar_coef * sum_m w_m sig_m (1 - sig_m)      (tar_coef carries scale / (delta B C))
+//   out = rca_coef * dz_rca + dz_tar
+template <typename acc_t>
+void side_gradient(const acc_t* u, int64_t ldu, const acc_t* g, int64_t ldg, const acc_t* norm, acc_t eps,
+                   const acc_t* sig, const std::vector<acc_t>& w, acc_t rca_coef, acc_t tar_coef, int64_t B,
+                   int64_t C, acc_t* out) {
+  const int64_t M = static_cast<int64_t>(w.size()), n = B * C;
+  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / C), [&](int64_t b0, int64_t b1) {
+    run_vectorized([&]() __attribute__((always_inline)) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const acc_t* __restrict ui = u + i * ldu;
+        const acc_t* __restrict gi = g + i * ldg;
+        acc_t* __restrict oi = out + i * C;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) dot += ui[c] * gi[c];
+        const bool clamped = norm[i] < eps;
+        const acc_t proj = clamped ? acc_t(0) : dot;
+        const acc_t inv_norm = acc_t(1) / (clamped ? eps : norm[i]);
+        for (int64_t c = 0; c < C; ++c) oi[c] = rca_coef * ((gi[c] - ui[c] * proj) * inv_norm);
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t wm = tar_coef * w[m];
+          const acc_t* __restrict sm = sig + m * n + i * C;
+          for (int64_t c = 0; c < C; ++c) oi[c] += wm * (sm[c] * (acc_t(1) - sm[c]));
+        }
+      }
+    });
+  });
+}
+
+// Row norms of z [B, C] and u = z / max(norm, eps) written into columns [col, col + C) of A (and of
+// A_neg with the sign `sign`).
+template <typename acc_t>
+void normalize_rows(const acc_t* z, int64_t B, int64_t C, acc_t eps, acc_t* norm, acc_t* A, acc_t* A_neg, int64_t K,
+                    int64_t col, acc_t sign) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / C), [&](int64_t b0, int64_t b1) {
+    run_vectorized([&]() __attribute__((always_inline)) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const acc_t* __restrict zi = z + i * C;
+        acc_t* __restrict ai = A + i * K + col;
+        acc_t* __restrict ni = A_neg + i * K + col;
+        acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < C; ++c) sq += zi[c] * zi[c];
+        norm[i] = std::sqrt(sq);
+        const acc_t denom = norm[i] > eps ? norm[i] : eps;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t uc = zi[c] / denom;
+          ai[c] = uc;
+          ni[c] = sign * uc;
+        }
+      }
+    });
+  });
+}
+
+struct LayerResult {
+  double rca, tar;
+  at::Tensor grad_teacher, grad_student;
+};
+
+template <typename acc_t>
+LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const at::Tensor& theta_in, double shift,
+                        double scale, double coef_rca, double coef_tar, double delta, double eps_d) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor zt = zt_in.to(acc).contiguous(), zs = zs_in.to(acc).contiguous();
+  const int64_t B = zt.size(0), Ct = zt.size(1), Cs = zs.size(1), K = Cs + Ct;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const auto opts = zt.options();
+
+  // RCA: A = [U_S | U_T], A_neg = [U_S | -U_T], so D = A A_neg^T = U_S U_S^T - U_T U_T^T.
+  at::Tensor A = at::empty({B, K}, opts), A_neg = at::empty({B, K}, opts), norms = at::empty({2, B}, opts);
+  acc_t* norm_s = norms.data_ptr<acc_t>();
+  acc_t* norm_t = norm_s + B;
+  normalize_rows(zs.const_data_ptr<acc_t>(), B, Cs, eps, norm_s, A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), K, 0,
+                 acc_t(1));
+  normalize_rows(zt.const_data_ptr<acc_t>(), B, Ct, eps, norm_t, A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), K, Cs,
+                 acc_t(-1));
+  at::Tensor E = at::mm(A, A_neg.t());
+  // l_rca = sum_{i != j} D_ij^2 / (B (B - 1));  E = 4 D (1 - I) / (B (B - 1)) = dl_rca / dG_S (times 2).
+  const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
+  const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
+  std::vector<double> row_sq(B);
+  acc_t* e = E.data_ptr<acc_t>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      acc_t* ei = e + i * B;
+      ei[i] = 0;
+      double sq = 0;
+      for (int64_t j = 0; j < B; ++j) {
+        sq += static_cast<double>(ei[j]) * static_cast<double>(ei[j]);
+        ei[j] *= e_scale;
+      }
+      row_sq[i] = sq;
+    }
+  });
+  const double rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
+  // [dl/dU_S | dl/dU_T] = E A_neg = [E U_S | -E U_T]
+  const at::Tensor G = at::mm(E, A_neg);
+
+  // TAR
+  const at::Tensor theta_t = theta_in.to(at::kDouble).contiguous();
+  const double* th = theta_t.const_data_ptr<double>();
+  const int64_t M = theta_t.numel();
+  std::vector<acc_t> theta(th, th + M);
+  const acc_t shift_a = static_cast<acc_t>(shift), scale_a = static_cast<acc_t>(scale);
+  const acc_t inv_delta = static_cast<acc_t>(1.0 / delta);
+  at::Tensor sig_t = at::empty({M, B * Ct}, opts), sig_s = at::empty({M, B * Cs}, opts);
+  std::vector<double> p_t, p_s;
+  soft_exceedance(zt.const_data_ptr<acc_t>(), B * Ct, shift_a, scale_a, theta, inv_delta, sig_t.data_ptr<acc_t>(),
+                  p_t);
+  soft_exceedance(zs.const_data_ptr<acc_t>(), B * Cs, shift_a, scale_a, theta, inv_delta, sig_s.data_ptr<acc_t>(),
+                  p_s);
+  double tar = 0;
+  std::vector<acc_t> w(M);  // d l_tar / d p_S^m = 2 (p_S^m - p_T^m) / M
+  for (int64_t m = 0; m < M; ++m) {
+    const double d = p_s[m] - p_t[m];
+    tar += d * d;
+    w[m] = static_cast<acc_t>(2.0 * d / static_cast<double>(M));
+  }
+  tar /= static_cast<double>(M);
+
+  // d total / d z: chain factor scale / delta of z' and sigmoid, and 1 / (B C) of the mean.
+  at::Tensor grad_t = at::empty({B, Ct}, opts), grad_s = at::empty({B, Cs}, opts);
+  const acc_t* a = A.const_data_ptr<acc_t>();
+  const acc_t* g = G.const_data_ptr<acc_t>();
+  const double tar_chain = coef_tar * scale / delta;
+  side_gradient(a, K, g, K, norm_s, eps, sig_s.const_data_ptr<acc_t>(), w, static_cast<acc_t>(coef_rca),
+                static_cast<acc_t>(tar_chain / static_cast<double>(B * Cs)), B, Cs, grad_s.data_ptr<acc_t>());
+  side_gradient(a + Cs, K, g + Cs, K, norm_t, eps, sig_t.const_data_ptr<acc_t>(), w, static_cast<acc_t>(coef_rca),
+                static_cast<acc_t>(-tar_chain / static_cast<double>(B * Ct)), B, Ct, grad_t.data_ptr<acc_t>());
+  return {rca, tar, grad_t.to(zt_in.scalar_type()), grad_s.to(zs_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stars_loss_fused_cpu(
+    at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
+    at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
+    double eps) {
+  const size_t L = z_teacher.size();
+  TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
+  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
+                  coef_rca.size() == L && coef_tar.size() == L,
+              "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
+              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
+              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
+  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
+  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
+    check_float_cpu(zt, "stars_loss_fused", "z_teacher[l]");
+    check_float_cpu(zs, "stars_loss_fused", "z_student[l]");
+    check_float_cpu(thresholds[l], "stars_loss_fused", "thresholds[l]");
+    TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
+                ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
+    TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
+                " != student batch ", zs.size(0));
+    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
+                zt.size(0));
+    TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
+    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
+                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
+  }
+  at::Tensor parts = at::empty({static_cast<int64_t>(L), 2}, at::kFloat);
+  float* parts_p = parts.data_ptr<float>();
+  std::vector<at::Tensor> grad_teacher(L), grad_student(L);
+  double total = 0;
+  for (size_t l = 0; l < L; ++l) {
+    const bool fp64 = z_teacher[l].scalar_type() == at::kDouble || z_student[l].scalar_type() == at::kDouble;
+    const LayerResult r =
+        fp64 ? stars_layer<double>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
+                                   coef_tar[l], delta, eps)
+             : stars_layer<float>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
+                                  coef_tar[l], delta, eps);
+    parts_p[2 * l] = static_cast<float>(r.rca);
+    parts_p[2 * l + 1] = static_cast<float>(r.tar);
+    total += coef_rca[l] * r.rca + coef_tar[l] * r.tar;
+    grad_teacher[l] = r.grad_teacher;
+    grad_student[l] = r.grad_student;
+  }
+  return {at::scalar_tensor(total, at::kFloat), parts, grad_teacher, grad_student};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stars_fast, CPU, m) {
+  m.impl("pool_mean", &pool_mean_cpu);
+  m.impl("quantiles", &quantiles_cpu);
+  m.impl("stars_loss_fused", &stars_loss_fused_cpu);
+}
+
+}  // namespace stars_fast

@@ -1,0 +1,227 @@
+"""The training driver: synthesis pieces, KD loss, CLI and presets, a tiny end-to-end digits run,
+the run-folder contract, and resuming after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stars_fast import models, train
+from stars_fast.data import DATASETS
+from stars_fast.distill import kd_loss
+from stars_fast.synthesis import (BNStatsHooks, DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory,
+                                  jitter_and_flip)
+from stars_fast.synthesis.base import pixel_bounds
+
+DIGITS = DATASETS["digits"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ["--g-steps", "15", "--kd-steps", "25", "--ep-steps", "25", "--batch-size", "64",
+            "--synthesis-batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory):
+    """A private teacher cache holding a quickly trained digits teacher (shared by every test here)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("STARS_FAST_CACHE")
+    os.environ["STARS_FAST_CACHE"] = cache
+    recipe = dict(train.DIGITS_TEACHER_RECIPE)
+    train.DIGITS_TEACHER_RECIPE["epochs"] = 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the CLI uses for digits; far faster on a shared 2-core machine
+    try:
+        with torch.random.fork_rng():
+            train.digits_teacher("digits_cnn", DIGITS, "cpu", progress=False)
+        yield cache
+    finally:
+        torch.set_num_threads(threads)
+        train.DIGITS_TEACHER_RECIPE.update(recipe)
+        if old is None:
+            del os.environ["STARS_FAST_CACHE"]
+        else:
+            os.environ["STARS_FAST_CACHE"] = old
+
+
+@pytest.fixture
+def pair(teacher_cache):
+    teacher = models.freeze(train.digits_teacher("digits_cnn", DIGITS, "cpu", progress=False))
+    student = models.build_student("digits_snn", 10, T=2, in_channels=1, backend="reference")
+    return teacher, student
+
+
+# ------------------------------------------------------------------------------ synthesis
+
+def test_bn_hooks_compute_fast_datafree_r_feature():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 5, 5)
+    with BNStatsHooks(torch.nn.Sequential(bn)) as hooks:
+        bn(x)
+        got = hooks.loss()
+    mean = x.mean((0, 2, 3))
+    var = x.permute(1, 0, 2, 3).reshape(3, -1).var(1, unbiased=False)
+    assert torch.allclose(got, (bn.running_var - var).norm() + (bn.running_mean - mean).norm())
+    assert not bn._forward_hooks  # removed on exit
+
+
+def test_jitter_and_flip_moves_whole_pixels_per_sample():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).requires_grad_()
+    y = jitter_and_flip(x, flip=True)
+    assert torch.equal(y.detach().flatten(1).sort(1)[0], x.detach().flatten(1).sort(1)[0])
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("stars", [False, True])
+def test_synthesis_optimizes_images_only(pair, stars):
+    teacher, student = pair
+    regularizer = StarsRegularizer(backend="reference") if stars else None
+    synthesizer = DeepInversionSynthesizer(teacher, student, DIGITS, batch_size=8, iterations=3, lr_g=0.1,
+                                           bn=10, oh=1, adv=1, tv=1e-4, l2=1e-4, stars=regularizer)
+    student.train()
+    result = synthesizer.synthesize()
+    assert result.images.shape == (8, 1, 8, 8) and not result.images.requires_grad
+    low, high = pixel_bounds(DIGITS, "cpu")
+    assert (result.images >= low - 1e-6).all() and (result.images <= high + 1e-6).all()
+    assert all(p.grad is None for p in list(student.parameters()) + list(teacher.parameters()))
+    assert all(p.requires_grad for p in student.parameters()) and student.training  # restored
+    assert (result.losses["loss_rca"] > 0) == stars and (result.losses["loss_tar"] > 0) == stars
+    assert result.losses["loss_bn"] > 0 and result.losses["loss_tv"] > 0 and result.losses["loss_l2"] > 0
+
+
+def test_memory_is_a_bounded_ring_buffer(tmp_path):
+    memory = SyntheticMemory(DIGITS, max_size=6)
+    batches = [torch.full((4, 1, 8, 8), float(i)) for i in range(3)]  # normalized values 0, 1, 2
+    for batch in batches:
+        memory.add(batch)
+    assert len(memory) == 6
+    stored = sorted(round(float(v)) for v in memory.images.float().mean((1, 2, 3)))
+    pixel = lambda value: round(min(1.0, value * DIGITS.std[0] + DIGITS.mean[0]) * 255)  # noqa: E731
+    assert stored == sorted([pixel(1.0)] * 2 + [pixel(2.0)] * 4)  # batch 0 and half of batch 1 overwritten
+    path = tmp_path / "memory.pt"
+    torch.save(memory.state_dict(), path)
+    restored = SyntheticMemory(DIGITS, max_size=6)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.images, memory.images) and restored.next_slot == memory.next_slot
+    assert restored.sample(5).shape == (5, 1, 8, 8)
+
+
+def test_kd_loss_is_temperature_scaled_kl():
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    p_t = F.softmax(t / 4, 1)
+    expected = (p_t * (p_t.log() - F.log_softmax(s / 4, 1))).sum(1).mean() * 16
+    assert torch.allclose(kd_loss(s, t, 4.0), expected, atol=1e-6)
+    assert float(kd_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_help_documents_every_flag():
+    text = train.build_parser().format_help()
+    for flag in ("--method", "--stars", "--no-stars", "--lambda-rca", "--lambda-tar", "--quantiles", "--delta",
+                 "--tar-normalize", "--teacher", "--teacher-ckpt", "--student", "--T", "--neuron", "--dataset",
+                 "--data-root", "--epochs", "--batch-size", "--synthesis-batch-size", "--lr", "--lr-g",
+                 "--g-steps", "--kd-steps", "--ep-steps", "--adv", "--bn", "--oh", "--kd-T", "--warmup", "--seed",
+                 "--device", "--backend", "--amp", "--out", "--resume", "--preset"):
+        assert flag in text, flag
+    assert "deepinv-cifar10-resnet34" in text
+
+
+def test_explicit_flags_override_the_preset():
+    config = train.make_config(train.parse_args(
+        ["--preset", "deepinv-cifar100-resnet34", "--teacher-ckpt", "t.pth", "--g-steps", "7", "--no-stars",
+         "--quantiles", "0.5", "0.9", "--lambda-tar", "0"]))
+    assert (config["teacher"], config["student"], config["dataset"]) == ("resnet34", "s_resnet18", "cifar100")
+    assert (config["epochs"], config["kd_steps"], config["ep_steps"], config["batch_size"]) == (200, 400, 400, 256)
+    assert (config["lr"], config["lr_g"], config["adv"], config["bn"], config["oh"], config["kd_T"]) == \
+        (0.1, 0.1, 1.0, 10.0, 1.0, 20.0)
+    assert (config["g_steps"], config["stars"], config["quantiles"], config["lambda_tar"]) == \
+        (7, False, [0.5, 0.9], 0.0)
+    assert config["preset"] == "deepinv-cifar100-resnet34"
+
+
+def test_defaults_are_the_digits_run_and_bad_configs_fail():
+    config = train.make_config(train.parse_args([]))
+    assert (config["dataset"], config["teacher"], config["student"], config["method"]) == \
+        ("digits", "digits_cnn", "digits_snn", "deepinv")
+    assert config["stars"] and config["quantiles"] == [0.6, 0.7, 0.8, 0.9, 0.95]
+    with pytest.raises(SystemExit, match="teacher-ckpt"):
+        train.make_config(train.parse_args(["--dataset", "cifar10"]))
+    with pytest.raises(SystemExit, match="ep-steps"):
+        train.make_config(train.parse_args(["--kd-steps", "10", "--ep-steps", "5"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "no-such-preset"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_writer_without_pil_is_valid(tmp_path, channels):
+    Image = pytest.importorskip("PIL.Image")
+    pixels = torch.randint(0, 256, (5, 7, channels), dtype=torch.uint8).numpy()
+    path = str(tmp_path / "x.png")
+    train.write_png(path, pixels, use_pil=False)
+    with Image.open(path) as img:
+        decoded = torch.from_numpy(np.asarray(img).copy())
+    assert torch.equal(decoded.view(5, 7, channels), torch.from_numpy(pixels))
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
+    out = str(tmp_path / "run")
+    summary = train.main(["--epochs", "3", "--out", out] + TINY_RUN)
+    assert summary["teacher_acc"] > 0.9
+    assert summary["student_acc"] > 0.3, summary  # chance is 0.1
+
+    records = _metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for key in ("student_acc", "kd_loss", "synth_loss", "loss_bn", "loss_oh", "loss_adv", "loss_rca", "loss_tar"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert all(0.0 <= r["student_acc"] <= 1.0 for r in records)
+
+    with open(os.path.join(out, "summary.json")) as f:
+        saved = json.load(f)
+    assert saved["student_acc"] == records[-1]["student_acc"] and saved["teacher_acc"] == summary["teacher_acc"]
+    assert saved["config"]["g_steps"] == 15 and saved["config"]["dataset"] == "digits"
+
+    for epoch in (1, 2, 3):
+        with open(os.path.join(out, f"synthetic_epoch{epoch:03d}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert checkpoint["epoch"] == 3 and len(checkpoint["memory"]["images"]) == 3 * 64
+    assert {"student", "optimizer", "scheduler", "rng", "history", "config"} <= set(checkpoint)
+
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(["--epochs", "3", "--out", out] + TINY_RUN)
+
+
+def test_resume_after_sigkill_logs_every_epoch_once(teacher_cache, tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "4", "--out", out] + TINY_RUN,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert killed_after < 4
+
+    summary = train.main(["--out", out, "--resume", "--no-progress"])
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert summary["epochs_completed"] == 4
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 4
