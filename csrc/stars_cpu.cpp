@@ -22,6 +22,27 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // pool_mean
 
+template <typename scalar_t>
+void pool_mean_kernel(const scalar_t* x, int64_t T, int64_t R, int64_t S, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t count = static_cast<acc_t>(T * S);
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / (T * S)), [&](int64_t begin, int64_t end) {
+    run_vectorized([&]() __attribute__((always_inline)) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t sum = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* __restrict row = x + (t * R + r) * S;
+          acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+          for (int64_t s = 0; s < S; ++s) row_sum += static_cast<acc_t>(row[s]);
+          sum += row_sum;
+        }
+        out[r] = static_cast<scalar_t>(sum / count);
+      }
+    });
+  });
+}
+
 at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
   check_float_cpu(x_in, "pool_mean", "x");
   TORCH_CHECK(x_in.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x_in.sizes());
@@ -30,25 +51,7 @@ at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(T > 0 && S > 0, "pool_mean: cannot average over an empty T or S, got shape ", x.sizes());
   at::Tensor out = at::empty({R}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mean", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const acc_t count = static_cast<acc_t>(T * S);
-    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / (T * S)), [&](int64_t begin, int64_t end) {
-      run_vectorized([&]() __attribute__((always_inline)) {
-        for (int64_t r = begin; r < end; ++r) {
-          acc_t sum = 0;
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* row = xp + (t * R + r) * S;
-            acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-            for (int64_t s = 0; s < S; ++s) row_sum += static_cast<acc_t>(row[s]);
-            sum += row_sum;
-          }
-          op[r] = static_cast<scalar_t>(sum / count);
-        }
-      });
-    });
+    pool_mean_kernel(x.const_data_ptr<scalar_t>(), T, R, S, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -84,13 +87,13 @@ at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
     std::vector<int64_t> order(M);
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q[a] < q[b]; });
-    int64_t start = 0;  // v[start] is the minimum of v[start:], everything before it is <= it
+    int64_t placed = -1;  // v[placed] is in its sorted position: v[:placed] <= v[placed] <= v[placed + 1:]
     for (int64_t i : order) {
       const acc_t rank = static_cast<acc_t>(q[i]) * static_cast<acc_t>(n - 1);
       const int64_t lo = std::min(static_cast<int64_t>(rank), n - 1);
       const int64_t hi = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
-      if (lo > start) std::nth_element(v + start, v + lo, v + n);
-      start = lo;
+      if (lo > placed) std::nth_element(v + placed + 1, v + lo, v + n);
+      placed = lo;
       const acc_t below = v[lo];
       const acc_t above = hi > lo ? *std::min_element(v + lo + 1, v + n) : below;
       res[i] = torch_lerp(below, above, rank - static_cast<acc_t>(lo));
@@ -301,8 +304,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
                 ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
   }
-  at::Tensor parts = at::empty({static_cast<int64_t>(L), 2}, at::kFloat);
-  float* parts_p = parts.data_ptr<float>();
+  // total and parts: float64 when any input is float64 (so that float64 gradcheck sees an exact
+  // loss), else float32.
+  bool any_fp64 = false;
+  for (size_t l = 0; l < L; ++l) {
+    any_fp64 = any_fp64 || z_teacher[l].scalar_type() == at::kDouble || z_student[l].scalar_type() == at::kDouble;
+  }
+  const at::ScalarType out_dtype = any_fp64 ? at::kDouble : at::kFloat;
+  std::vector<double> parts(2 * L);
   std::vector<at::Tensor> grad_teacher(L), grad_student(L);
   double total = 0;
   for (size_t l = 0; l < L; ++l) {
@@ -312,13 +321,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
                                    coef_tar[l], delta, eps)
              : stars_layer<float>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
                                   coef_tar[l], delta, eps);
-    parts_p[2 * l] = static_cast<float>(r.rca);
-    parts_p[2 * l + 1] = static_cast<float>(r.tar);
+    parts[2 * l] = r.rca;
+    parts[2 * l + 1] = r.tar;
     total += coef_rca[l] * r.rca + coef_tar[l] * r.tar;
     grad_teacher[l] = r.grad_teacher;
     grad_student[l] = r.grad_student;
   }
-  return {at::scalar_tensor(total, at::kFloat), parts, grad_teacher, grad_student};
+  at::Tensor parts_t = at::tensor(parts, at::kDouble).view({static_cast<int64_t>(L), 2}).to(out_dtype);
+  return {at::scalar_tensor(total, out_dtype), parts_t, grad_teacher, grad_student};
 }
 
 }  // namespace

@@ -57,7 +57,6 @@ def _gram_rows(Z, C, B, i, j, TH, M, shift, scale, delta, BK: tl.constexpr, MP: 
     The TAR partial of threshold m is sum_{b in i, c} sigmoid(((z_bc - shift) * scale - theta_m) / delta).
     """
     m = tl.arange(0, MP)
-    theta = tl.load(TH + m, mask=m < M, other=0.0)
     rows_i = i[:, None].to(tl.int64) * C
     rows_j = j[:, None].to(tl.int64) * C
     gram = tl.zeros([i.shape[0], j.shape[0]], tl.float32)
@@ -73,9 +72,9 @@ def _gram_rows(Z, C, B, i, j, TH, M, shift, scale, delta, BK: tl.constexpr, MP: 
         sq_j += tl.sum(zj * zj, axis=1)
         sq_i += tl.sum(zi * zi, axis=1)
         zn = (zi - shift) * scale
-        sig = tl.sigmoid((zn[:, :, None] - theta[None, None, :]) / delta)
-        sig = tl.where(in_i[:, :, None] & (m < M)[None, None, :], sig, 0.0)
-        tar += tl.sum(tl.sum(sig, axis=0), axis=0)
+        for mm in range(M):
+            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid, written out: tl.sigmoid is a nested @jit call
+            tar = tl.where(m == mm, tar + tl.sum(tl.where(in_i, sig, 0.0)), tar)
     return gram, sq_j, sq_i, tar
 
 
@@ -104,13 +103,12 @@ def _stars_stats_kernel(
                                              i, j, th, n_m, shift, scale, delta, BK, MP)
     gram_s, sqj_s, sqi_s, tar_s = _gram_rows(_pick(slot, zs0, zs1, zs2, zs3), _pick(slot, cs0, cs1, cs2, cs3), B,
                                              i, j, th, n_m, shift, scale, delta, BK, MP)
-    nan = tl.PropagateNan.ALL
     norm_it = tl.sqrt(sqi_t)
     norm_is = tl.sqrt(sqi_s)
-    m_it = tl.maximum(norm_it, eps, propagate_nan=nan)
-    m_is = tl.maximum(norm_is, eps, propagate_nan=nan)
-    m_jt = tl.maximum(tl.sqrt(sqj_t), eps, propagate_nan=nan)
-    m_js = tl.maximum(tl.sqrt(sqj_s), eps, propagate_nan=nan)
+    m_it = tl.maximum(norm_it, eps, propagate_nan=tl.PropagateNan.ALL)
+    m_is = tl.maximum(norm_is, eps, propagate_nan=tl.PropagateNan.ALL)
+    m_jt = tl.maximum(tl.sqrt(sqj_t), eps, propagate_nan=tl.PropagateNan.ALL)
+    m_js = tl.maximum(tl.sqrt(sqj_s), eps, propagate_nan=tl.PropagateNan.ALL)
     cos_t = gram_t / (m_it[:, None] * m_jt[None, :])
     cos_s = gram_s / (m_is[:, None] * m_js[None, :])
     off_diag = (i[:, None] < B) & (j[None, :] < B) & (i[:, None] != j[None, :])
@@ -145,13 +143,14 @@ def _exceedance(TAR_PART, slot, side: tl.constexpr, count, NB, NBP: tl.constexpr
 
 
 @triton.jit
-def _write_grad(Z, G, C, B, i, j, e, m_j, m_i, dot_i, sign, coef_rca, tar_coef, diff, theta, shift, scale, delta,
-                BK: tl.constexpr):
+def _write_grad(Z, G, C, B, i, j, e, m_j, m_i, dot_i, sign, coef_rca, tar_coef, diff, TH, M, shift, scale, delta,
+                BK: tl.constexpr, MP: tl.constexpr):
     """G[i, :] = coef_rca dz_rca + dz_tar for rows i of one side (sign +1 student, -1 teacher).
 
     dz_rca = (g - u_i (u_i . g)) / m_i with g = sum_j (2 sign E_ij / m_j) z_j;
     dz_tar = tar_coef sum_m diff_m sigma'_m (tar_coef already holds coef_tar, the sign and the chain factor).
     """
+    m = tl.arange(0, MP)
     w = e * (2.0 * sign / m_j)[None, :]
     rows_i = i[:, None].to(tl.int64) * C
     rows_j = j[:, None].to(tl.int64) * C
@@ -162,8 +161,11 @@ def _write_grad(Z, G, C, B, i, j, e, m_j, m_i, dot_i, sign, coef_rca, tar_coef, 
         zj = tl.load(Z + rows_j + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C), other=0.0).to(tl.float32)
         g = tl.dot(w, zj, input_precision="ieee")
         d_rca = (g - zi / m_i[:, None] * dot_i[:, None]) / m_i[:, None]
-        sig = tl.sigmoid((((zi - shift) * scale)[:, :, None] - theta[None, None, :]) / delta)
-        d_tar = tl.sum(sig * (1.0 - sig) * diff[None, None, :], axis=2)
+        zn = (zi - shift) * scale
+        d_tar = tl.zeros(zi.shape, tl.float32)
+        for mm in range(M):
+            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid, written out: tl.sigmoid is a nested @jit call
+            d_tar += tl.sum(tl.where(m == mm, diff, 0.0)) * (sig * (1.0 - sig))
         grad = coef_rca * d_rca + tar_coef * d_tar
         tl.store(G + rows_i + cols[None, :], grad.to(G.dtype.element_ty), mask=in_i)
 
@@ -197,7 +199,7 @@ def _stars_grad_kernel(
     scale = _pick(slot, scale0, scale1, scale2, scale3)
     coef_rca = _pick(slot, cr0, cr1, cr2, cr3)
     coef_tar = _pick(slot, ctar0, ctar1, ctar2, ctar3)
-    theta = tl.load(_pick(slot, th0, th1, th2, th3) + m, mask=m < n_m, other=0.0)
+    th = _pick(slot, th0, th1, th2, th3)
     diff = _exceedance(TAR_PART, slot, 0, B * c_s, nb, NBP, MP) - _exceedance(TAR_PART, slot, 1, B * c_t, nb, NBP, MP)
     diff = tl.where(m < n_m, diff, 0.0)
     tar_coef = coef_tar * 2.0 * scale / (n_m * delta * B)
@@ -207,12 +209,12 @@ def _stars_grad_kernel(
     stats = ROW_STATS + layer * 4 * BP
     _write_grad(_pick(slot, zs0, zs1, zs2, zs3), _pick(slot, gs0, gs1, gs2, gs3), c_s, B, i, j, e,
                 tl.load(stats + j, mask=j < B, other=1.0), tl.load(stats + i, mask=i < B, other=1.0),
-                tl.load(stats + 2 * BP + i, mask=i < B, other=0.0), 1.0, coef_rca, tar_coef / c_s, diff, theta,
-                shift, scale, delta, BK)
+                tl.load(stats + 2 * BP + i, mask=i < B, other=0.0), 1.0, coef_rca, tar_coef / c_s, diff, th, n_m,
+                shift, scale, delta, BK, MP)
     _write_grad(_pick(slot, zt0, zt1, zt2, zt3), _pick(slot, gt0, gt1, gt2, gt3), c_t, B, i, j, e,
                 tl.load(stats + BP + j, mask=j < B, other=1.0), tl.load(stats + BP + i, mask=i < B, other=1.0),
-                tl.load(stats + 3 * BP + i, mask=i < B, other=0.0), -1.0, coef_rca, -tar_coef / c_t, diff, theta,
-                shift, scale, delta, BK)
+                tl.load(stats + 3 * BP + i, mask=i < B, other=0.0), -1.0, coef_rca, -tar_coef / c_t, diff, th, n_m,
+                shift, scale, delta, BK, MP)
 
     if (slot == 0) & (blk == 0):
         total = tl.load(TOTAL) if ACCUMULATE else 0.0
@@ -249,8 +251,10 @@ def pool_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of x[T, R, S] over T and S -> [R] in x's dtype, accumulated in fp32 (Eq. 12 pooling)."""
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"pool_mean expects a floating [T, R, S] tensor, got {x.dtype} of shape {tuple(x.shape)}")
-    x = x.contiguous()
     T, R, S = x.shape
+    if T == 0 or S == 0:
+        raise ValueError(f"pool_mean cannot average over an empty T or S, got shape {tuple(x.shape)}")
+    x = x.contiguous()
     out = torch.empty(R, dtype=x.dtype, device=x.device)
     if R == 0:
         return out
@@ -316,10 +320,10 @@ def stars_loss_fused(
     parts = torch.empty(n_layers, 2, dtype=torch.float32, device=device)
 
     bp = max(16, triton.next_power_of_2(b))
-    bk = max(16, min(64, 8192 // bp, triton.next_power_of_2(max(z.shape[1] for z in zt + zs))))
+    bk = max(16, min(64, 4096 // bp, triton.next_power_of_2(max(z.shape[1] for z in zt + zs))))
     mp = max(2, triton.next_power_of_2(max(t.numel() for t in th)))
     nb = triton.cdiv(b, _BI)
-    num_warps = 4 if bp <= 256 else 8
+    num_warps = max(4, min(16, bp // 32))  # about 16 values of each [BI, BP] tensor per thread
     f32 = dict(dtype=torch.float32, device=device)
     e = torch.empty(_SLOTS, bp, bp, **f32)
     row_stats = torch.empty(_SLOTS, 4, bp, **f32)

@@ -65,8 +65,12 @@ def available_backends(device="cpu") -> Dict[str, str]:
     return {name: reasons[name] for name in BACKENDS}
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device) -> str:
-    """The backend that will run: `backend` itself if usable, or auto's first usable choice."""
+    """The backend that will run: `backend` itself if usable, or auto's first usable choice.
+
+    A constant for torch.compile: evaluated once while tracing, not traced into the graph.
+    """
     if backend == "auto":
         backend = os.environ.get(ENV_OVERRIDE, "auto")
     if backend not in BACKENDS + ("auto",):

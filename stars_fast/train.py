@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -264,26 +265,33 @@ def cache_dir() -> str:
     return os.path.join(base, "stars_fast")
 
 
+# bump "version" when the recipe changes, so cached teachers of the old recipe are not reused
 DIGITS_TEACHER_RECIPE = {"epochs": 30, "lr": 0.05, "batch_size": 64, "seed": 0, "version": 1}
+
+
+def _architecture_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the state-dict names and shapes, so a changed architecture misses the cache."""
+    layout = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
+    return hashlib.sha1(repr(layout).encode()).hexdigest()[:10]
 
 
 def digits_teacher(name: str, info: DatasetInfo, device, progress: bool) -> torch.nn.Module:
     """The digits teacher: loaded from the cache, or trained on the digits train split and cached.
 
-    It is trained under its own fixed seed (in a forked RNG), so every run and seed shares one teacher.
+    It is trained under its own fixed seed (in a forked RNG), so every run and seed shares one teacher;
+    the cache file name holds a fingerprint of the architecture and the recipe's version.
     """
     recipe = DIGITS_TEACHER_RECIPE
-    path = os.path.join(cache_dir(), f"digits-{name}-v{recipe['version']}.pt")
-    if os.path.isfile(path):
-        return models.load_teacher(name, path, info.num_classes, in_channels=info.in_channels).to(device)
-    tqdm.write(f"training the digits teacher {name!r} (cached afterwards at {path})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
         teacher = models.build_teacher(name, info.num_classes, in_channels=info.in_channels)
+        path = os.path.join(cache_dir(), f"digits-{name}-{_architecture_fingerprint(teacher)}-r{recipe['version']}.pt")
+        if os.path.isfile(path):
+            return models.load_teacher(name, path, info.num_classes, in_channels=info.in_channels).to(device)
+        tqdm.write(f"training the digits teacher {name!r} (cached afterwards at {path})")
         train_supervised(teacher, load_dataset("digits", "train"), info, epochs=recipe["epochs"], lr=recipe["lr"],
                          batch_size=recipe["batch_size"], device=device,
                          generator=torch.Generator().manual_seed(recipe["seed"]), progress=progress)
-    os.makedirs(cache_dir(), exist_ok=True)
     models.save_checkpoint({"state_dict": teacher.state_dict()}, path)
     return teacher
 

@@ -146,10 +146,12 @@ def multistep_neuron(
     x2d = x.reshape(steps, -1).contiguous()
     if v_init is not None:
         v_init = v_init.to(x.dtype).expand(step_shape).reshape(-1).contiguous()
+    # 1/tau in the state dtype: fp64 for fp64 input (so float64 gradcheck sees its perturbations), else fp32.
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(inv_tau, Tensor):
-        inv_tau = inv_tau.to(device=x.device, dtype=torch.float32).reshape(1)
+        inv_tau = inv_tau.to(device=x.device, dtype=state_dtype).reshape(1)
     else:
-        inv_tau = torch.full((1,), float(inv_tau), dtype=torch.float32, device=x.device)
+        inv_tau = torch.full((1,), float(inv_tau), dtype=state_dtype, device=x.device)
     op = _triton_neuron if chosen == "triton" else _ext_neuron
     spikes, v_last = op(x2d, v_init, inv_tau, leaky, float(v_threshold), v_reset, decay_input,
                         SURROGATE_IDS[surrogate], alpha, spiking, detach_reset)

@@ -28,14 +28,16 @@ def _layer_thresholds(zt: Tensor, normalize: bool, quantiles: Sequence[float],
     if normalize:
         shift = zt.mean().item()
         scale = 1.0 / max(zt.std(correction=0).item(), eps)
+    # Thresholds in the accumulation dtype: fp64 for fp64 features, fp32 otherwise.
+    theta_dtype = torch.float64 if zt.dtype == torch.float64 else torch.float32
     if thresholds is not None:
-        return torch.tensor(list(thresholds), dtype=torch.float32, device=zt.device), shift, scale
-    zn = (zt - shift) * scale if normalize else zt
+        return torch.tensor(list(thresholds), dtype=theta_dtype, device=zt.device), shift, scale
+    zn = ((zt - shift) * scale if normalize else zt).to(theta_dtype)
     if backend == "cpu":
         theta = torch.ops.stars_fast.quantiles(zn, list(quantiles))
     else:
-        theta = torch.quantile(zn.flatten().float(), torch.tensor(list(quantiles), device=zt.device))
-    return theta.float(), shift, scale
+        theta = torch.quantile(zn.flatten(), torch.tensor(list(quantiles), dtype=theta_dtype, device=zt.device))
+    return theta.to(theta_dtype), shift, scale
 
 
 @torch.library.custom_op("stars_fast::stars_loss", mutates_args=())

@@ -1,0 +1,341 @@
+"""The C++ CPU kernels (torch.ops.stars_fast.*, csrc/*.cpp) called directly, against stars_fast.reference.
+
+Spikes must equal the reference bit for bit; v_last and the gradients (lif_backward against autograd
+through reference.multistep_neuron) agree to per-dtype tolerances.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from stars_fast import reference as R
+
+_C = pytest.importorskip("stars_fast._C", reason="extension stars_fast._C not built (pip install --no-build-isolation -e .)")
+ops = torch.ops.stars_fast
+
+SURROGATES = ("sigmoid", "atan", "triangle")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
+       torch.float16: dict(rtol=1e-2, atol=1e-3), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# LIF / IF neuron
+
+
+def _neuron_case(T, N, dtype, *, leaky, v_reset, decay_input, detach_reset, surrogate, spiking, with_v_init,
+                 with_grad_v_last, need_inv_tau_grad, seed=0):
+    """Run lif_forward / lif_backward and the reference (autograd) on one configuration."""
+    gen = torch.Generator().manual_seed(seed)
+    v_th, alpha, inv_tau_value = 1.0, R.SURROGATE_DEFAULT_ALPHA[surrogate], 1.0 / 3.0
+    x = (torch.randn(T, N, generator=gen, dtype=torch.float64) * 0.8 + 0.6).to(dtype)
+    if N >= 4 and not leaky:
+        x[0, :4] = v_th  # IF from rest: h == v_th exactly at t = 0 -> Theta(0) = 1
+    v_r = 0.0 if v_reset is None else v_reset
+    v_init = (torch.rand(N, generator=gen, dtype=torch.float64) - 0.5).to(dtype) if with_v_init else None
+    inv_tau = torch.tensor([inv_tau_value], dtype=torch.float32)
+    grad_spikes = torch.randn(T, N, generator=gen, dtype=torch.float64).to(dtype)
+    grad_v_last = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype) if with_grad_v_last else None
+    sid = SURROGATES.index(surrogate)
+
+    spikes, v_last = ops.lif_forward(x, v_init, inv_tau, leaky, v_th, v_reset, decay_input, sid, alpha, spiking)
+    grad_x, grad_v_init, grad_inv_tau = ops.lif_backward(
+        grad_spikes, grad_v_last, x, v_init, inv_tau, leaky, v_th, v_reset, decay_input, sid, alpha, spiking,
+        detach_reset, need_inv_tau_grad)
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x_ref = x.clone().requires_grad_(True)
+    v0_ref = (v_init.clone() if with_v_init else torch.full((N,), v_r, dtype=dtype)).requires_grad_(True)
+    k_ref = inv_tau.to(compute).requires_grad_(True)
+    s_ref, v_ref = R.multistep_neuron(x_ref, k_ref, leaky=leaky, v_threshold=v_th, v_reset=v_reset,
+                                      decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate,
+                                      alpha=alpha, spiking=spiking, v_init=v0_ref)
+    loss = (s_ref.to(compute) * grad_spikes.to(compute)).sum()
+    if with_grad_v_last:
+        loss = loss + (v_ref.to(compute) * grad_v_last.to(compute)).sum()
+    g_x, g_v0, g_k = torch.autograd.grad(loss, [x_ref, v0_ref, k_ref], allow_unused=True)
+    ref = dict(spikes=s_ref.detach(), v_last=v_ref.detach(), grad_x=g_x, grad_v_init=g_v0,
+               grad_inv_tau=torch.zeros(1, dtype=compute) if g_k is None else g_k)
+    got = dict(spikes=spikes, v_last=v_last, grad_x=grad_x, grad_v_init=grad_v_init, grad_inv_tau=grad_inv_tau)
+    return got, ref
+
+
+NEURON_CONFIGS = [
+    (leaky, v_reset, decay_input, surrogate, spiking)
+    for leaky, v_reset, decay_input, surrogate, spiking in itertools.product(
+        (True, False), (0.0, -0.5, None), (True, False), SURROGATES, (True, False))
+    if leaky or decay_input  # decay_input means nothing for IF
+]
+
+
+@pytest.mark.parametrize("leaky,v_reset,decay_input,surrogate,spiking", NEURON_CONFIGS)
+def test_neuron_matches_reference(leaky, v_reset, decay_input, surrogate, spiking):
+    cases = [  # (T, N, dtype, detach_reset, with_v_init, with_grad_v_last)
+        (4, 1003, torch.float32, False, False, False),
+        (4, 37, torch.float32, True, True, True),
+        (1, 37, torch.float32, False, True, False),
+        (4, 1, torch.float32, True, False, True),
+        (4, 37, torch.float64, False, True, True),
+        (3, 37, torch.float64, True, False, False),
+    ]
+    for T, N, dtype, detach_reset, with_v_init, with_grad_v_last in cases:
+        got, ref = _neuron_case(T, N, dtype, leaky=leaky, v_reset=v_reset, decay_input=decay_input,
+                                detach_reset=detach_reset, surrogate=surrogate, spiking=spiking,
+                                with_v_init=with_v_init, with_grad_v_last=with_grad_v_last,
+                                need_inv_tau_grad=leaky)
+        tol = TOL[dtype]
+        where = f"T={T} N={N} {dtype} detach={detach_reset} v_init={with_v_init} grad_v_last={with_grad_v_last}"
+        assert got["spikes"].dtype == dtype and got["v_last"].dtype == dtype
+        if spiking:
+            assert torch.equal(got["spikes"], ref["spikes"]), f"spikes differ ({where})"
+        else:
+            torch.testing.assert_close(got["spikes"], ref["spikes"], **tol, msg=f"smooth spikes ({where})")
+        torch.testing.assert_close(got["v_last"], ref["v_last"], **tol, msg=f"v_last ({where})")
+        torch.testing.assert_close(got["grad_x"], ref["grad_x"], **tol, msg=f"grad_x ({where})")
+        torch.testing.assert_close(got["grad_v_init"], ref["grad_v_init"], **tol, msg=f"grad_v_init ({where})")
+        if leaky:
+            assert got["grad_inv_tau"].shape == (N,) and got["grad_inv_tau"].dtype == torch.float32
+            # float32 partial sums (the op's contract), summed in float64 here
+            torch.testing.assert_close(got["grad_inv_tau"].double().sum(), ref["grad_inv_tau"].double().sum()[()],
+                                       rtol=1e-5, atol=1e-5, msg=f"grad_inv_tau ({where})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_neuron_half_io(dtype):
+    for v_reset, surrogate in ((0.0, "sigmoid"), (None, "atan")):
+        got, ref = _neuron_case(4, 1003, dtype, leaky=True, v_reset=v_reset, decay_input=True, detach_reset=False,
+                                surrogate=surrogate, spiking=True, with_v_init=True, with_grad_v_last=True,
+                                need_inv_tau_grad=False)
+        assert torch.equal(got["spikes"], ref["spikes"])
+        assert got["grad_x"].dtype == dtype and got["grad_inv_tau"].numel() == 0
+        for key in ("v_last", "grad_x", "grad_v_init"):
+            torch.testing.assert_close(got[key], ref[key], **TOL[dtype], msg=key)
+
+
+def test_neuron_spike_at_threshold_and_nan():
+    """h == v_th fires (Theta(0) = 1); a NaN input gives a NaN spike, not a silent 0."""
+    x = torch.tensor([[1.0, 0.5, float("nan")], [0.0, 0.5, 0.0]])
+    inv_tau = torch.tensor([0.5])
+    spikes, _ = ops.lif_forward(x, None, inv_tau, False, 1.0, 0.0, True, 0, 4.0, True)
+    assert spikes[0, 0] == 1 and spikes[1, 1] == 1 and spikes[0, 1] == 0
+    assert torch.isnan(spikes[0, 2]) and torch.isnan(spikes[1, 2])
+
+
+def test_neuron_broadcast_grad():
+    """Stride-0 gradients (as from .sum()) are read without being materialized, with the same result."""
+    x = torch.randn(4, 1003) + 0.5
+    inv_tau = torch.tensor([0.5])
+    args = (x, None, inv_tau, True, 1.0, 0.0, True, 0, 4.0, True, False, True)
+    dense = ops.lif_backward(torch.ones(4, 1003), torch.full((1003,), 2.0), *args)
+    expanded = ops.lif_backward(torch.ones(()).expand(4, 1003), torch.tensor(2.0).expand(1003), *args)
+    for a, b in zip(dense, expanded):
+        assert torch.equal(a, b)
+
+
+def test_neuron_empty_steps():
+    x = torch.empty(0, 5)
+    v_init = torch.arange(5.0)
+    spikes, v_last = ops.lif_forward(x, v_init, torch.tensor([0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
+    assert spikes.shape == (0, 5) and torch.equal(v_last, v_init)
+
+
+def test_neuron_bad_inputs():
+    x = torch.randn(4, 10)
+    k = torch.tensor([0.5])
+    fwd = ops.lif_forward
+    with pytest.raises(RuntimeError, match="2-D"):
+        fwd(torch.randn(10), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="v_init must have shape"):
+        fwd(x, torch.zeros(9), k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="v_init dtype"):
+        fwd(x, torch.zeros(10, dtype=torch.float64), k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        fwd(torch.ones(4, 10, dtype=torch.int32), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        fwd(torch.randn(10, 4).t(), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="one element"):
+        fwd(x, None, torch.tensor([0.5, 0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match="surrogate must be"):
+        fwd(x, None, k, True, 1.0, 0.0, True, 7, 4.0, True)
+    bwd_opts = (True, 1.0, 0.0, True, 0, 4.0, True, False, False)
+    with pytest.raises(RuntimeError, match="grad_spikes shape"):
+        ops.lif_backward(torch.ones(3, 10), None, x, None, k, *bwd_opts)
+    with pytest.raises(RuntimeError, match="grad_v_last must have shape"):
+        ops.lif_backward(torch.ones(4, 10), torch.ones(3), x, None, k, *bwd_opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# pool_mean and quantiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_pool_mean(dtype):
+    gen = torch.Generator().manual_seed(1)
+    for shape in ((1, 7, 1), (4, 37, 16), (3, 5, 1000)):
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        expected = x.float().mean(dim=(0, 2)).to(dtype) if dtype in (torch.float16, torch.bfloat16) else \
+            x.mean(dim=(0, 2))
+        got = ops.pool_mean(x)
+        assert got.dtype == dtype and got.shape == (shape[1],)
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    student = torch.randn(4, 3, 5, 6, 6, generator=gen).to(dtype)  # [T, B, C, H, W] -> [B, C]
+    got = ops.pool_mean(student.reshape(4, 15, 36)).reshape(3, 5)
+    torch.testing.assert_close(got, R.pool_features(student.to(compute)).to(dtype), **TOL[dtype])
+    noncontig = torch.randn(6, 5, 4, generator=gen).to(dtype).permute(2, 1, 0)
+    torch.testing.assert_close(ops.pool_mean(noncontig), noncontig.to(compute).mean(dim=(0, 2)).to(dtype),
+                               **TOL[dtype])
+
+
+def test_pool_mean_bad_inputs():
+    with pytest.raises(RuntimeError, match="3-D"):
+        ops.pool_mean(torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        ops.pool_mean(torch.ones(2, 3, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quantiles(dtype):
+    gen = torch.Generator().manual_seed(2)
+    q_sets = ([0.6, 0.7, 0.8, 0.9, 0.95], [0.0, 1.0], [0.95, 0.1, 0.5, 0.5], [0.25])
+    for n in (1, 2, 7, 1000, 4099):
+        z = torch.randn(n, generator=gen, dtype=dtype)
+        if n > 10:
+            z[:n // 3] = z[0]  # ties
+        for q in q_sets:
+            expected = torch.quantile(z, torch.tensor(q, dtype=dtype))
+            got = ops.quantiles(z.reshape(-1, 1) if n % 2 else z, q)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+
+
+def test_quantiles_nan_and_bad_inputs():
+    z = torch.randn(100)
+    z[17] = float("nan")
+    assert torch.isnan(ops.quantiles(z, [0.5, 0.9])).all()
+    with pytest.raises(RuntimeError, match=r"in \[0, 1\]"):
+        ops.quantiles(torch.randn(10), [0.5, 1.5])
+    with pytest.raises(RuntimeError, match="non-empty"):
+        ops.quantiles(torch.empty(0), [0.5])
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        ops.quantiles(torch.arange(10), [0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# STARS loss
+
+
+def _fused_inputs(z_teacher, quantiles, weights, lambda_rca, lambda_tar, normalize, eps=1e-12):
+    """The op's per-layer constants, built the way the reference defines them."""
+    thetas, shifts, scales = [], [], []
+    for zt in z_teacher:
+        shift, scale = 0.0, 1.0
+        if normalize:
+            shift = zt.mean().item()
+            scale = 1.0 / max(zt.std(correction=0).item(), eps)
+        zn = (zt - shift) * scale
+        thetas.append(torch.quantile(zn.flatten(), torch.tensor(quantiles, dtype=zt.dtype)))
+        shifts.append(shift)
+        scales.append(scale)
+    w = [1.0] * len(z_teacher) if weights is None else weights
+    coef_rca = [lambda_rca * wi / sum(w) for wi in w]
+    coef_tar = [lambda_tar * wi / sum(w) for wi in w]
+    return thetas, shifts, scales, coef_rca, coef_tar
+
+
+STARS_CASES = [  # (B, teacher channels, student channels, quantiles, weights, normalize)
+    (2, [3], [5], [0.6, 0.9], None, False),
+    (33, [8, 16], [12, 16], [0.6, 0.7, 0.8, 0.9, 0.95], [1.0, 2.0], True),
+    (33, [5, 9, 7], [6, 9, 4], [0.5, 0.8, 0.95], None, False),
+    (33, [8, 16, 12, 10], [12, 16, 8, 10], [0.6, 0.7, 0.8, 0.9, 0.95], [1.0, 1.0, 2.0, 0.5], True),
+    (256, [24, 48], [32, 48], [0.7, 0.9, 0.95, 0.99], None, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(STARS_CASES)))
+def test_stars_loss_matches_reference(case, dtype):
+    B, ct, cs, quantiles, weights, normalize = STARS_CASES[case]
+    gen = torch.Generator().manual_seed(case)
+    z_teacher = [(torch.randn(B, c, generator=gen, dtype=dtype) * 1.5 + 0.3) for c in ct]
+    z_student = [(torch.randn(B, c, generator=gen, dtype=dtype) + 0.1 * i) for i, c in enumerate(cs)]
+    z_student[0][0] = 0.0  # a row of zeros: the eps clamp of the norm, no NaN
+    lambda_rca, lambda_tar = 1.0, 0.7
+    thetas, shifts, scales, coef_rca, coef_tar = _fused_inputs(z_teacher, quantiles, weights, lambda_rca, lambda_tar,
+                                                               normalize)
+    total, parts, grad_t, grad_s = ops.stars_loss_fused(z_teacher, z_student, thetas, shifts, scales, coef_rca,
+                                                        coef_tar, 0.5, 1e-12)
+
+    zt_ref = [z.clone().requires_grad_(True) for z in z_teacher]
+    zs_ref = [z.clone().requires_grad_(True) for z in z_student]
+    kwargs = dict(quantiles=quantiles, lambda_rca=lambda_rca, lambda_tar=lambda_tar,
+                  normalize="teacher" if normalize else None)
+    ref_total, _, _ = R.stars_loss(zt_ref, zs_ref, weights=weights, **kwargs)
+    ref_grads = torch.autograd.grad(ref_total, zt_ref + zs_ref)
+    ref_parts = []
+    for zt, zs in zip(z_teacher, z_student):
+        _, rca, tar = R.stars_loss([zt], [zs], lambda_rca=1.0, lambda_tar=1.0, quantiles=quantiles,
+                                   normalize=kwargs["normalize"])
+        ref_parts.append([rca.item(), tar.item()])
+
+    tol = dict(rtol=2e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-13)
+    assert total.dtype == dtype and parts.dtype == dtype and total.dim() == 0 and parts.shape == (len(ct), 2)
+    torch.testing.assert_close(total.double(), ref_total.detach().double(), **tol)
+    torch.testing.assert_close(parts.double(), torch.tensor(ref_parts, dtype=torch.float64), **tol)
+    for got, ref in zip(list(grad_t) + list(grad_s), ref_grads):
+        assert got.dtype == dtype and got.shape == ref.shape
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got, ref, rtol=tol["rtol"] * 10, atol=tol["rtol"] * scale)
+        assert torch.isfinite(got).all()
+
+
+def test_stars_loss_fixed_thresholds_and_half_inputs():
+    gen = torch.Generator().manual_seed(5)
+    zt = [torch.randn(16, 8, generator=gen)]
+    zs = [torch.randn(16, 12, generator=gen)]
+    thresholds = [-0.5, 0.0, 1.0]
+    total, _, grad_t, grad_s = ops.stars_loss_fused(zt, zs, [torch.tensor(thresholds)], [0.0], [1.0], [1.0], [1.0],
+                                                    0.5, 1e-12)
+    zt_ref = [z.clone().requires_grad_(True) for z in zt]
+    zs_ref = [z.clone().requires_grad_(True) for z in zs]
+    ref_total, _, _ = R.stars_loss(zt_ref, zs_ref, thresholds=thresholds)
+    ref_grads = torch.autograd.grad(ref_total, zt_ref + zs_ref)
+    torch.testing.assert_close(total, ref_total.detach(), rtol=2e-5, atol=1e-7)
+    for got, ref in zip(grad_t + grad_s, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    # bf16 features are computed in float32; the gradients come back in bf16
+    total_h, _, grad_th, _ = ops.stars_loss_fused([z.bfloat16() for z in zt], [z.bfloat16() for z in zs],
+                                                  [torch.tensor(thresholds)], [0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    assert grad_th[0].dtype == torch.bfloat16
+    assert math.isclose(total_h.item(), total.item(), rel_tol=5e-2)
+
+
+def test_stars_loss_nan_propagates():
+    zt = [torch.randn(4, 3)]
+    zs = [torch.randn(4, 3)]
+    zs[0][1, 2] = float("nan")
+    total, _, _, _ = ops.stars_loss_fused(zt, zs, [torch.tensor([0.0])], [0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    assert torch.isnan(total)
+
+
+def test_stars_loss_bad_inputs():
+    th = [torch.tensor([0.0, 1.0])]
+    one = [1.0]
+
+    def call(zt, zs, thetas=th, shift=[0.0], scale=one, c_rca=one, c_tar=one):
+        return ops.stars_loss_fused(zt, zs, thetas, shift, scale, c_rca, c_tar, 0.5, 1e-12)
+
+    with pytest.raises(RuntimeError, match="at least 2"):
+        call([torch.randn(1, 4)], [torch.randn(1, 4)])
+    with pytest.raises(RuntimeError, match="teacher batch 4 != student batch 5"):
+        call([torch.randn(4, 4)], [torch.randn(5, 4)])
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        call([torch.randn(4, 4)] * 2, [torch.randn(4, 4)])
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        call([torch.randn(4, 4)], [torch.randn(4, 4)], c_tar=[1.0, 1.0])
+    with pytest.raises(RuntimeError, match="2-D"):
+        call([torch.randn(4, 4, 1)], [torch.randn(4, 4)])
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        call([torch.ones(4, 4, dtype=torch.int64)], [torch.randn(4, 4)])
+    with pytest.raises(RuntimeError, match="non-empty 1-D"):
+        call([torch.randn(4, 4)], [torch.randn(4, 4)], thetas=[torch.empty(0)])

@@ -1,0 +1,349 @@
+"""The Triton kernels (stars_fast.kernels) under Triton's interpreter, against stars_fast.reference.
+
+@triton.jit reads TRITON_INTERPRET when a kernel is defined, so it is set at the very top, before
+anything imports the kernels. If they were defined earlier without it (for a GPU), the tests are
+skipped: run this file on its own. The launchers are called directly, on CPU tensors.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+import itertools  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("stars_fast") is None:
+    sys.path.insert(0, str(ROOT))
+
+from stars_fast import reference  # noqa: E402
+
+
+def _import_kernels():
+    """stars_fast.kernels, or, in a source checkout without `pip install -e .`, kernels/ under that name."""
+    try:
+        import stars_fast.kernels as kernels
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "stars_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["stars_fast.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+    return kernels
+
+
+kernels = _import_kernels()
+lif_kernels = sys.modules["stars_fast.kernels.lif"]
+
+pytestmark = pytest.mark.skipif(
+    not isinstance(lif_kernels._lif_fwd_kernel, InterpretedFunction),
+    reason="stars_fast.kernels was imported before TRITON_INTERPRET=1 was set; run this file on its own")
+
+SURROGATES = ("sigmoid", "atan", "triangle")
+NEURONS = [  # (leaky, v_reset, decay_input); v_reset None is soft reset
+    (True, 0.0, True), (True, 0.0, False), (True, -0.5, True), (True, -0.5, False),
+    (True, None, True), (True, None, False), (False, 0.0, True), (False, -0.5, True), (False, None, True)]
+INV_TAU = 0.6
+
+
+def _neuron_cases():
+    """Every neuron x surrogate x spiking combination; the other options cycle with the case index."""
+    cases = []
+    for k, ((leaky, v_reset, decay), surrogate, spiking) in enumerate(
+            itertools.product(NEURONS, SURROGATES, (True, False))):
+        opts = dict(leaky=leaky, v_reset=v_reset, decay_input=decay, surrogate=surrogate, spiking=spiking,
+                    detach_reset=(k // 2) % 2 == 1, T=(3, 1, 3)[k % 3], N=(37, 300, 1, 37)[k % 4],
+                    v_init=k % 5 != 4, grad_v_last=k % 7 != 6, need_inv_tau_grad=k % 3 != 2)
+        name = (f"{'lif' if leaky else 'if'}-{'soft' if v_reset is None else f'hard{v_reset}'}-"
+                f"{'decay' if decay else 'nodecay'}-{surrogate}-{'spike' if spiking else 'smooth'}")
+        cases.append(pytest.param(opts, id=name))
+    return cases
+
+
+def _neuron_inputs(opts, dtype):
+    g = torch.Generator().manual_seed(opts["T"] * 1000 + opts["N"])
+    T, N = opts["T"], opts["N"]
+    x = (torch.randn(T, N, generator=g) * 1.5 + 0.4).to(dtype)
+    v_init = (torch.randn(N, generator=g) * 0.5).to(dtype) if opts["v_init"] else None
+    grad_spikes = torch.randn(T, N, generator=g).to(dtype)
+    grad_v_last = torch.randn(N, generator=g).to(dtype) if opts["grad_v_last"] else None
+    return x, v_init, grad_spikes, grad_v_last
+
+
+def _triton_neuron(opts, x, v_init, grad_spikes, grad_v_last):
+    """(spikes, v_last, grad_x, grad_v_init, grad_inv_tau summed) from the two launchers."""
+    surrogate = SURROGATES.index(opts["surrogate"])
+    alpha = reference.SURROGATE_DEFAULT_ALPHA[opts["surrogate"]]
+    inv_tau = torch.tensor([INV_TAU])
+    common = (opts["leaky"], 1.0, opts["v_reset"], opts["decay_input"], surrogate, alpha, opts["spiking"])
+    spikes, v_last = kernels.lif_forward(x, v_init, inv_tau, *common)
+    grad_x, grad_v_init, grad_inv_tau = kernels.lif_backward(
+        grad_spikes, grad_v_last, x, v_init, inv_tau, *common, opts["detach_reset"], opts["need_inv_tau_grad"])
+    assert spikes.dtype == v_last.dtype == grad_x.dtype == grad_v_init.dtype == x.dtype
+    assert grad_v_init.shape == (x.shape[1],)
+    if opts["need_inv_tau_grad"]:
+        assert grad_inv_tau.shape == (x.shape[1],) and grad_inv_tau.dtype == torch.float32
+        grad_inv_tau = grad_inv_tau.sum()
+    else:
+        assert grad_inv_tau.numel() == 0
+        grad_inv_tau = None
+    return spikes, v_last, grad_x, grad_v_init, grad_inv_tau
+
+
+def _reference_neuron(opts, x, v_init, grad_spikes, grad_v_last):
+    """The same five results from reference.multistep_neuron and autograd (in x's dtype)."""
+    x = x.clone().requires_grad_()
+    inv_tau = torch.tensor([INV_TAU], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                           requires_grad=True)
+    v_init = v_init.clone().requires_grad_() if v_init is not None else None
+    spikes, v_last = reference.multistep_neuron(
+        x, inv_tau, leaky=opts["leaky"], v_reset=opts["v_reset"], decay_input=opts["decay_input"],
+        detach_reset=opts["detach_reset"], surrogate=opts["surrogate"], spiking=opts["spiking"], v_init=v_init)
+    loss = (spikes * grad_spikes).sum()
+    if grad_v_last is not None:
+        loss = loss + (v_last * grad_v_last).sum()
+    loss.backward()
+    grad_inv_tau = inv_tau.grad.sum() if inv_tau.grad is not None else torch.zeros(())
+    return (spikes.detach(), v_last.detach(), x.grad, v_init.grad if v_init is not None else None,
+            grad_inv_tau if opts["need_inv_tau_grad"] else None)
+
+
+def _assert_close_fp32(name, got, want):
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("opts", _neuron_cases())
+def test_lif_fp32_matches_reference(opts):
+    inputs = _neuron_inputs(opts, torch.float32)
+    got = _triton_neuron(opts, *inputs)
+    want = _reference_neuron(opts, *inputs)
+    if opts["spiking"]:
+        assert torch.equal(got[0], want[0]), "spikes differ from the reference"
+    else:
+        _assert_close_fp32("spikes", got[0], want[0])
+    for name, g, w in zip(("v_last", "grad_x", "grad_v_init", "grad_inv_tau"), got[1:], want[1:]):
+        if w is not None:
+            _assert_close_fp32(name, g, w)
+
+
+def test_lif_chunked_scan_matches_reference(monkeypatch):
+    """T longer than the steps held in registers: the backward replays the forward chunk by chunk."""
+    monkeypatch.setattr(lif_kernels, "_MAX_STEPS_IN_REGISTERS", 2)
+    for spiking in (True, False):
+        opts = dict(leaky=True, v_reset=None, decay_input=True, surrogate="atan", spiking=spiking, detach_reset=False,
+                    T=5, N=37, v_init=True, grad_v_last=True, need_inv_tau_grad=True)
+        inputs = _neuron_inputs(opts, torch.float32)
+        got, want = _triton_neuron(opts, *inputs), _reference_neuron(opts, *inputs)
+        for name, g, w in zip(("spikes", "v_last", "grad_x", "grad_v_init", "grad_inv_tau"), got, want):
+            _assert_close_fp32(name, g, w)
+
+
+def test_lif_several_programs():
+    """N spanning several program blocks, none of them full at the end."""
+    opts = dict(leaky=True, v_reset=0.0, decay_input=False, surrogate="sigmoid", spiking=True, detach_reset=False,
+                T=3, N=2500, v_init=True, grad_v_last=True, need_inv_tau_grad=True)
+    inputs = _neuron_inputs(opts, torch.float32)
+    got, want = _triton_neuron(opts, *inputs), _reference_neuron(opts, *inputs)
+    assert torch.equal(got[0], want[0])
+    for name, g, w in zip(("v_last", "grad_x", "grad_v_init", "grad_inv_tau"), got[1:], want[1:]):
+        _assert_close_fp32(name, g, w)
+
+
+def test_lif_spike_exactly_at_threshold():
+    """h == v_th exactly fires (Theta(0) = 1), and the backward's recompute sees the same spike."""
+    x = torch.tensor([[2.0, 1.0], [0.5, 2.0]])  # LIF, k = 1/2, v0 = 0: h[0] = (1.0, 0.5); IF: h[0] = (2.0, 1.0)
+    for leaky in (True, False):
+        inv_tau = torch.tensor([0.5])
+        spikes, v_last = kernels.lif_forward(x, None, inv_tau, leaky, 1.0, 0.0, True, 0, 4.0, True)
+        ref_spikes, ref_v = reference.multistep_neuron(x, 0.5, leaky=leaky, v_reset=0.0)
+        assert torch.equal(spikes, ref_spikes) and torch.equal(v_last, ref_v)
+        assert spikes[0].tolist() == ([1.0, 0.0] if leaky else [1.0, 1.0])
+        xr = x.clone().requires_grad_()
+        reference.multistep_neuron(xr, 0.5, leaky=leaky, v_reset=0.0)[0].sum().backward()
+        grad_x = kernels.lif_backward(torch.ones_like(x), None, x, None, inv_tau, leaky, 1.0, 0.0, True, 0, 4.0,
+                                      True, False, False)[0]
+        _assert_close_fp32("grad_x", grad_x, xr.grad)
+
+
+HALF_CASES = [
+    dict(leaky=True, v_reset=0.0, decay_input=True, surrogate="sigmoid", spiking=True, detach_reset=False),
+    dict(leaky=True, v_reset=None, decay_input=False, surrogate="triangle", spiking=True, detach_reset=True),
+    dict(leaky=False, v_reset=-0.5, decay_input=True, surrogate="atan", spiking=False, detach_reset=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", HALF_CASES, ids=["lif-hard-sigmoid", "lif-soft-triangle", "if-smooth-atan"])
+def test_lif_half_io(case, dtype):
+    """Half I/O: spikes equal to the reference on the same inputs; every other output within twice the
+    error that the reference itself makes in that dtype, both measured against a float64 reference."""
+    opts = dict(case, T=3, N=300, v_init=True, grad_v_last=True, need_inv_tau_grad=True)
+    x, v_init, grad_spikes, grad_v_last = _neuron_inputs(opts, dtype)
+    got = _triton_neuron(opts, x, v_init, grad_spikes, grad_v_last)
+    same = _reference_neuron(opts, x, v_init, grad_spikes, grad_v_last)
+    exact = _reference_neuron(opts, *(t.double() for t in (x, v_init, grad_spikes, grad_v_last)))
+    if opts["spiking"]:
+        assert torch.equal(got[0], same[0]), "spikes differ from the reference on the same half inputs"
+    names = ("spikes", "v_last", "grad_x", "grad_v_init", "grad_inv_tau")
+    for name, g, s, e in zip(names, got, same, exact):
+        err = (g.double() - e).abs().max().item()
+        ref_err = (s.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + 1e-12, f"{name}: error {err:.3g} vs the reference's own {ref_err:.3g}"
+
+
+def test_lif_bad_inputs():
+    x = torch.randn(3, 5)
+    k = torch.tensor([0.5])
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        kernels.lif_forward(x.double(), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(ValueError, match="v_init"):
+        kernels.lif_forward(x, torch.zeros(4), k, True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(ValueError, match="inv_tau"):
+        kernels.lif_forward(x, None, torch.tensor([0.5, 0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(ValueError, match="surrogate"):
+        kernels.lif_backward(x, None, x, None, k, True, 1.0, 0.0, True, 3, 4.0, True, False, False)
+    spikes, v_last = kernels.lif_forward(torch.empty(3, 0), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    assert spikes.shape == (3, 0) and v_last.shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+@pytest.mark.parametrize("shape", [(2, 37, 1), (3, 300, 7), (1, 5, 300)])
+def test_pool_mean(shape):
+    x = torch.randn(shape)
+    _assert_close_fp32("pool_mean", kernels.pool_mean(x), x.mean(dim=(0, 2)))
+
+
+def test_pool_mean_half_and_bad_inputs():
+    x = torch.randn(4, 33, 9).to(torch.bfloat16)
+    out = kernels.pool_mean(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, x.float().mean(dim=(0, 2)).to(torch.bfloat16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="empty"):
+        kernels.pool_mean(torch.randn(0, 3, 4))
+    with pytest.raises(ValueError, match=r"\[T, R, S\]"):
+        kernels.pool_mean(torch.randn(3, 4))
+
+
+# ------------------------------------------------------------------------------------------ STARS loss
+
+def _stars_inputs(batch, c_teacher, c_student, quantiles, normalize, seed=0):
+    """float64 features and the fused op's per-layer constants, computed as the op layer does."""
+    g = torch.Generator().manual_seed(seed)
+    zt = [torch.randn(batch, c, generator=g, dtype=torch.float64) * 1.7 + 0.3 for c in c_teacher]
+    zs = [torch.randn(batch, c, generator=g, dtype=torch.float64) for c in c_student]
+    thresholds, shift, scale = [], [], []
+    for z in zt:
+        mu, sd = (z.mean(), z.std(correction=0)) if normalize else (torch.tensor(0.0), torch.tensor(1.0))
+        shift.append(mu.item())
+        scale.append(1.0 / sd.item())
+        zn = (z - mu) / sd
+        thresholds.append(torch.quantile(zn.flatten(), torch.tensor(quantiles, dtype=torch.float64)).float())
+    return zt, zs, thresholds, shift, scale
+
+
+def _reference_stars(zt, zs, **kwargs):
+    """(total, d total/d zt, d total/d zs) from reference.stars_loss and autograd."""
+    zt = [z.clone().requires_grad_() for z in zt]
+    zs = [z.clone().requires_grad_() for z in zs]
+    total = reference.stars_loss(zt, zs, **kwargs)[0]
+    total.backward()
+    return total.detach(), [z.grad for z in zt], [z.grad for z in zs]
+
+
+STARS_CASES = [  # (B, teacher channels, student channels, quantiles, normalize, weights, (lambda_rca, lambda_tar))
+    pytest.param(2, [5], [3], (0.6, 0.9), False, None, (1.0, 1.0), id="B2-1layer"),
+    pytest.param(33, [20, 48], [40, 9], (0.6, 0.7, 0.8, 0.9, 0.95), True, [1.0, 2.0], (1.0, 1.0), id="B33-2layers"),
+    pytest.param(33, [16, 7, 24], [24, 30, 5], (0.5, 0.75, 0.95), False, [0.5, 1.0, 2.0], (0.3, 2.0),
+                 id="B33-3layers"),
+    pytest.param(17, [6, 5, 4, 3, 8], [3, 4, 5, 6, 2], (0.7, 0.9), True, None, (1.0, 1.0), id="B17-5layers-2launches"),
+]
+
+
+@pytest.mark.parametrize("batch, c_teacher, c_student, quantiles, normalize, weights, lambdas", STARS_CASES)
+def test_stars_loss_matches_reference(batch, c_teacher, c_student, quantiles, normalize, weights, lambdas):
+    zt, zs, thresholds, shift, scale = _stars_inputs(batch, c_teacher, c_student, quantiles, normalize)
+    w = weights or [1.0] * len(zt)
+    coef_rca = [lambdas[0] * wl / sum(w) for wl in w]
+    coef_tar = [lambdas[1] * wl / sum(w) for wl in w]
+    total, parts, grad_t, grad_s = kernels.stars_loss_fused(
+        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, coef_rca, coef_tar, 0.5, 1e-12)
+    assert total.shape == () and total.dtype == torch.float32 and parts.shape == (len(zt), 2)
+
+    common = dict(quantiles=quantiles, normalize="teacher" if normalize else None)
+    want, want_t, want_s = _reference_stars(zt, zs, weights=weights, lambda_rca=lambdas[0], lambda_tar=lambdas[1],
+                                            **common)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    for layer in range(len(zt)):
+        _, rca, tar = reference.stars_loss([zt[layer]], [zs[layer]], **common)
+        torch.testing.assert_close(parts[layer].double(), torch.stack([rca, tar]), rtol=1e-5, atol=1e-7)
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w_, rtol=1e-4, atol=1e-5 * w_.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_stars_loss_half_inputs(dtype):
+    """Loss and gradients within twice the reference's own error in that dtype (vs float64).
+
+    Fixed thresholds (torch.quantile has no half kernel), shared by both layers as in the reference.
+    """
+    zt, zs, _, _, _ = _stars_inputs(33, [24, 12], [10, 20], (0.5,), False, seed=1)
+    zt = [z.to(dtype) for z in zt]
+    zs = [z.to(dtype) for z in zs]
+    fixed = [0.2, 0.9, 1.6]
+    th = [torch.tensor(fixed)] * 2
+    total, _, grad_t, grad_s = kernels.stars_loss_fused(zt, zs, th, [0.0] * 2, [1.0] * 2, [0.5] * 2, [0.5] * 2,
+                                                        0.5, 1e-12)
+    assert all(g.dtype == dtype for g in grad_t + grad_s)
+    same = _reference_stars(zt, zs, thresholds=fixed)
+    exact = _reference_stars([z.double() for z in zt], [z.double() for z in zs], thresholds=fixed)
+    got = (total, grad_t, grad_s)
+    for name, g, s, e in zip(("total", "grad_teacher", "grad_student"), got, same, exact):
+        g, s, e = ([v] if torch.is_tensor(v) else v for v in (g, s, e))
+        for gl, sl, el in zip(g, s, e):
+            err = (gl.double() - el).abs().max().item()
+            ref_err = (sl.double() - el).abs().max().item()
+            assert err <= 2 * ref_err + 1e-12, f"{name}: error {err:.3g} vs the reference's own {ref_err:.3g}"
+
+
+def test_stars_loss_zero_rows_and_nan():
+    """Rows of zeros give a finite loss and gradients (as F.normalize's eps); NaN inputs give NaN."""
+    zt, zs, thresholds, shift, scale = _stars_inputs(4, [6], [5], (0.5, 0.9), False)
+    zt[0][1] = 0.0
+    zs[0][2] = 0.0
+    total, parts, grad_t, grad_s = kernels.stars_loss_fused(
+        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0], 0.5, 1e-12)
+    want, want_t, want_s = _reference_stars(zt, zs, quantiles=(0.5, 0.9))
+    assert torch.isfinite(total) and all(torch.isfinite(g).all() for g in grad_t + grad_s)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        torch.testing.assert_close(g.double(), w_, rtol=1e-4, atol=1e-5 * w_.abs().max().item())
+    zs[0][0, 0] = float("nan")
+    total = kernels.stars_loss_fused([z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale,
+                                     [1.0], [1.0], 0.5, 1e-12)[0]
+    assert torch.isnan(total)
+
+
+def test_stars_loss_bad_inputs():
+    z = torch.randn(4, 3)
+    th = [torch.tensor([0.5])]
+    args = ([0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernels.stars_loss_fused([z[:1]], [z[:1]], th, *args)
+    with pytest.raises(ValueError, match="same batch size"):
+        kernels.stars_loss_fused([z], [z[:3]], th, *args)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        kernels.stars_loss_fused([z, z], [z], th, *args)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.stars_loss_fused([z, z.half()], [z, z], th * 2, [0.0] * 2, [1.0] * 2, [1.0] * 2, [1.0] * 2, 0.5, 1e-12)
+    with pytest.raises(ValueError, match="threshold"):
+        kernels.stars_loss_fused([z], [z], [torch.empty(0)], *args)
