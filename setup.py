@@ -22,6 +22,16 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
 
 
+def _nvidia_wheel_includes():
+    """Header dirs of the CUDA libraries shipped as pip wheels with torch (cuBLAS, cuSPARSE, ...): ATen's CUDA
+    headers include them, and a bare CUDA toolkit may not have them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(str(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "*", "include")))
+
+
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
@@ -29,7 +39,8 @@ def _extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
-            "stars_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"], "nvcc": nvcc},
+            "stars_fast._C", sources, include_dirs=_nvidia_wheel_includes(),
+            extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"], py_limited_api=False)
     return cpp_extension.CppExtension(
         "stars_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

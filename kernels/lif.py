@@ -275,7 +275,7 @@ def lif_forward(
     v_init = v_init.contiguous() if v_init is not None else None
     grid = (triton.cdiv(N, _FWD_BLOCK),)
     torch.library.wrap_triton(_lif_fwd_kernel)[grid](
-        x, v_init if v_init is not None else x, inv_tau, spikes, v_last,
+        x, v_init, inv_tau, spikes, v_last,
         T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha),
         HAS_V_INIT=v_init is not None, LEAKY=bool(leaky), HARD_RESET=v_reset is not None,
         DECAY_INPUT=bool(decay_input), SURROGATE=int(surrogate), SPIKING=bool(spiking),
@@ -309,8 +309,7 @@ def lif_backward(
     v_init = v_init.contiguous() if v_init is not None else None
     steps, block = _steps(T)
     torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
-        grad_spikes, grad_v_last if grad_v_last is not None else x, x, v_init if v_init is not None else x,
-        inv_tau, grad_x, grad_v_init, grad_inv_tau if need_inv_tau_grad else grad_v_init,
+        grad_spikes, grad_v_last, x, v_init, inv_tau, grad_x, grad_v_init, grad_inv_tau if need_inv_tau_grad else None,
         T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha),
         HAS_GRAD_V_LAST=grad_v_last is not None, HAS_V_INIT=v_init is not None, LEAKY=bool(leaky),
         HARD_RESET=v_reset is not None, DECAY_INPUT=bool(decay_input), SURROGATE=int(surrogate),

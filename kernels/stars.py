@@ -177,14 +177,15 @@ def _stars_grad_kernel(
     ct0, ct1, ct2, ct3, cs0, cs1, cs2, cs3, nm0, nm1, nm2, nm3,
     shift0, shift1, shift2, shift3, scale0, scale1, scale2, scale3,
     cr0, cr1, cr2, cr3, ctar0, ctar1, ctar2, ctar3,
-    E, ROW_STATS, RCA_PART, TAR_PART, PARTS, TOTAL, num_layers, B, delta,
+    E, ROW_STATS, RCA_PART, TAR_PART, PARTS, TOTAL, first_layer, num_layers, B, delta,
     ACCUMULATE: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
     NBP: tl.constexpr,
 ):
     """Pass 2 for rows i of one layer: both gradients; program (0, 0) also writes parts and total.
 
-    PARTS points at this launch's first layer. With ACCUMULATE, TOTAL already holds the loss of
-    the layers of earlier launches, and this launch adds its layers to it.
+    This launch covers layers first_layer .. first_layer + num_layers - 1 of PARTS [L, 2]. With
+    ACCUMULATE, TOTAL already holds the loss of the layers of earlier launches, and this launch adds
+    its layers to it.
     """
     slot = tl.program_id(0)
     blk = tl.program_id(1)
@@ -226,8 +227,8 @@ def _stars_grad_kernel(
                 d = _exceedance(TAR_PART, s, 0, B * _pick(s, cs0, cs1, cs2, cs3), nb, NBP, MP) \
                     - _exceedance(TAR_PART, s, 1, B * _pick(s, ct0, ct1, ct2, ct3), nb, NBP, MP)
                 tar = tl.sum(tl.where(m < n_m_s, d * d, 0.0), axis=0) / n_m_s
-                tl.store(PARTS + 2 * s, rca)
-                tl.store(PARTS + 2 * s + 1, tar)
+                tl.store(PARTS + 2 * (first_layer + s), rca)
+                tl.store(PARTS + 2 * (first_layer + s) + 1, tar)
                 total += _pick(s, cr0, cr1, cr2, cr3) * rca + _pick(s, ctar0, ctar1, ctar2, ctar3) * tar
         tl.store(TOTAL, total)
 
@@ -291,10 +292,10 @@ def _check_layers(z_teacher, z_student, thresholds, per_layer_floats) -> int:
     return b
 
 
-def _slots(values: Sequence, first: int) -> list:
-    """values[first : first + _SLOTS], padded to _SLOTS entries with values[first]."""
+def _slots(values: Sequence, first: int, pad=None) -> list:
+    """values[first : first + _SLOTS], padded to _SLOTS entries with values[first] or pad()."""
     chunk = list(values[first:first + _SLOTS])
-    return chunk + [chunk[0]] * (_SLOTS - len(chunk))
+    return chunk + [pad() if pad else chunk[0] for _ in range(_SLOTS - len(chunk))]
 
 
 def stars_loss_fused(
@@ -341,10 +342,12 @@ def stars_loss_fused(
             *stats_args, e, row_stats, rca_part, tar_part, b, float(delta), float(eps),
             BI=_BI, BP=bp, BK=bk, MP=mp, num_warps=num_warps)
         grad_args = [a for key in ("zt", "zs", "th") for a in per_layer[key]]
-        grad_args += _slots(grad_t, first) + _slots(grad_s, first)
+        # Outputs are padded with distinct dummies, never with a real output: a kernel argument
+        # passed twice and stored to would confuse torch.compile's functionalization of the launch.
+        grad_args += _slots(grad_t, first, lambda: zt[0].new_empty(1)) + _slots(grad_s, first, lambda: zs[0].new_empty(1))
         grad_args += [a for key in ("ct", "cs", "nm", "shift", "scale") for a in per_layer[key]]
         grad_args += _slots([float(v) for v in coef_rca], first) + _slots([float(v) for v in coef_tar], first)
         torch.library.wrap_triton(_stars_grad_kernel)[(layers, nb)](
-            *grad_args, e, row_stats, rca_part, tar_part, parts[first:], total, layers, b, float(delta),
+            *grad_args, e, row_stats, rca_part, tar_part, parts, total, first, layers, b, float(delta),
             ACCUMULATE=first > 0, BI=_BI, BP=bp, BK=bk, MP=mp, NBP=triton.next_power_of_2(nb), num_warps=num_warps)
     return total, parts, grad_t, grad_s

@@ -7,6 +7,7 @@
 // uniform run-time branches (the kernels are memory-bound). The backward recomputes h from x into
 // a per-thread array (local memory) for T <= kMaxLocalSteps, else into a [T, N] scratch buffer.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

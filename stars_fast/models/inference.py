@@ -39,7 +39,9 @@ def fold_bn(model: nn.Module) -> nn.Module:
     each activation less, forward and backward. It relies on the convention of this package's
     models: a BatchNorm2d registered right after a Conv2d in the same parent normalises that conv's
     output. Use it for the frozen student; teachers keep their BN layers for the BN-statistics hooks.
-    The original model is left untouched: refold after every update of its weights.
+    The original model is left untouched: refold after every update of its weights. On the CPU,
+    `fold_bn(student).to(memory_format=torch.channels_last)` is faster still (oneDNN convolutions;
+    the neurons take channels-last activations without a copy).
     """
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):

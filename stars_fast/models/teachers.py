@@ -6,10 +6,11 @@ load unchanged (see checkpoints.load_teacher):
 - resnet18, resnet34: the DAFL / Fast-Datafree CIFAR ResNet (datafree/models/classifiers/resnet.py):
   3x3 stem with 64 channels, no max-pool, stages of BasicBlocks at 64/128/256/512, global average pool.
   Names: conv1, bn1, layer{1..4}.{i}.conv1/bn1/conv2/bn2, layer{2,3,4}.0.shortcut.0/1, linear.
-- resnet19: the CIFAR ResNet-19 of tdBN / TET / MPBN (MPBN's ANN `resnet19_cifar`): 3x3 stem with
-  128 channels, [3, 3, 2] BasicBlocks at 128/256/512, one fc. Names: ... .downsample.0/1, fc.
+- resnet19: the CIFAR ResNet-19 of the SNN literature (tdBN, TET, MPBN), as MPBN's ANN
+  `resnet19_cifar`: 3x3 stem with 128 channels, [3, 3, 2] BasicBlocks at 128/256/512, one fc.
+  Names: conv1, bn1, layer{1..3}.{i}.conv1/bn1/conv2/bn2, layer{2,3}.0.downsample.0/1, fc.
 - resnet20: the classic CIFAR ResNet-20 of He et al. (16/32/64 channels, [3, 3, 3] BasicBlocks), as
-  RepDistiller's and Fast-Datafree's `resnet_tiny.resnet20`; names ... .downsample.0/1, fc. Its
+  RepDistiller's and Fast-Datafree's `resnet_tiny.resnet20`; names as resnet19. Its
   known accuracy (about 92 / 69 on CIFAR-10/100) matches the ResNet-20 teacher of the KDSNN / BKDSNN
   rows of the paper's Table 1 (91.77 / 68.40). Adaptive average pooling replaces its AvgPool2d(8)
   (identical at 32 px, and 64-px inputs work too).
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -125,7 +125,7 @@ class ResNet(TapNet):
 
 
 class ResNetCifar(ResNet):
-    """The same network under the names of RepDistiller / TET / MPBN (`downsample`, `fc`)."""
+    """The same network under the names of RepDistiller / MPBN (`downsample`, `fc`)."""
 
     shortcut_name = "downsample"
     head_name = "fc"

@@ -1,0 +1,386 @@
+// CUDA kernels of the STARS loss and its feature pooling (shared/DESIGN.md section 2.2); the math is
+// the same as csrc/stars_cpu.cpp:
+//   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                   (Eq. 12)
+//   quantiles          linear-interpolated quantiles of z.flatten() (a sort + gathers)
+//   stars_loss_fused   per layer, with u = z / max(||z||, eps) row-wise and z' = (z - shift) * scale:
+//       RCA  D = U_S U_S^T - U_T U_T^T = A A_neg^T with A = [U_S | U_T], A_neg = [U_S | -U_T] (cuBLAS),
+//            l_rca = sum_{i != j} D_ij^2 / (B (B - 1)),  [dl/dU_S | dl/dU_T] = E A_neg, E = 4 D (1 - I) / (B (B - 1))
+//       TAR  p^m = mean_{b,c} sigmoid((z' - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
+// All reductions are in a fixed order (per-row / per-block partials, no float atomics): deterministic.
+// Everything stays on the device: the losses are accumulated by a one-block kernel, no host sync.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace stars_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;  // complete in lane 0
+}
+
+// Sum over the block, complete in thread 0 (fixed order). `smem` holds kWarps values.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* smem) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read from a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += smem[w];
+  }
+  return total;
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp_acc(-x));
+}
+
+void check_float_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+int64_t grid_for(int64_t items_per_block_unit, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + items_per_block_unit - 1) / items_per_block_unit, 1 << 16));
+}
+
+// ---------------------------------------------------------------------------------------------
+// pool_mean: one warp per output row r, summing x[t, r, s] over (t, s).
+
+template <typename scalar_t>
+__global__ void pool_mean_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t T, int64_t R,
+                                 int64_t S) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32; r < R; r += warps_total) {
+    acc_t sum = 0;
+    for (int64_t j = lane; j < T * S; j += 32) {
+      const int64_t t = j / S, s = j - t * S;
+      sum += static_cast<acc_t>(x[(t * R + r) * S + s]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) out[r] = static_cast<scalar_t>(sum / static_cast<acc_t>(T * S));
+  }
+}
+
+at::Tensor pool_mean_cuda(const at::Tensor& x_in) {
+  check_float_cuda(x_in, "pool_mean", "x");
+  TORCH_CHECK(x_in.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), R = x.size(1), S = x.size(2);
+  TORCH_CHECK(T > 0 && S > 0, "pool_mean: cannot average over an empty T or S, got shape ", x.sizes());
+  at::Tensor out = at::empty({R}, x.options());
+  if (R == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mean_cuda", [&] {
+    pool_mean_kernel<scalar_t><<<grid_for(kWarps, R), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, R, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantiles: as torch.quantile(z.flatten(), q, interpolation='linear'): rank = q (n - 1),
+// lerp(sorted[floor rank], sorted[ceil rank], rank - floor rank); NaN anywhere -> NaN.
+
+at::Tensor quantiles_cuda(const at::Tensor& z, at::ArrayRef<double> q) {
+  check_float_cuda(z, "quantiles", "z");
+  TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
+  TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
+  for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::ScalarType acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor sorted = std::get<0>(at::sort(z.reshape(-1).to(acc)));
+  const int64_t n = sorted.numel(), M = static_cast<int64_t>(q.size());
+  std::vector<int64_t> lo(M), hi(M);
+  std::vector<double> w(M);
+  AT_DISPATCH_FLOATING_TYPES(acc, "quantiles_ranks", [&] {
+    for (int64_t i = 0; i < M; ++i) {  // ranks in the data's precision, as torch.quantile
+      const scalar_t rank = static_cast<scalar_t>(q[i]) * static_cast<scalar_t>(n - 1);
+      lo[i] = std::min(static_cast<int64_t>(rank), n - 1);
+      hi[i] = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
+      w[i] = static_cast<double>(rank - static_cast<scalar_t>(lo[i]));
+    }
+  });
+  const auto long_opts = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor below = sorted.index_select(0, at::tensor(lo, long_opts).to(z.device()));
+  const at::Tensor above = sorted.index_select(0, at::tensor(hi, long_opts).to(z.device()));
+  const at::Tensor weights = at::tensor(w, at::TensorOptions().dtype(at::kDouble)).to(z.device(), acc);
+  const at::Tensor result = at::lerp(below, above, weights);
+  // NaN sorts last: a NaN in z makes every quantile NaN.
+  const at::Tensor has_nan = sorted.select(0, n - 1).isnan();
+  return at::where(has_nan, at::full({}, std::numeric_limits<double>::quiet_NaN(), result.options()), result)
+      .to(z.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// stars_loss_fused
+
+// Row norms and u = z / max(||z||, eps) into columns [col, col + C) of A and (times sign) A_neg.
+// blockIdx.y: 0 student (col 0, sign +1), 1 teacher (col C_S, sign -1). One warp per row.
+template <typename acc_t>
+__global__ void normalize_rows_kernel(const acc_t* __restrict__ zs, const acc_t* __restrict__ zt, int64_t B,
+                                      int64_t Cs, int64_t Ct, acc_t eps, acc_t* __restrict__ A,
+                                      acc_t* __restrict__ A_neg, acc_t* __restrict__ norms) {
+  const bool teacher = blockIdx.y == 1;
+  const acc_t* z = teacher ? zt : zs;
+  const int64_t C = teacher ? Ct : Cs, K = Cs + Ct, col = teacher ? Cs : 0;
+  const acc_t sign = teacher ? acc_t(-1) : acc_t(1);
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32; i < B;
+       i += static_cast<int64_t>(gridDim.x) * kWarps) {
+    acc_t sq = 0;
+    for (int64_t c = lane; c < C; c += 32) sq += z[i * C + c] * z[i * C + c];
+    const acc_t norm = sqrt(__shfl_sync(0xffffffffu, warp_sum(sq), 0));
+    if (lane == 0) norms[blockIdx.y * B + i] = norm;
+    const acc_t denom = norm > eps ? norm : eps;
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t u = z[i * C + c] / denom;
+      A[i * K + col + c] = u;
+      A_neg[i * K + col + c] = sign * u;
+    }
+  }
+}
+
+// E <- 4 D (1 - I) / (B (B - 1)) in place, row_sq[i] = sum_{j != i} D_ij^2. One block per row.
+template <typename acc_t>
+__global__ void rca_scale_kernel(acc_t* __restrict__ E, int64_t B, acc_t e_scale, acc_t* __restrict__ row_sq) {
+  __shared__ acc_t smem[kWarps];
+  for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
+    acc_t sq = 0;
+    for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
+      const acc_t d = j == i ? acc_t(0) : E[i * B + j];
+      sq += d * d;
+      E[i * B + j] = d * e_scale;
+    }
+    const acc_t total = block_sum(sq, smem);
+    if (threadIdx.x == 0) row_sq[i] = total;
+  }
+}
+
+constexpr int kTarItems = 4;  // elements per thread per block of the TAR partial sums
+
+// partial[side, block, m] = sum over the block's elements of sigmoid(((z - shift) scale - theta_m) / delta).
+// blockIdx.y: 0 student, 1 teacher; each block covers a fixed range, so the sums are deterministic.
+template <typename acc_t>
+__global__ void tar_partial_kernel(const acc_t* __restrict__ zs, const acc_t* __restrict__ zt, int64_t ns,
+                                   int64_t nt, const acc_t* __restrict__ theta, int64_t M, acc_t shift, acc_t scale,
+                                   acc_t inv_delta, int64_t blocks_per_side, acc_t* __restrict__ partial) {
+  __shared__ acc_t smem[kWarps];
+  const bool teacher = blockIdx.y == 1;
+  const acc_t* z = teacher ? zt : zs;
+  const int64_t n = teacher ? nt : ns;
+  const int64_t e0 = blockIdx.x * static_cast<int64_t>(kThreads * kTarItems);
+  acc_t zn[kTarItems];
+  bool valid[kTarItems];
+  for (int r = 0; r < kTarItems; ++r) {
+    const int64_t e = e0 + r * kThreads + threadIdx.x;
+    valid[r] = e < n;
+    zn[r] = valid[r] ? (z[e] - shift) * scale : acc_t(0);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t sum = 0;
+    for (int r = 0; r < kTarItems; ++r) {
+      if (valid[r]) sum += sigmoid((zn[r] - theta[m]) * inv_delta);
+    }
+    const acc_t total = block_sum(sum, smem);
+    if (threadIdx.x == 0) partial[(blockIdx.y * blocks_per_side + blockIdx.x) * M + m] = total;
+  }
+}
+
+// One thread: p^m from the partials, l_rca, l_tar, the TAR weights w_m = 2 (p_S^m - p_T^m) / M,
+// parts[layer] and total += coef_rca l_rca + coef_tar l_tar (layers run in stream order).
+template <typename acc_t>
+__global__ void finalize_kernel(const acc_t* __restrict__ row_sq, int64_t B, const acc_t* __restrict__ partial,
+                                int64_t blocks_s, int64_t blocks_t, int64_t blocks_per_side, int64_t ns, int64_t nt,
+                                int64_t M, acc_t coef_rca, acc_t coef_tar, acc_t* __restrict__ w,
+                                acc_t* __restrict__ parts, acc_t* __restrict__ total) {
+  acc_t rca = 0;
+  for (int64_t i = 0; i < B; ++i) rca += row_sq[i];
+  rca /= static_cast<acc_t>(B) * static_cast<acc_t>(B - 1);
+  acc_t tar = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t ps = 0, pt = 0;
+    for (int64_t b = 0; b < blocks_s; ++b) ps += partial[b * M + m];
+    for (int64_t b = 0; b < blocks_t; ++b) pt += partial[(blocks_per_side + b) * M + m];
+    const acc_t d = ps / static_cast<acc_t>(ns) - pt / static_cast<acc_t>(nt);
+    tar += d * d;
+    w[m] = acc_t(2) * d / static_cast<acc_t>(M);
+  }
+  tar /= static_cast<acc_t>(M);
+  parts[0] = rca;
+  parts[1] = tar;
+  *total += coef_rca * rca + coef_tar * tar;
+}
+
+// d total / d z per row (one warp per row; blockIdx.y 0 student, 1 teacher):
+//   RCA  g = row i of G (dl/du), dz = (g - u (u . g)) / ||z_i|| (g / eps when ||z_i|| < eps)
+//   TAR  +- coef_tar scale / (delta B C) * sum_m w_m s_m (1 - s_m)
+template <typename acc_t>
+__global__ void gradient_kernel(const acc_t* __restrict__ zs, const acc_t* __restrict__ zt,
+                                const acc_t* __restrict__ A, const acc_t* __restrict__ G,
+                                const acc_t* __restrict__ norms, int64_t B, int64_t Cs, int64_t Ct, acc_t eps,
+                                const acc_t* __restrict__ theta, const acc_t* __restrict__ w, int64_t M,
+                                acc_t shift, acc_t scale, acc_t inv_delta, acc_t coef_rca, acc_t tar_chain,
+                                acc_t* __restrict__ grad_s, acc_t* __restrict__ grad_t) {
+  const bool teacher = blockIdx.y == 1;
+  const acc_t* z = teacher ? zt : zs;
+  acc_t* out = teacher ? grad_t : grad_s;
+  const int64_t C = teacher ? Ct : Cs, K = Cs + Ct, col = teacher ? Cs : 0;
+  const acc_t tar_coef = (teacher ? -tar_chain : tar_chain) / (static_cast<acc_t>(B) * static_cast<acc_t>(C));
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32; i < B;
+       i += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const acc_t* u = A + i * K + col;
+    const acc_t* g = G + i * K + col;
+    acc_t dot = 0;
+    for (int64_t c = lane; c < C; c += 32) dot += u[c] * g[c];
+    dot = __shfl_sync(0xffffffffu, warp_sum(dot), 0);
+    const acc_t norm = norms[blockIdx.y * B + i];
+    const bool clamped = norm < eps;
+    const acc_t proj = clamped ? acc_t(0) : dot;
+    const acc_t inv_norm = acc_t(1) / (clamped ? eps : norm);
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t zn = (z[i * C + c] - shift) * scale;
+      acc_t tar = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t s = sigmoid((zn - theta[m]) * inv_delta);
+        tar += w[m] * (s * (acc_t(1) - s));
+      }
+      out[i * C + c] = coef_rca * ((g[c] - u[c] * proj) * inv_norm) + tar_coef * tar;
+    }
+  }
+}
+
+template <typename acc_t>
+void stars_layer_cuda(const at::Tensor& zt_in, const at::Tensor& zs_in, const at::Tensor& theta_in, double shift,
+                      double scale, double coef_rca, double coef_tar, double delta, double eps, acc_t* parts,
+                      acc_t* total, at::Tensor& grad_t_out, at::Tensor& grad_s_out) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor zt = zt_in.to(acc).contiguous(), zs = zs_in.to(acc).contiguous();
+  const int64_t B = zt.size(0), Ct = zt.size(1), Cs = zs.size(1), K = Cs + Ct;
+  const int64_t ns = B * Cs, nt = B * Ct;
+  const auto opts = zt.options();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor theta = theta_in.to(zt.device(), acc).contiguous();
+  const int64_t M = theta.numel();
+
+  at::Tensor A = at::empty({B, K}, opts), A_neg = at::empty({B, K}, opts), norms = at::empty({2, B}, opts);
+  normalize_rows_kernel<acc_t><<<dim3(grid_for(kWarps, B), 2), kThreads, 0, stream>>>(
+      zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), B, Cs, Ct, static_cast<acc_t>(eps),
+      A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), norms.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor E = at::mm(A, A_neg.t());
+  at::Tensor row_sq = at::empty({B}, opts);
+  const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
+  rca_scale_kernel<acc_t><<<grid_for(1, B), kThreads, 0, stream>>>(E.data_ptr<acc_t>(), B,
+                                                                  static_cast<acc_t>(4.0 / pairs),
+                                                                  row_sq.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor G = at::mm(E, A_neg);
+
+  const int64_t per_block = kThreads * kTarItems;
+  const int64_t blocks_s = (ns + per_block - 1) / per_block, blocks_t = (nt + per_block - 1) / per_block;
+  const int64_t blocks_per_side = std::max(blocks_s, blocks_t);
+  at::Tensor partial = at::zeros({2 * blocks_per_side, M}, opts);
+  const acc_t shift_a = static_cast<acc_t>(shift), scale_a = static_cast<acc_t>(scale);
+  const acc_t inv_delta = static_cast<acc_t>(1.0 / delta);
+  tar_partial_kernel<acc_t><<<dim3(blocks_per_side, 2), kThreads, 0, stream>>>(
+      zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), ns, nt, theta.const_data_ptr<acc_t>(), M, shift_a,
+      scale_a, inv_delta, blocks_per_side, partial.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor w = at::empty({M}, opts);
+  finalize_kernel<acc_t><<<1, 1, 0, stream>>>(row_sq.const_data_ptr<acc_t>(), B, partial.const_data_ptr<acc_t>(),
+                                              blocks_s, blocks_t, blocks_per_side, ns, nt, M,
+                                              static_cast<acc_t>(coef_rca), static_cast<acc_t>(coef_tar),
+                                              w.data_ptr<acc_t>(), parts, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor grad_t = at::empty({B, Ct}, opts), grad_s = at::empty({B, Cs}, opts);
+  gradient_kernel<acc_t><<<dim3(grid_for(kWarps, B), 2), kThreads, 0, stream>>>(
+      zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), G.const_data_ptr<acc_t>(),
+      norms.const_data_ptr<acc_t>(), B, Cs, Ct, static_cast<acc_t>(eps), theta.const_data_ptr<acc_t>(),
+      w.const_data_ptr<acc_t>(), M, shift_a, scale_a, inv_delta, static_cast<acc_t>(coef_rca),
+      static_cast<acc_t>(coef_tar * scale / delta), grad_s.data_ptr<acc_t>(), grad_t.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad_t_out = grad_t.to(zt_in.scalar_type());
+  grad_s_out = grad_s.to(zs_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stars_loss_fused_cuda(
+    at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
+    at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
+    double eps) {
+  const size_t L = z_teacher.size();
+  TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
+  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
+                  coef_rca.size() == L && coef_tar.size() == L,
+              "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
+              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
+              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
+  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
+  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
+  bool any_fp64 = false;
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
+    check_float_cuda(zt, "stars_loss_fused", "z_teacher[l]");
+    check_float_cuda(zs, "stars_loss_fused", "z_student[l]");
+    TORCH_CHECK(zt.device() == z_teacher[0].device() && zs.device() == zt.device(), "stars_loss_fused: layer ", l,
+                ": all features must be on one device");
+    TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
+                ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
+    TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
+                " != student batch ", zs.size(0));
+    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
+                zt.size(0));
+    TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
+    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
+                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
+    any_fp64 = any_fp64 || zt.scalar_type() == at::kDouble || zs.scalar_type() == at::kDouble;
+  }
+  const c10::cuda::CUDAGuard guard(z_teacher[0].device());
+  // total and parts: float64 when any input is float64, else float32 (as the CPU kernel).
+  const at::ScalarType out_dtype = any_fp64 ? at::kDouble : at::kFloat;
+  const auto opts = z_teacher[0].options().dtype(out_dtype);
+  at::Tensor total = at::zeros({}, opts);
+  at::Tensor parts = at::empty({static_cast<int64_t>(L), 2}, opts);
+  std::vector<at::Tensor> grad_teacher(L), grad_student(L);
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "stars_loss_fused_cuda", [&] {
+    using acc_t = scalar_t;
+    for (size_t l = 0; l < L; ++l) {
+      stars_layer_cuda<acc_t>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
+                              coef_tar[l], delta, eps, parts.data_ptr<acc_t>() + 2 * l, total.data_ptr<acc_t>(),
+                              grad_teacher[l], grad_student[l]);
+    }
+  });
+  return {total, parts, grad_teacher, grad_student};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stars_fast, CUDA, m) {
+  m.impl("pool_mean", &pool_mean_cuda);
+  m.impl("quantiles", &quantiles_cuda);
+  m.impl("stars_loss_fused", &stars_loss_fused_cuda);
+}
+
+}  // namespace stars_fast
