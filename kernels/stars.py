@@ -73,7 +73,7 @@ def _gram_rows(Z, C, B, i, j, TH, M, shift, scale, delta, BK: tl.constexpr, MP: 
         sq_i += tl.sum(zi * zi, axis=1)
         zn = (zi - shift) * scale
         for mm in range(M):
-            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid, written out: tl.sigmoid is a nested @jit call
+            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
             tar = tl.where(m == mm, tar + tl.sum(tl.where(in_i, sig, 0.0)), tar)
     return gram, sq_j, sq_i, tar
 
@@ -164,7 +164,7 @@ def _write_grad(Z, G, C, B, i, j, e, m_j, m_i, dot_i, sign, coef_rca, tar_coef, 
         zn = (zi - shift) * scale
         d_tar = tl.zeros(zi.shape, tl.float32)
         for mm in range(M):
-            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid, written out: tl.sigmoid is a nested @jit call
+            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
             d_tar += tl.sum(tl.where(m == mm, diff, 0.0)) * (sig * (1.0 - sig))
         grad = coef_rca * d_rca + tar_coef * d_tar
         tl.store(G + rows_i + cols[None, :], grad.to(G.dtype.element_ty), mask=in_i)
@@ -220,7 +220,7 @@ def _stars_grad_kernel(
     if (slot == 0) & (blk == 0):
         total = tl.load(TOTAL) if ACCUMULATE else 0.0
         blks = tl.arange(0, NBP)
-        for s in tl.static_range(4):
+        for s in tl.static_range(4):  # the _SLOTS layers of this launch
             if s < num_layers:
                 rca = tl.sum(tl.load(RCA_PART + s * nb + blks, mask=blks < nb, other=0.0), axis=0)
                 n_m_s = _pick(s, nm0, nm1, nm2, nm3)
@@ -344,7 +344,8 @@ def stars_loss_fused(
         grad_args = [a for key in ("zt", "zs", "th") for a in per_layer[key]]
         # Outputs are padded with distinct dummies, never with a real output: a kernel argument
         # passed twice and stored to would confuse torch.compile's functionalization of the launch.
-        grad_args += _slots(grad_t, first, lambda: zt[0].new_empty(1)) + _slots(grad_s, first, lambda: zs[0].new_empty(1))
+        grad_args += _slots(grad_t, first, pad=lambda: zt[0].new_empty(1))
+        grad_args += _slots(grad_s, first, pad=lambda: zs[0].new_empty(1))
         grad_args += [a for key in ("ct", "cs", "nm", "shift", "scale") for a in per_layer[key]]
         grad_args += _slots([float(v) for v in coef_rca], first) + _slots([float(v) for v in coef_tar], first)
         torch.library.wrap_triton(_stars_grad_kernel)[(layers, nb)](

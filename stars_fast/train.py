@@ -55,7 +55,7 @@ DEFAULTS: Dict[str, object] = {
     "lr": 0.1, "lr_g": 0.1, "weight_decay": 1e-4,
     "g_steps": 40, "kd_steps": 40, "ep_steps": 40,
     "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "memory_size": 51200,
-    "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 1,
+    "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 0,
     "out": None, "resume": False, "progress": True,
 }
 
@@ -67,7 +67,7 @@ def _deepinv_preset(dataset: str, teacher: str, student: str) -> Dict[str, objec
             "batch_size": 256, "synthesis_batch_size": 256, "lr": 0.1, "lr_g": 0.1,
             "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "seed": 0,
             "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES),
-            "delta": 0.5, "memory_size": 200 * 256, "threads": 0}
+            "delta": 0.5, "memory_size": 200 * 256}
 
 
 PAIRS = (("vgg16", "s_vgg16"), ("resnet34", "s_resnet18"), ("resnet19", "s_resnet19"))
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(group, *flags, help, **kwargs):
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
         default = DEFAULTS.get(dest)
-        if default is not None and kwargs.get("action") not in ("store_true",):
+        if default is not None and kwargs.get("action") not in ("store_true", "store_false"):
             help += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
         group.add_argument(*flags, help=help, **kwargs)
 
@@ -152,11 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend of the fused ops (neurons, STARS loss)")
     add(g, "--amp", action="store_true", help="bfloat16 autocast for the forward passes")
     add(g, "--threads", type=int,
-        help="CPU threads of PyTorch (0: its default). One is fastest for the small digits models, "
-             "and several threads slow down badly when other processes share the cores")
+        help="CPU threads of PyTorch; 0 picks 1 for digits (fastest for its small models, and safe on "
+             "shared cores, where several threads slow down badly) and PyTorch's default otherwise")
     add(g, "--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
     add(g, "--resume", action="store_true",
-        help="continue the run in --out from its checkpoint.pt up to --epochs (starts it if there is none)")
+        help="continue the run in --out from its checkpoint.pt up to --epochs, with the run's saved "
+             "configuration (flags given again override it); starts the run if there is no checkpoint")
     add(g, "--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
 
@@ -185,6 +186,8 @@ def _check_config(config: Dict[str, object]) -> None:
                 "memory_size"):
         if int(config[key]) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["threads"] < 0:
+        raise SystemExit(f"--threads must be >= 0, got {config['threads']}")
     if config["ep_steps"] < config["kd_steps"]:
         raise SystemExit(f"--ep-steps ({config['ep_steps']}) must be >= --kd-steps ({config['kd_steps']})")
     if config["dataset"] != "digits" and config["teacher_ckpt"] is None:
@@ -371,8 +374,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -> Dict[str, object]:
     out, progress = config["out"], config["progress"]
-    if config["threads"] > 0:
-        torch.set_num_threads(config["threads"])
+    threads = config["threads"] or (1 if config["dataset"] == "digits" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = resolve_device(config["device"])
     info = DATASETS[config["dataset"]]
     test_set = load_dataset(config["dataset"], "test", config["data_root"])

@@ -23,6 +23,7 @@ DIGITS = DATASETS["digits"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-size", "64",
             "--synthesis-batch-size", "64", "--lr", "0.5", "--bn", "1", "--no-progress"]
+SHORT_EPOCHS = TINY_RUN + ["--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]  # resuming need not learn
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +210,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
 def test_resume_after_sigkill_logs_every_epoch_once(teacher_cache, tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "4", "--out", out] + TINY_RUN,
+    proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "4", "--out", out] + SHORT_EPOCHS,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = os.path.join(out, "checkpoint.pt")
     deadline = time.time() + 120

@@ -1,12 +1,17 @@
-"""The Triton kernels (stars_fast.kernels) under Triton's interpreter, against stars_fast.reference.
+"""The Triton kernels (stars_fast.kernels) against stars_fast.reference, launchers called directly.
 
-@triton.jit reads TRITON_INTERPRET when a kernel is defined, so it is set at the very top, before
-anything imports the kernels. If they were defined earlier without it (for a GPU), the tests are
-skipped: run this file on its own. The launchers are called directly, on CPU tensors.
+Without a GPU they run under Triton's interpreter on CPU tensors. @triton.jit reads TRITON_INTERPRET
+when a kernel is defined, so it is set at the top, before anything imports the kernels (importing
+torch imports no Triton). If they were defined earlier without it, the tests are skipped: run this
+file on its own. With a GPU the same tests run the compiled kernels on CUDA tensors.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 import itertools  # noqa: E402
@@ -14,7 +19,6 @@ import pathlib  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -43,8 +47,18 @@ kernels = _import_kernels()
 lif_kernels = sys.modules["stars_fast.kernels.lif"]
 
 pytestmark = pytest.mark.skipif(
-    not isinstance(lif_kernels._lif_fwd_kernel, InterpretedFunction),
+    DEVICE == "cpu" and not isinstance(lif_kernels._lif_fwd_kernel, InterpretedFunction),
     reason="stars_fast.kernels was imported before TRITON_INTERPRET=1 was set; run this file on its own")
+
+
+def _dev(*tensors):
+    """The tensors on the kernels' device (None stays None)."""
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+def _cpu(*tensors):
+    return [t.cpu() if t is not None else None for t in tensors]
+
 
 SURROGATES = ("sigmoid", "atan", "triangle")
 NEURONS = [  # (leaky, v_reset, decay_input); v_reset None is soft reset
@@ -81,11 +95,11 @@ def _triton_neuron(opts, x, v_init, grad_spikes, grad_v_last):
     """(spikes, v_last, grad_x, grad_v_init, grad_inv_tau summed) from the two launchers."""
     surrogate = SURROGATES.index(opts["surrogate"])
     alpha = reference.SURROGATE_DEFAULT_ALPHA[opts["surrogate"]]
-    inv_tau = torch.tensor([INV_TAU])
+    x, v_init, grad_spikes, grad_v_last, inv_tau = _dev(x, v_init, grad_spikes, grad_v_last, torch.tensor([INV_TAU]))
     common = (opts["leaky"], 1.0, opts["v_reset"], opts["decay_input"], surrogate, alpha, opts["spiking"])
-    spikes, v_last = kernels.lif_forward(x, v_init, inv_tau, *common)
-    grad_x, grad_v_init, grad_inv_tau = kernels.lif_backward(
-        grad_spikes, grad_v_last, x, v_init, inv_tau, *common, opts["detach_reset"], opts["need_inv_tau_grad"])
+    spikes, v_last = _cpu(*kernels.lif_forward(x, v_init, inv_tau, *common))
+    grad_x, grad_v_init, grad_inv_tau = _cpu(*kernels.lif_backward(
+        grad_spikes, grad_v_last, x, v_init, inv_tau, *common, opts["detach_reset"], opts["need_inv_tau_grad"]))
     assert spikes.dtype == v_last.dtype == grad_x.dtype == grad_v_init.dtype == x.dtype
     assert grad_v_init.shape == (x.shape[1],)
     if opts["need_inv_tau_grad"]:
@@ -124,7 +138,7 @@ def _assert_within_reference_error(name, dtype, got, same, exact):
     got, same = got.double(), same.double()
     ref_err = (same - exact).abs().max()
     bound = 2 * ref_err + 1e-12
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
         bound = bound + torch.finfo(dtype).eps * torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 2)
     err = (got - exact).abs()
     assert (err <= bound).all(), f"{name}: error {err.max():.3g} vs the reference's own {ref_err:.3g}"
@@ -132,7 +146,8 @@ def _assert_within_reference_error(name, dtype, got, same, exact):
 
 def _assert_close_fp32(name, got, want):
     scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6 + 1e-5 * scale, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6 + 1e-5 * scale,
+                               msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("opts", _neuron_cases())
@@ -176,15 +191,15 @@ def test_lif_spike_exactly_at_threshold():
     """h == v_th exactly fires (Theta(0) = 1), and the backward's recompute sees the same spike."""
     x = torch.tensor([[2.0, 1.0], [0.5, 2.0]])  # LIF, k = 1/2, v0 = 0: h[0] = (1.0, 0.5); IF: h[0] = (2.0, 1.0)
     for leaky in (True, False):
-        inv_tau = torch.tensor([0.5])
-        spikes, v_last = kernels.lif_forward(x, None, inv_tau, leaky, 1.0, 0.0, True, 0, 4.0, True)
+        x_dev, inv_tau = _dev(x, torch.tensor([0.5]))
+        spikes, v_last = _cpu(*kernels.lif_forward(x_dev, None, inv_tau, leaky, 1.0, 0.0, True, 0, 4.0, True))
         ref_spikes, ref_v = reference.multistep_neuron(x, 0.5, leaky=leaky, v_reset=0.0)
         assert torch.equal(spikes, ref_spikes) and torch.equal(v_last, ref_v)
         assert spikes[0].tolist() == ([1.0, 0.0] if leaky else [1.0, 1.0])
         xr = x.clone().requires_grad_()
         reference.multistep_neuron(xr, 0.5, leaky=leaky, v_reset=0.0)[0].sum().backward()
-        grad_x = kernels.lif_backward(torch.ones_like(x), None, x, None, inv_tau, leaky, 1.0, 0.0, True, 0, 4.0,
-                                      True, False, False)[0]
+        grad_x = kernels.lif_backward(torch.ones_like(x_dev), None, x_dev, None, inv_tau, leaky, 1.0, 0.0, True, 0,
+                                      4.0, True, False, False)[0].cpu()
         _assert_close_fp32("grad_x", grad_x, xr.grad)
 
 
@@ -213,8 +228,7 @@ def test_lif_half_io(case, dtype):
 
 
 def test_lif_bad_inputs():
-    x = torch.randn(3, 5)
-    k = torch.tensor([0.5])
+    x, k = _dev(torch.randn(3, 5), torch.tensor([0.5]))
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         kernels.lif_forward(x.double(), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
     with pytest.raises(ValueError, match="v_init"):
@@ -223,7 +237,7 @@ def test_lif_bad_inputs():
         kernels.lif_forward(x, None, torch.tensor([0.5, 0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
     with pytest.raises(ValueError, match="surrogate"):
         kernels.lif_backward(x, None, x, None, k, True, 1.0, 0.0, True, 3, 4.0, True, False, False)
-    spikes, v_last = kernels.lif_forward(torch.empty(3, 0), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+    spikes, v_last = kernels.lif_forward(x[:, :0], None, k, True, 1.0, 0.0, True, 0, 4.0, True)
     assert spikes.shape == (3, 0) and v_last.shape == (0,)
 
 
@@ -232,22 +246,22 @@ def test_lif_bad_inputs():
 @pytest.mark.parametrize("shape", [(2, 37, 1), (3, 300, 7), (1, 5, 300)])
 def test_pool_mean(shape):
     x = torch.randn(shape)
-    _assert_close_fp32("pool_mean", kernels.pool_mean(x), x.mean(dim=(0, 2)))
+    _assert_close_fp32("pool_mean", kernels.pool_mean(x.to(DEVICE)).cpu(), x.mean(dim=(0, 2)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_pool_mean_half(dtype):
     x = torch.randn(4, 33, 9).to(dtype)
-    out = kernels.pool_mean(x)
+    out = kernels.pool_mean(x.to(DEVICE)).cpu()
     assert out.dtype == dtype
     _assert_within_reference_error("pool_mean", dtype, out, x.mean(dim=(0, 2)), x.double().mean(dim=(0, 2)))
 
 
 def test_pool_mean_bad_inputs():
     with pytest.raises(ValueError, match="empty"):
-        kernels.pool_mean(torch.randn(0, 3, 4))
+        kernels.pool_mean(torch.randn(0, 3, 4, device=DEVICE))
     with pytest.raises(ValueError, match=r"\[T, R, S\]"):
-        kernels.pool_mean(torch.randn(3, 4))
+        kernels.pool_mean(torch.randn(3, 4, device=DEVICE))
 
 
 # ------------------------------------------------------------------------------------------ STARS loss
@@ -271,6 +285,13 @@ def _stars_constants(zt, quantiles, normalize):
         zn = (z - mu) / sd
         thresholds.append(torch.quantile(zn.flatten(), torch.tensor(quantiles, dtype=torch.float64)).float())
     return thresholds, shift, scale
+
+
+def _fused_stars(zt, zs, thresholds, shift, scale, coef_rca, coef_tar):
+    """kernels.stars_loss_fused on the kernels' device (delta 0.5, eps 1e-12), results on the CPU."""
+    total, parts, grad_t, grad_s = kernels.stars_loss_fused(
+        _dev(*zt), _dev(*zs), _dev(*thresholds), shift, scale, coef_rca, coef_tar, 0.5, 1e-12)
+    return total.cpu(), parts.cpu(), _cpu(*grad_t), _cpu(*grad_s)
 
 
 def _reference_stars(zt, zs, **kwargs):
@@ -298,8 +319,8 @@ def test_stars_loss_matches_reference(batch, c_teacher, c_student, quantiles, no
     w = weights or [1.0] * len(zt)
     coef_rca = [lambdas[0] * wl / sum(w) for wl in w]
     coef_tar = [lambdas[1] * wl / sum(w) for wl in w]
-    total, parts, grad_t, grad_s = kernels.stars_loss_fused(
-        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, coef_rca, coef_tar, 0.5, 1e-12)
+    total, parts, grad_t, grad_s = _fused_stars(
+        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, coef_rca, coef_tar)
     assert total.shape == () and total.dtype == torch.float32 and parts.shape == (len(zt), 2)
 
     common = dict(quantiles=quantiles, normalize="teacher" if normalize else None)
@@ -325,8 +346,7 @@ def test_stars_loss_half_inputs(dtype):
     zs = [z.to(dtype) for z in zs]
     fixed = [0.2, 0.9, 1.6]
     th = [torch.tensor(fixed)] * 2
-    total, _, grad_t, grad_s = kernels.stars_loss_fused(zt, zs, th, [0.0] * 2, [1.0] * 2, [0.5] * 2, [0.5] * 2,
-                                                        0.5, 1e-12)
+    total, _, grad_t, grad_s = _fused_stars(zt, zs, th, [0.0] * 2, [1.0] * 2, [0.5] * 2, [0.5] * 2)
     assert all(g.dtype == dtype for g in grad_t + grad_s)
     same = _reference_stars(zt, zs, thresholds=fixed)
     exact = _reference_stars([z.double() for z in zt], [z.double() for z in zs], thresholds=fixed)
@@ -341,16 +361,15 @@ def test_stars_loss_zero_rows_and_nan():
     zt[0][1] = 0.0
     zs[0][2] = 0.0
     thresholds, shift, scale = _stars_constants(zt, (0.5, 0.9), False)
-    total, parts, grad_t, grad_s = kernels.stars_loss_fused(
-        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0], 0.5, 1e-12)
+    total, parts, grad_t, grad_s = _fused_stars(
+        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0])
     want, want_t, want_s = _reference_stars(zt, zs, quantiles=(0.5, 0.9))
     assert torch.isfinite(total) and all(torch.isfinite(g).all() for g in grad_t + grad_s)
     torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
     for g, w_ in zip(grad_t + grad_s, want_t + want_s):
         torch.testing.assert_close(g.double(), w_, rtol=1e-4, atol=1e-5 * w_.abs().max().item())
     zs[0][0, 0] = float("nan")
-    total = kernels.stars_loss_fused([z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale,
-                                     [1.0], [1.0], 0.5, 1e-12)[0]
+    total = _fused_stars([z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0])[0]
     assert torch.isnan(total)
 
 

@@ -5,17 +5,17 @@
     logits, taps = teacher(x, return_taps=True)    # taps: list of [B, C_l], one per stage
     frozen = fold_bn(student)                      # synthesis step: frozen, BN folded into the convs
 
-Default STARS layers (paper section 4; shared/DESIGN.md section 4): every stage output, taken
-before the activation - teacher pre-ReLU after BN and the residual add, student pre-LIF (the
-input of the stage's last neuron) - i.e. all taps of `model(x, return_taps=True)`, paired in
-order. Channel counts per tap:
+Default STARS layers (the paper leaves the set S open; shared/DESIGN.md section 4): the output of
+every stage, taken before the activation - teacher pre-ReLU after BN and the residual add,
+student pre-LIF (the input of the stage's last neuron) - i.e. all the taps of
+`model(x, return_taps=True)`, paired in order. Per pair (PAIRS), the tapped layers and channels:
 
-    pair (PAIRS)                     teacher taps (pre-ReLU)        student taps (pre-LIF)
-    vgg16     -> s_vgg16    block0..4 out: 64,128,256,512,512   block0..4 last BN: same
-    resnet34  -> s_resnet18 layer1..4 out: 64,128,256,512       layer1..4 last block: same
-    resnet19  -> s_resnet19 layer1..3 out: 128,256,512          same
-    resnet20  -> s_resnet20 layer1..3 out: 16,32,64             same
-    digits_cnn -> digits_snn stages.0..2 out: 16,32,64          same
+    teacher     student      tapped layers (both nets)              channels
+    vgg16       s_vgg16      block0..block4 output (its last BN)    64, 128, 256, 512, 512
+    resnet34    s_resnet18   layer1..layer4 output (last block)     64, 128, 256, 512
+    resnet19    s_resnet19   layer1..layer3 output (last block)     128, 256, 512
+    resnet20    s_resnet20   layer1..layer3 output (last block)     16, 32, 64
+    digits_cnn  digits_snn   stages.0..stages.2 output (BN)         16, 32, 64
 
 (The STARS loss accepts different teacher and student channel counts; these pairs happen to agree.)
 """
