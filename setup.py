@@ -34,7 +34,7 @@ def _nvidia_wheel_includes():
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
