@@ -372,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                                                    double alpha, bool spiking) {
   const Shape shape = check_neuron_inputs("lif_forward", x, v_init, inv_tau, surrogate, alpha);
   const double k = inv_tau.item<double>();
-  at::Tensor spikes = at::empty_like(x);
-  at::Tensor v_last = at::empty({shape.N}, x.options());
+  at::Tensor spikes = empty_output(x.sizes(), x.options());
+  at::Tensor v_last = empty_output({shape.N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(x.scalar_type()), "lif_forward", [&] {
     using acc_t = scalar_t;
     ForwardArgs<acc_t> args{shape.T,
@@ -418,9 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   TORCH_CHECK(leaky || !need_inv_tau_grad, "lif_backward: need_inv_tau_grad requires the leaky (LIF) neuron");
   const double k = inv_tau.item<double>();
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_v_init = at::empty({shape.N}, x.options());
-  at::Tensor grad_inv_tau = at::empty({need_inv_tau_grad ? shape.N : 0}, x.options().dtype(at::kFloat));
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
+  at::Tensor grad_v_init = empty_output({shape.N}, x.options());
+  at::Tensor grad_inv_tau = empty_output({need_inv_tau_grad ? shape.N : 0}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES(acc, "lif_backward", [&] {
     using acc_t = scalar_t;
     BackwardArgs<acc_t> args{shape.T,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import DatasetInfo, denormalize, normalize
 from .synthesis.base import random_crop_and_flip
 from .synthesis.memory import SyntheticMemory
-from .data import DatasetInfo, denormalize, normalize
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

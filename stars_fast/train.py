@@ -407,37 +407,15 @@ def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -
     # metrics.jsonl always agrees with the checkpoint: drop lines of an epoch the checkpoint lost
     _atomic_write(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
 
-    rounds = config["ep_steps"] // config["kd_steps"]
     started = time.time() - elapsed
     summary = _summary(config, teacher_acc, history, elapsed)
     epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", unit="epoch", disable=not progress,
                   initial=start_epoch, total=config["epochs"])
     for epoch in epochs:
-        epoch_start = time.time()
-        kd_on = epoch >= config["warmup"]
-        steps = tqdm(total=rounds * (config["g_steps"] + (config["kd_steps"] if kd_on else 0)), leave=False,
-                     desc=f"epoch {epoch + 1}", unit="step", disable=not progress)
-        kd_losses, synth_time = [], 0.0
-        for _ in range(rounds):
-            t0 = time.time()
-            result = synthesizer.synthesize(progress=steps)
-            synth_time += time.time() - t0
-            memory.add(result.images)
-            if kd_on:
-                kd_losses.append(distill_steps(student, teacher, memory, optimizer, steps=config["kd_steps"],
-                                               batch_size=config["batch_size"], temperature=config["kd_T"],
-                                               amp=config["amp"], progress=steps))
-        steps.close()
-        lr = optimizer.param_groups[0]["lr"]
-        if kd_on:
-            scheduler.step()
-        student_acc = evaluate(student, test_set, device=device, amp=config["amp"])
-        record = {"epoch": epoch + 1, "student_acc": student_acc,
-                  "kd_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **result.losses,
-                  "lr": lr, "memory_size": len(memory), "synthesis_time_s": round(synth_time, 3),
-                  "epoch_time_s": round(time.time() - epoch_start, 3)}
+        record, images = _train_epoch(epoch, config, teacher, student, synthesizer, memory, optimizer, scheduler,
+                                      test_set, device)
         history.append(record)
-        write_png(os.path.join(out, f"synthetic_epoch{epoch + 1:03d}.png"), image_grid(result.images, info))
+        write_png(os.path.join(out, f"synthetic_epoch{epoch + 1:03d}.png"), image_grid(images, info))
         elapsed = time.time() - started
         _save_checkpoint(out, config, epoch + 1, student, optimizer, scheduler, memory, device, history,
                          teacher_acc, elapsed)
@@ -445,13 +423,42 @@ def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -
             f.write(json.dumps(record) + "\n")
         summary = _summary(config, teacher_acc, history, elapsed)
         _write_json(os.path.join(out, "summary.json"), summary)
-        epochs.set_postfix(student_acc=f"{student_acc:.3f}", kd_loss=f"{record['kd_loss'] or 0:.3f}")
+        epochs.set_postfix(student_acc=f"{record['student_acc']:.3f}", kd_loss=f"{record['kd_loss'] or 0:.3f}")
     epochs.close()
     _write_json(os.path.join(out, "summary.json"), summary)
     print(f"teacher accuracy: {teacher_acc:.2%}  student accuracy: {summary['student_acc']:.2%}  "
           f"({config['dataset']} test split, {len(test_set)} images; {summary['epochs_completed']} epochs, "
           f"{summary['wall_time_s']:.0f} s; run folder {out})")
     return summary
+
+
+def _train_epoch(epoch: int, config, teacher, student, synthesizer, memory, optimizer, scheduler, test_set, device):
+    """Synthesis rounds, each followed by KD steps (after the warm-up), then evaluation.
+    Returns the metrics record of the epoch and the last synthesized batch."""
+    started = time.time()
+    kd_on = epoch >= config["warmup"]
+    rounds = config["ep_steps"] // config["kd_steps"]
+    steps = tqdm(total=rounds * (config["g_steps"] + (config["kd_steps"] if kd_on else 0)), leave=False,
+                 desc=f"epoch {epoch + 1}", unit="step", disable=not config["progress"])
+    kd_losses, synthesis_time = [], 0.0
+    for _ in range(rounds):
+        t0 = time.time()
+        result = synthesizer.synthesize(progress=steps)
+        synthesis_time += time.time() - t0
+        memory.add(result.images)
+        if kd_on:
+            kd_losses.append(distill_steps(student, teacher, memory, optimizer, steps=config["kd_steps"],
+                                           batch_size=config["batch_size"], temperature=config["kd_T"],
+                                           amp=config["amp"], progress=steps))
+    steps.close()
+    lr = optimizer.param_groups[0]["lr"]
+    if kd_on:
+        scheduler.step()
+    record = {"epoch": epoch + 1, "student_acc": evaluate(student, test_set, device=device, amp=config["amp"]),
+              "kd_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **result.losses,
+              "lr": lr, "memory_size": len(memory), "synthesis_time_s": round(synthesis_time, 3),
+              "epoch_time_s": round(time.time() - started, 3)}
+    return record, result.images
 
 
 def _save_checkpoint(out, config, epoch, student, optimizer, scheduler, memory, device, history, teacher_acc,

@@ -2,6 +2,7 @@
 the run-folder contract, and resuming after SIGKILL."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -226,3 +227,25 @@ def test_resume_after_sigkill_logs_every_epoch_once(teacher_cache, tmp_path):
     assert [r["epoch"] for r in _metrics(out)] == [1, 2, 3, 4]
     assert summary["epochs_completed"] == 4
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 4
+
+
+def test_cifar_run_with_a_checkpointed_teacher(tmp_path):
+    """The non-digits path: a CIFAR-10 folder, a teacher from --teacher-ckpt (Fast-Datafree format),
+    3-channel 32x32 synthesis with flips; a smoke run at toy sizes."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3, 4, 5]}, f)
+    teacher_path = str(tmp_path / "cifar10_resnet20.pth")
+    teacher = models.build_teacher("resnet20", 10)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in teacher.state_dict().items()}}, teacher_path)
+
+    out = str(tmp_path / "run")
+    summary = train.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--teacher", "resnet20",
+                          "--teacher-ckpt", teacher_path, "--student", "s_resnet20", "--T", "2", "--epochs", "1",
+                          "--g-steps", "2", "--kd-steps", "2", "--ep-steps", "2", "--batch-size", "4",
+                          "--synthesis-batch-size", "4", "--out", out, "--no-progress"])
+    assert summary["epochs_completed"] == 1 and 0.0 <= summary["student_acc"] <= 1.0
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert checkpoint["memory"]["images"].shape == (4, 3, 32, 32)

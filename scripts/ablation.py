@@ -1,0 +1,104 @@
+"""The STARS component ablation (the paper's Table 3) on the offline default, as a Markdown table.
+
+    python scripts/ablation.py ablation.md                    # 4 variants x 3 seeds of `python -m stars_fast.train`
+    python scripts/ablation.py ablation.md --quick            # the tiniest sizes: checks that it runs, not a result
+    python scripts/ablation.py ablation.md -- --method nayer  # flags after `--` go to every run
+
+Variants: BN-only (--no-stars), RCA only (--lambda-tar 0), TAR only (--lambda-rca 0), STARS (both
+terms). Each run is its own process with its own run folder under --runs; a finished run is
+reused and an interrupted one resumed, so the script can be stopped and started again. The table
+gives the final student top-1 accuracy and the wall time of each run as mean ± sample standard
+deviation over the seeds, and the command that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+VARIANTS = (
+    ("BN-only", ["--no-stars"]),
+    ("RCA only", ["--lambda-tar", "0"]),
+    ("TAR only", ["--lambda-rca", "0"]),
+    ("STARS", []),
+)
+QUICK = ["--epochs", "2", "--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_once(out: str, flags: List[str]) -> Dict:
+    """The summary.json of `python -m stars_fast.train --out OUT FLAGS`, reusing or resuming what is there."""
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary["epochs_completed"] == summary["config"]["epochs"]:
+            return summary
+    resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else []
+    command = [sys.executable, "-m", "stars_fast.train", "--out", out, "--no-progress", *resume, *flags]
+    print("$", shlex.join(command), flush=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(command, check=True, env=env)
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+def mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
+    lines = [
+        "| variant | flags | student top-1 (%) | per seed (%) | time per run (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        accs = row["accs"]
+        lines.append(f"| {row['name']} | `{shlex.join(row['flags']) or '(defaults)'}` | {mean_std(accs, 100)} | "
+                     f"{', '.join(f'{100 * a:.2f}' for a in accs)} | {mean_std(row['times'], digits=0)} |")
+    lines += ["", f"Teacher top-1: {100 * teacher_acc:.2f}%. Mean ± sample standard deviation over "
+              f"{len(rows[0]['accs'])} seeds. Produced by:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="the Markdown file to write")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each variant")
+    parser.add_argument("--runs", default=os.path.join("runs", "ablation"), help="folder of the run folders")
+    parser.add_argument("--quick", action="store_true", help=f"append {' '.join(QUICK)} (a smoke test)")
+    parser.add_argument("extra", nargs="*", help="flags passed to every run (after `--`)")
+    args = parser.parse_args(argv)
+    common = args.extra + (QUICK if args.quick else [])
+
+    rows, teacher_acc = [], None
+    for name, flags in VARIANTS:
+        row = {"name": name, "flags": flags, "accs": [], "times": []}
+        for seed in args.seeds:
+            tag = name.lower().replace(" ", "-")
+            summary = run_once(os.path.join(args.runs, f"{tag}-seed{seed}"), [*common, *flags, "--seed", str(seed)])
+            row["accs"].append(summary["student_acc"])
+            row["times"].append(summary["wall_time_s"])
+            teacher_acc = summary["teacher_acc"]
+        rows.append(row)
+
+    command = shlex.join(["python", "scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    text = markdown(rows, teacher_acc, command)
+    tmp = f"{args.output}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.output)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

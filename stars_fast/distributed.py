@@ -1,0 +1,148 @@
+"""Multi-process training: `torchrun --nproc_per_node N -m stars_fast.train ...`.
+
+torchrun starts N processes and sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous address);
+`setup` joins them into one process group: NCCL with one GPU per process (cuda:LOCAL_RANK) on GPUs,
+gloo on the CPU. How the driver splits the work:
+
+- synthesis: each rank synthesizes its share of the synthesis batch (synthesis batch / N images)
+  with its own random stream; the shares are all-gathered, so every rank's synthetic memory holds
+  the same images;
+- KD: the student is wrapped in DistributedDataParallel; each rank draws batch / N images from the
+  memory per step and the gradients are averaged; rank 0's BatchNorm statistics are broadcast to
+  the others before evaluating;
+- evaluation: each rank scores its slice of the test split and the counts are summed;
+- files: rank 0 alone writes the run folder; the per-rank state (random streams, synthesizer) is
+  gathered into rank 0's checkpoint, and each rank takes its own back on resume.
+
+Without torchrun (WORLD_SIZE unset or 1) the same calls run in the one process and do nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
+
+from .distill import evaluate
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among `world_size` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and shows progress."""
+        return self.rank == 0
+
+    def share(self, total: int, what: str) -> int:
+        """This rank's part of `total` (the same on every rank), or SystemExit when N does not divide it."""
+        if total % self.world_size:
+            raise SystemExit(f"{what} ({total}) must be a multiple of the number of processes ({self.world_size})")
+        return total // self.world_size
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's `tensor` (same shape on all ranks), concatenated along dim 0 in rank order."""
+        if not self.distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_to_main(self, obj) -> Optional[List]:
+        """[obj of rank 0, obj of rank 1, ...] on rank 0 and None elsewhere; `obj` holds tensors and
+        plain Python types only (it is read back with weights_only=True)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, weights_only=True)
+        return gathered
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (plain Python types)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, weights_only=True)
+        return box[0]
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over the ranks."""
+        if not self.distributed:
+            return value
+        total = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. fills a cache), the other ranks after it."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """`model` in DistributedDataParallel (gradients averaged over the ranks), or `model` itself."""
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, **kwargs) -> float:
+        """Top-1 accuracy on `dataset`, each rank scoring every N-th image (see distill.evaluate)."""
+        if not self.distributed:
+            return evaluate(model, dataset, device=self.device, **kwargs)
+        part = Subset(dataset, range(self.rank, len(dataset), self.world_size))
+        correct = round(evaluate(model, part, device=self.device, **kwargs) * len(part))
+        return self.sum(correct) / len(dataset)
+
+
+@contextlib.contextmanager
+def setup(device: torch.device) -> Iterator[Context]:
+    """The process group torchrun asked for (torn down on exit), or a one-process Context.
+
+    `device` is the one the user chose; under torchrun a GPU without an index becomes cuda:LOCAL_RANK.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        yield Context(device=device)
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None:
+            raise SystemExit(f"under torchrun pass --device cuda (or auto), not {device}: "
+                             "each process takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield Context(rank=rank, world_size=world_size, device=device)
+    finally:
+        dist.destroy_process_group()
