@@ -121,13 +121,10 @@ void soft_exceedance(const acc_t* z, int64_t n, acc_t shift, acc_t scale, const 
         for (int64_t m = 0; m < M; ++m) {
           const acc_t th = theta[m];
           acc_t* __restrict s = sig + m * n;
+          for (int64_t e = e0; e < e1; ++e) s[e] = sigmoid_acc(((z[e] - shift) * scale - th) * inv_delta);
           acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t e = e0; e < e1; ++e) {
-            const acc_t se = sigmoid_acc(((z[e] - shift) * scale - th) * inv_delta);
-            s[e] = se;
-            sum += se;
-          }
+          for (int64_t e = e0; e < e1; ++e) sum += s[e];
           partial[c * M + m] = sum;
         }
       }

@@ -9,9 +9,10 @@ The paper's presets carry Appendix A's values, one per row of Tables 1 and 2:
 all with T = 4, seed 0, and STARS on with lambda_rca = lambda_tar = 1, delta = 0.5 and teacher
 quantiles (0.6, 0.7, 0.8, 0.9, 0.95). Where Appendix A is silent the original code's defaults fill
 in: KD temperature 20 for NAYER (NAYER's default), NAYER's batch sizes on CIFAR (512 for KD, 400
-per synthesized batch: its published scripts), generator width 64 and NAYER's latent size 1000,
-CMI's bank of 40960 negatives (4096 per step) and 256-wide head (Fast-Datafree's CMI script). The
-synthetic memory keeps every image the run makes, as the original image pools do.
+per synthesized batch: its published scripts), generator width 64 and NAYER's latent size 1000
+(CMI's bank of 40960 negatives, 4096 per step, and its 256-wide head are fixed in cmi.py, as in
+Fast-Datafree's script). The synthetic memory keeps every image the run makes, as the original
+image pools do.
 
 `{deepinv, cmi, nayer}-digits` are the offline default and its CMI / NAYER counterparts, sized to
 run in minutes on a CPU (ours, not the paper's).
@@ -45,8 +46,8 @@ APPENDIX_A_TINY_IMAGENET: Dict[str, Dict[str, object]] = {
 }
 # what the original code uses where Appendix A says nothing
 ORIGINAL_DEFAULTS = {"T": 4, "neuron": "lif", "seed": 0, "weight_decay": 1e-4, "tv": 0.0, "l2": 0.0, "ngf": 64,
-                     "le_emb_size": 1000, "cr": 0.8, "cr_T": 0.2, "bank_size": 40960, "n_neg": 4096,
-                     "head_dim": 256, "g_life": 10, "g_loops": 1, "gwp_loops": 1}
+                     "le_emb_size": 1000, "cr": 0.8, "cr_T": 0.2, "g_life": 10, "g_loops": 1, "gwp_loops": 1,
+                     "label_embedding": None}
 
 
 def images_per_run(config: Dict[str, object]) -> int:
@@ -74,3 +75,25 @@ PAPER_PRESETS: Dict[str, Dict[str, object]] = {
     **{f"{method}-tiny-imagenet-resnet34": paper_preset(method, "tiny-imagenet", "resnet34")
        for method in APPENDIX_A_TINY_IMAGENET},
 }
+
+
+def format_presets(presets: Dict[str, Dict[str, object]]) -> str:
+    """A table of `presets` for `--list-presets`: one row each, the values that tell them apart."""
+    def extras(config) -> str:
+        if config["method"] == "cmi":
+            return f"cr {config['cr']}, cr_T {config['cr_T']}"
+        if config["method"] == "nayer":
+            return f"g_life {config['g_life']}, g_loops {config['g_loops']}, gwp_loops {config['gwp_loops']}"
+        return ""
+
+    header = ("preset", "method", "dataset", "teacher -> student", "epochs (warm-up)", "g/kd/ep steps",
+              "batch/synth", "lr/lr_g", "adv/bn/oh", "kd_T", "method options")
+    rows = [header] + [(
+        name, c["method"], c["dataset"], f"{c['teacher']} -> {c['student']}", f"{c['epochs']} ({c['warmup']})",
+        f"{c['g_steps']}/{c['kd_steps']}/{c['ep_steps']}", f"{c['batch_size']}/{c['synthesis_batch_size']}",
+        f"{c['lr']:g}/{c['lr_g']:g}", f"{c['adv']:g}/{c['bn']:g}/{c['oh']:g}", f"{c['kd_T']:g}", extras(c))
+        for name, c in presets.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

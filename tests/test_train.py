@@ -23,7 +23,7 @@ from stars_fast.synthesis.base import pixel_bounds
 DIGITS = DATASETS["digits"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-size", "64",
-            "--synthesis-batch-size", "64", "--lr", "0.5", "--bn", "1", "--no-progress"]
+            "--synthesis-batch-size", "64", "--no-progress"]
 SHORT_EPOCHS = TINY_RUN + ["--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]  # resuming need not learn
 
 
@@ -245,7 +245,7 @@ def test_cifar_run_with_a_checkpointed_teacher(tmp_path):
     summary = train.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--teacher", "resnet20",
                           "--teacher-ckpt", teacher_path, "--student", "s_resnet20", "--T", "2", "--epochs", "1",
                           "--g-steps", "2", "--kd-steps", "2", "--ep-steps", "2", "--batch-size", "4",
-                          "--synthesis-batch-size", "4", "--out", out, "--no-progress"])
+                          "--synthesis-batch-size", "4", "--threads", "1", "--out", out, "--no-progress"])
     assert summary["epochs_completed"] == 1 and 0.0 <= summary["student_acc"] <= 1.0
     checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert checkpoint["memory"]["images"].shape == (4, 3, 32, 32)

@@ -1,0 +1,68 @@
+"""Multi-process training: two CPU processes with gloo, launched by torchrun, end to end on digits;
+one run folder written by rank 0, per-rank state carried through a resume."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stars_fast import train
+from stars_fast.distributed import Context
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--method", "cmi", "--g-steps", "5", "--kd-steps", "20", "--ep-steps", "20", "--batch-size", "64",
+        "--synthesis-batch-size", "64", "--lr", "0.5", "--lr-g", "0.1", "--bn", "1", "--ngf", "16", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, cache):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "stars_fast.train", *args]
+    env = dict(os.environ, STARS_FAST_CACHE=cache, OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_one_process_context_is_a_no_op():
+    ctx = Context()
+    x = torch.arange(6.0).view(3, 2)
+    assert ctx.is_main and not ctx.distributed
+    assert ctx.gather(x) is x and ctx.sum(2.5) == 2.5 and ctx.broadcast("a") == "a" and ctx.gather_to_main(1) == [1]
+    assert ctx.share(64, "--batch-size") == 64
+    with pytest.raises(SystemExit, match="multiple of the number of processes"):
+        Context(rank=1, world_size=3).share(64, "--batch-size")
+
+
+def test_two_gloo_processes_train_into_one_run_folder_and_resume(teacher_cache, tmp_path):
+    out = str(tmp_path / "run")
+    stdout = _torchrun(["--epochs", "2", "--out", out, *TINY], teacher_cache)
+    assert stdout.count("student accuracy") == 1  # rank 0 reports, rank 1 stays quiet
+
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert len(checkpoint["rng"]) == 2 and len(checkpoint["synthesizer"]) == 2  # one state per rank
+    assert checkpoint["synthesizer"][0]["bank"]["features"].shape[0] == 2 * 32  # each rank: 32 images a round
+    images = checkpoint["memory"]["images"]
+    assert images.shape[0] == 2 * 64 and not torch.equal(images[:32], images[32:64])  # both ranks' shares
+
+    _torchrun(["--epochs", "3", "--out", out, "--resume", "--no-progress"], teacher_cache)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["epochs_completed"] == 3 and summary["student_acc"] > 0.2, summary  # chance is 0.1
+    assert summary["config"]["world_size"] == 2
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "summary.json", "synthetic_epoch001.png",
+                                       "synthetic_epoch002.png", "synthetic_epoch003.png"]
+
+    with pytest.raises(SystemExit, match="2 processes"):  # the per-rank state needs the same number of processes
+        train.main(["--epochs", "4", "--out", out, "--resume", "--no-progress"])
