@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <numeric>
 #include <vector>
 
@@ -57,13 +58,82 @@ at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantiles: as torch.quantile(z.flatten(), q, interpolation='linear') -- rank = q (n - 1),
-// result = lerp(z_(floor rank), z_(ceil rank), rank - floor rank) -- with std::nth_element
-// selections on a shrinking tail for the q in increasing order instead of a full sort.
+// quantiles: as torch.quantile(z.flatten(), q, interpolation='linear'): rank = q (n - 1) and
+// result = lerp(z_(floor rank), z_(ceil rank), rank - floor rank), z_(r) the r-th smallest value.
+// Exact selection without a sort: a histogram of the top 16 bits of order-preserving integer keys
+// tells which bucket holds each wanted order statistic; only those buckets' values are gathered, and
+// std::nth_element picks the statistics among them (on a shrinking tail for ascending ranks).
+
+constexpr int kBucketBits = 16;
+constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
+
+template <typename acc_t>
+STARS_INLINE int64_t bucket_of(acc_t x) {
+  using key_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  constexpr int kBits = 8 * sizeof(key_t);
+  const key_t bits = bit_cast<key_t>(x);
+  // Negative values: all bits flipped; positive: sign bit set. Unsigned order = float order.
+  const key_t key = (bits >> (kBits - 1)) != 0 ? ~bits : bits | (key_t(1) << (kBits - 1));
+  return static_cast<int64_t>(key >> (kBits - kBucketBits));
+}
 
 template <typename acc_t>
 acc_t torch_lerp(acc_t a, acc_t b, acc_t w) {
   return w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w);
+}
+
+// v[0, n) without NaN -> res[i] = quantile q[i]
+template <typename acc_t>
+void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t* res) {
+  const int64_t M = static_cast<int64_t>(q.size());
+  std::vector<int64_t> lo(M), hi(M), ranks;
+  std::vector<acc_t> frac(M);
+  for (int64_t i = 0; i < M; ++i) {  // in the data's precision, as torch.quantile
+    const acc_t rank = static_cast<acc_t>(q[i]) * static_cast<acc_t>(n - 1);
+    lo[i] = std::min(static_cast<int64_t>(rank), n - 1);
+    hi[i] = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
+    frac[i] = rank - static_cast<acc_t>(lo[i]);
+    ranks.push_back(lo[i]);
+    ranks.push_back(hi[i]);
+  }
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  // start[b] = number of values in the buckets before b.
+  std::vector<int64_t> start(kBuckets + 1, 0);
+  for (int64_t e = 0; e < n; ++e) ++start[bucket_of(v[e]) + 1];
+  std::partial_sum(start.begin(), start.end(), start.begin());
+  // The buckets holding the wanted ranks (ascending), each gathered into its slot of `cand`.
+  std::vector<int32_t> slot(kBuckets, -1);
+  std::vector<int64_t> rank_bucket(ranks.size()), offset, fill;
+  int64_t total = 0;
+  for (size_t k = 0; k < ranks.size(); ++k) {
+    const int64_t b = std::upper_bound(start.begin(), start.end(), ranks[k]) - start.begin() - 1;
+    rank_bucket[k] = b;
+    if (slot[b] < 0) {
+      slot[b] = static_cast<int32_t>(offset.size());
+      offset.push_back(total);
+      total += start[b + 1] - start[b];
+    }
+  }
+  fill = offset;
+  std::vector<acc_t> cand(total);
+  for (int64_t e = 0; e < n; ++e) {
+    const int32_t s = slot[bucket_of(v[e])];
+    if (s >= 0) cand[fill[s]++] = v[e];
+  }
+  std::vector<acc_t> value(ranks.size());
+  std::vector<int64_t> placed(offset.size(), -1);  // per bucket: index already in its sorted place
+  for (size_t k = 0; k < ranks.size(); ++k) {
+    const int64_t b = rank_bucket[k], s = slot[b], local = ranks[k] - start[b];
+    acc_t* base = cand.data() + offset[s];
+    if (local > placed[s]) {
+      std::nth_element(base + placed[s] + 1, base + local, base + (start[b + 1] - start[b]));
+      placed[s] = local;
+    }
+    value[k] = base[local];
+  }
+  const auto value_at = [&](int64_t r) { return value[std::lower_bound(ranks.begin(), ranks.end(), r) - ranks.begin()]; };
+  for (int64_t i = 0; i < M; ++i) res[i] = torch_lerp(value_at(lo[i]), value_at(hi[i]), frac[i]);
 }
 
 at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
@@ -71,32 +141,17 @@ at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
   TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
   TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
   for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
-  const at::Tensor flat = z.contiguous().view(-1);
-  const int64_t n = flat.numel(), M = static_cast<int64_t>(q.size());
   const at::ScalarType acc = acc_dtype(z.scalar_type());
+  const at::Tensor values = z.contiguous().view(-1).to(acc);
+  const int64_t M = static_cast<int64_t>(q.size());
   at::Tensor out = at::empty({M}, z.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "quantiles", [&] {
-    using acc_t = scalar_t;
-    const at::Tensor values_t = flat.to(acc, /*non_blocking=*/false, /*copy=*/true);
-    acc_t* v = values_t.data_ptr<acc_t>();
-    acc_t* res = out.data_ptr<acc_t>();
-    if (std::any_of(v, v + n, [](acc_t a) { return std::isnan(a); })) {
-      std::fill(res, res + M, std::numeric_limits<acc_t>::quiet_NaN());
-      return;
-    }
-    std::vector<int64_t> order(M);
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q[a] < q[b]; });
-    int64_t placed = -1;  // v[placed] is in its sorted position: v[:placed] <= v[placed] <= v[placed + 1:]
-    for (int64_t i : order) {
-      const acc_t rank = static_cast<acc_t>(q[i]) * static_cast<acc_t>(n - 1);
-      const int64_t lo = std::min(static_cast<int64_t>(rank), n - 1);
-      const int64_t hi = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
-      if (lo > placed) std::nth_element(v + placed + 1, v + lo, v + n);
-      placed = lo;
-      const acc_t below = v[lo];
-      const acc_t above = hi > lo ? *std::min_element(v + lo + 1, v + n) : below;
-      res[i] = torch_lerp(below, above, rank - static_cast<acc_t>(lo));
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    scalar_t* res = out.data_ptr<scalar_t>();
+    if (std::any_of(v, v + values.numel(), [](scalar_t a) { return std::isnan(a); })) {
+      std::fill(res, res + M, std::numeric_limits<scalar_t>::quiet_NaN());  // as torch.quantile
+    } else {
+      select_quantiles(v, values.numel(), q, res);
     }
   });
   return out.to(z.scalar_type());
@@ -210,7 +265,7 @@ LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const 
   const auto opts = zt.options();
 
   // RCA: A = [U_S | U_T], A_neg = [U_S | -U_T], so D = A A_neg^T = U_S U_S^T - U_T U_T^T.
-  at::Tensor A = at::empty({B, K}, opts), A_neg = at::empty({B, K}, opts), norms = at::empty({2, B}, opts);
+  at::Tensor A = empty_output({B, K}, opts), A_neg = empty_output({B, K}, opts), norms = at::empty({2, B}, opts);
   acc_t* norm_s = norms.data_ptr<acc_t>();
   acc_t* norm_t = norm_s + B;
   normalize_rows(zs.const_data_ptr<acc_t>(), B, Cs, eps, norm_s, A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), K, 0,
@@ -237,7 +292,8 @@ LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const 
   });
   const double rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
   // [dl/dU_S | dl/dU_T] = E A_neg = [E U_S | -E U_T]
-  const at::Tensor G = at::mm(E, A_neg);
+  at::Tensor G = empty_output({B, K}, opts);
+  at::mm_out(G, E, A_neg);
 
   // TAR
   const at::Tensor theta_t = theta_in.to(at::kDouble).contiguous();
@@ -246,7 +302,7 @@ LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const 
   std::vector<acc_t> theta(th, th + M);
   const acc_t shift_a = static_cast<acc_t>(shift), scale_a = static_cast<acc_t>(scale);
   const acc_t inv_delta = static_cast<acc_t>(1.0 / delta);
-  at::Tensor sig_t = at::empty({M, B * Ct}, opts), sig_s = at::empty({M, B * Cs}, opts);
+  at::Tensor sig_t = empty_output({M, B * Ct}, opts), sig_s = empty_output({M, B * Cs}, opts);
   std::vector<double> p_t, p_s;
   soft_exceedance(zt.const_data_ptr<acc_t>(), B * Ct, shift_a, scale_a, theta, inv_delta, sig_t.data_ptr<acc_t>(),
                   p_t);
@@ -262,7 +318,7 @@ LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const 
   tar /= static_cast<double>(M);
 
   // d total / d z: chain factor scale / delta of z' and sigmoid, and 1 / (B C) of the mean.
-  at::Tensor grad_t = at::empty({B, Ct}, opts), grad_s = at::empty({B, Cs}, opts);
+  at::Tensor grad_t = empty_output({B, Ct}, opts), grad_s = empty_output({B, Cs}, opts);
   const acc_t* a = A.const_data_ptr<acc_t>();
   const acc_t* g = G.const_data_ptr<acc_t>();
   const double tar_chain = coef_tar * scale / delta;

@@ -198,15 +198,19 @@ def test_pool_mean_bad_inputs():
 def test_quantiles(dtype):
     gen = torch.Generator().manual_seed(2)
     q_sets = ([0.6, 0.7, 0.8, 0.9, 0.95], [0.0, 1.0], [0.95, 0.1, 0.5, 0.5], [0.25])
-    for n in (1, 2, 7, 1000, 4099):
-        z = torch.randn(n, generator=gen, dtype=dtype)
-        if n > 10:
-            z[:n // 3] = z[0]  # ties
+    samples = [torch.randn(n, generator=gen, dtype=dtype) for n in (1, 2, 7, 1000, 4099)]
+    samples[3][:333] = samples[3][0]  # ties
+    samples += [torch.full((500,), 2.5, dtype=dtype),  # one value: one histogram bucket holds everything
+                torch.tensor([0.0, -0.0, 3.0, -float("inf"), float("inf"), -2.0, 1e-30, -1e-30], dtype=dtype),
+                torch.rand(3000, generator=gen, dtype=dtype) * 1e-3 + 7.0]  # concentrated
+    for z in samples:
+        n = z.numel()
         for q in q_sets:
             expected = torch.quantile(z, torch.tensor(q, dtype=dtype))
             got = ops.quantiles(z.reshape(-1, 1) if n % 2 else z, q)
             assert got.dtype == dtype
-            torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+            torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0,
+                                       equal_nan=True)
 
 
 def test_quantiles_nan_and_bad_inputs():

@@ -27,6 +27,14 @@ TINY_RUN = ["--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-
 SHORT_EPOCHS = TINY_RUN + ["--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]  # resuming need not learn
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """train.main sets PyTorch's thread count (1 for digits); give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory):
     """A private teacher cache holding a quickly trained digits teacher (shared by every test here)."""
