@@ -4,10 +4,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -114,6 +116,20 @@ void run_vectorized(const Fn& fn) {
   if (cpu_has_avx2_fma()) return run_avx2(fn);
 #endif
   run_baseline(fn);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fn(begin, end) over [0, n) in chunks of `chunk` handed out dynamically to the intra-op threads, so
+// that a thread slowed down (say, by another process on its core) takes fewer chunks. The chunks do
+// not depend on the number of threads: results are identical for any thread count.
+
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t chunk, const Fn& fn) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < tasks; t = next++) fn(t * chunk, std::min(n, (t + 1) * chunk));
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // CPU kernels of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1) over x[T, N].
 //
-// Parallel over the N elements (at::parallel_for), each thread walking its range in blocks of a
+// Parallel over the N elements (parallel_chunks), each task walking its range in blocks of a
 // few thousand elements whose state stays in L1/L2 while the loop runs over T inside. The per-step
 // loops are branch-free in the neuron options (those are template parameters), take __restrict
 // pointers, and are auto-vectorized (AVX2 when the CPU has it, see run_vectorized in common.h).
@@ -335,8 +335,8 @@ void with_fire(bool spiking, int64_t surrogate, const Fn& fn) {
   with_surrogate(surrogate, fn);
 }
 
-// Elements per parallel task: small inputs stay on one thread.
-constexpr int64_t kGrain = 16384;
+// Elements per parallel task (see parallel_chunks).
+constexpr int64_t kChunk = 32768;
 
 // ---------------------------------------------------------------------------------------------
 // Checks shared by forward and backward.
@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
     with_charge(leaky, decay_input, [&](auto C) {
       with_bool(v_reset.has_value(), [&](auto hard) {
         with_fire(spiking, surrogate, [&](auto F) {
-          at::parallel_for(0, shape.N, kGrain, [&](int64_t begin, int64_t end) {
+          parallel_chunks(shape.N, kChunk, [&](int64_t begin, int64_t end) {
             run_vectorized([&]() __attribute__((always_inline)) {
               forward_range<acc_t, C.value, hard.value, F.value>(args, begin, end);
             });
@@ -441,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
           with_fire(spiking, surrogate, [&](auto F) {
             // spiking=False emits the primitive of S itself: only (F, S) = (S, S) is reachable.
             if constexpr (F.value == Fire::kHeaviside || F.value == S.value) {
-              at::parallel_for(0, shape.N, kGrain, [&](int64_t begin, int64_t end) {
+              parallel_chunks(shape.N, kChunk, [&](int64_t begin, int64_t end) {
                 run_vectorized([&]() __attribute__((always_inline)) {
                   backward_range<acc_t, C.value, hard.value, F.value, S.value>(args, begin, end);
                 });

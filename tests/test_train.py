@@ -192,7 +192,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
     out = str(tmp_path / "run")
     summary = train.main(["--epochs", "3", "--out", out] + TINY_RUN)
     assert summary["teacher_acc"] > 0.9
-    assert summary["student_acc"] > 0.3, summary  # chance is 0.1
+    assert summary["student_acc"] > 0.5, summary  # chance is 0.1; this run reaches about 0.7
 
     records = _metrics(out)
     assert [r["epoch"] for r in records] == [1, 2, 3]
