@@ -19,7 +19,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List
 
 VARIANTS = (

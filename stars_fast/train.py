@@ -1,20 +1,25 @@
-"""`python -m stars_fast.train`: data-free ANN-to-SNN distillation with DeepInversion + STARS.
+"""`python -m stars_fast.train`: data-free ANN-to-SNN distillation with DeepInversion, CMI or NAYER + STARS.
 
 With no arguments it runs the offline default: a small CNN teacher trained (once, then cached)
 on scikit-learn's bundled digits, distilled into a small spiking student without touching the
 training images, then both evaluated on the held-out digits. `--preset NAME` loads the
-hyperparameters of the paper's Appendix A; explicit flags override the preset.
+hyperparameters of the paper's Appendix A (presets.py; `--list-presets` prints them); explicit
+flags override the preset.
 
-Each epoch (Fast-Datafree's schedule): `ep_steps // kd_steps` rounds of (synthesize one batch
-with `g_steps` optimization steps -> add it to the synthetic memory -> `kd_steps` KD steps on
-batches sampled from the memory); KD starts after `warmup` epochs.
+Each epoch (Fast-Datafree's schedule): `ep_steps // kd_steps` rounds of (synthesize with `g_steps`
+optimization steps per batch -> add the batch (NAYER: batches) to the synthetic memory ->
+`kd_steps` KD steps on batches sampled from the memory); KD starts after `warmup` epochs.
+
+Several processes: `torchrun --nproc_per_node N -m stars_fast.train ...` trains with
+DistributedDataParallel, each process synthesizing its share (distributed.py).
 
 Run folder (`--out`), read by other tools:
   metrics.jsonl    one JSON object per finished epoch: epoch (1-based), student_acc (fraction), losses
   summary.json     teacher_acc, student_acc, best_student_acc, wall time, the full configuration
-  checkpoint.pt    everything to resume (student, optimizer, scheduler, synthetic memory, RNG,
-                   epoch, metrics history); atomic; tensors and plain Python types only
-  synthetic_epochNNN.png   the last synthesized batch of each epoch
+  checkpoint.pt    everything to resume (student, optimizer, scheduler, synthetic memory, epoch,
+                   metrics history, and per process its RNG and synthesizer state); atomic;
+                   tensors and plain Python types only
+  synthetic_epochNNN.png   the last synthesized batch of each epoch (up to 256 images)
 `--resume` continues the run in `--out` from its checkpoint up to `--epochs`; a run killed
 mid-epoch loses that epoch only.
 """
@@ -35,49 +40,16 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import models
+from . import distributed, models
 from .data import DATASETS, DatasetInfo, denormalize, load_dataset
-from .distill import distill_steps, evaluate, make_optimizer, make_scheduler, train_supervised
-from .ops.stars import DEFAULT_QUANTILES
-from .synthesis import DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory
+from .distill import distill_steps, make_optimizer, make_scheduler, train_supervised
+from .presets import DEFAULTS, PRESETS, format_presets
+from .synthesis import (CMISynthesizer, DeepInversionSynthesizer, NayerSynthesizer, StarsRegularizer, Synthesizer,
+                        SyntheticMemory, load_label_embedding)
 
-METHODS = ("deepinv",)
-CHECKPOINT_FORMAT = 1
-
-# The offline default (digits), tuned on 2 shared CPU cores: about 7 s an epoch when the cores are free.
-# Departures from Appendix A, for 8x8 digits and a short run: bn 1 (bn 10 leaves the one-hot loss
-# unfitted after 30 steps), lr 0.5 (the small SNN learns much faster), 30 synthesis steps per batch.
-DEFAULTS: Dict[str, object] = {
-    "preset": None, "method": "deepinv",
-    "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES), "delta": 0.5,
-    "tar_normalize": False,
-    "teacher": "digits_cnn", "teacher_ckpt": None, "student": "digits_snn", "T": 4, "neuron": "lif",
-    "dataset": "digits", "data_root": None,
-    "epochs": 15, "warmup": 0, "batch_size": 128, "synthesis_batch_size": 128,
-    "lr": 0.5, "lr_g": 0.1, "weight_decay": 1e-4,
-    "g_steps": 30, "kd_steps": 50, "ep_steps": 50,
-    "adv": 1.0, "bn": 1.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "memory_size": 51200,
-    "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 0,
-    "out": None, "resume": False, "progress": True,
-}
-
-
-def _deepinv_preset(dataset: str, teacher: str, student: str) -> Dict[str, object]:
-    """Appendix A, DeepInversion (+ STARS), shared by the three CIFAR pairs."""
-    return {"method": "deepinv", "dataset": dataset, "teacher": teacher, "student": student, "T": 4,
-            "epochs": 200, "warmup": 0, "kd_steps": 400, "ep_steps": 400, "g_steps": 1000,
-            "batch_size": 256, "synthesis_batch_size": 256, "lr": 0.1, "lr_g": 0.1,
-            "adv": 1.0, "bn": 10.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "seed": 0,
-            "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES),
-            "delta": 0.5, "memory_size": 200 * 256}
-
-
-PAIRS = (("vgg16", "s_vgg16"), ("resnet34", "s_resnet18"), ("resnet19", "s_resnet19"))
-PRESETS: Dict[str, Dict[str, object]] = {
-    "deepinv-digits": {key: DEFAULTS[key] for key in DEFAULTS if key not in ("preset", "out", "resume", "progress")},
-    **{f"deepinv-{dataset}-{teacher}": _deepinv_preset(dataset, teacher, student)
-       for dataset in ("cifar10", "cifar100") for teacher, student in PAIRS},
-}
+METHODS = ("deepinv", "cmi", "nayer")
+CHECKPOINT_FORMAT = 2
+GRID_IMAGES = 256  # most images in a synthetic_epochNNN.png
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -86,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI. Flags left out do not appear in the parsed namespace (defaults live in DEFAULTS)."""
     parser = argparse.ArgumentParser(
         prog="python -m stars_fast.train", argument_default=argparse.SUPPRESS,
-        description="Data-free ANN-to-SNN knowledge distillation with DeepInversion + STARS. Without "
-                    "arguments: the offline digits default (a few minutes on a CPU).",
+        description="Data-free ANN-to-SNN knowledge distillation with DeepInversion, CMI or NAYER + STARS. "
+                    "Without arguments: the offline digits default (a few minutes on a CPU). The defaults "
+                    "shown are the offline default's (preset deepinv-digits); --method cmi or nayer without "
+                    "--preset starts from cmi-digits or nayer-digits.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run folder: metrics.jsonl, summary.json, checkpoint.pt, synthetic_epochNNN.png.\n"
-               "Presets (Appendix A of the paper): " + ", ".join(PRESETS))
+               "Several processes (DistributedDataParallel): torchrun --nproc_per_node N -m stars_fast.train ...\n"
+               "Presets (Appendix A of the paper; --list-presets shows their values): " + ", ".join(PRESETS))
 
     def add(group, *flags, help, **kwargs):
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
@@ -101,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("method and STARS")
     add(g, "--preset", choices=sorted(PRESETS), metavar="NAME",
-        help="named hyperparameters of the paper's Appendix A; explicit flags override them. "
-             f"One of: {', '.join(PRESETS)}")
-    add(g, "--method", choices=METHODS, help="synthesizer")
+        help="named hyperparameters of the paper's Appendix A; explicit flags override them "
+             f"(default: <method>-digits). One of: {', '.join(PRESETS)}")
+    add(g, "--list-presets", action="store_true", help="print every preset's values and exit")
+    add(g, "--method", choices=METHODS,
+        help="synthesizer: deepinv (DeepInversion), cmi (contrastive model inversion), nayer (noisy-layer generation)")
     add(g, "--stars", action=argparse.BooleanOptionalAction,
         help="add the STARS regularizers (RCA + TAR) to the synthesis loss")
     add(g, "--lambda-rca", type=float, help="weight of L_RCA (0 switches it off: TAR-only ablation)")
@@ -128,28 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("schedule")
     add(g, "--epochs", type=int, help="training epochs")
-    add(g, "--warmup", type=int, help="epochs of synthesis only before KD starts (Fast-Datafree's warm-up)")
+    add(g, "--warmup", type=int,
+        help="epochs of synthesis only before KD starts (Fast-Datafree's warm-up; NAYER makes --gwp-loops "
+             "batches a round then, without the adversarial term)")
     add(g, "--ep-steps", type=int, help="KD steps per epoch (ep_steps // kd_steps synthesis rounds per epoch)")
     add(g, "--kd-steps", type=int, help="KD steps after each synthesis round")
     add(g, "--g-steps", type=int, help="optimization steps per synthesized batch")
-    add(g, "--batch-size", type=int, help="KD batch size")
-    add(g, "--synthesis-batch-size", type=int, help="images per synthesized batch")
+    add(g, "--batch-size", type=int, help="KD batch size (all processes together)")
+    add(g, "--synthesis-batch-size", type=int, help="images per synthesized batch (all processes together)")
     add(g, "--memory-size", type=int, help="most synthetic images kept for KD (oldest dropped first)")
 
     g = parser.add_argument_group("optimization and losses")
     add(g, "--lr", type=float, help="student learning rate (SGD, momentum 0.9, cosine decay)")
     add(g, "--weight-decay", type=float, help="student weight decay")
-    add(g, "--lr-g", type=float, help="learning rate of the images (Adam, betas 0.5, 0.99)")
+    add(g, "--lr-g", type=float,
+        help="learning rate of the synthesis (Adam): of the images (deepinv), of the generator (cmi, nayer)")
     add(g, "--adv", type=float, help="weight of the adversarial (student-teacher disagreement) loss")
     add(g, "--bn", type=float, help="weight of the BN-statistics loss")
     add(g, "--oh", type=float, help="weight of the one-hot (cross-entropy) loss")
-    add(g, "--tv", type=float, help="weight of the total-variation image prior")
-    add(g, "--l2", type=float, help="weight of the L2 image prior")
+    add(g, "--tv", type=float, help="deepinv: weight of the total-variation image prior")
+    add(g, "--l2", type=float, help="deepinv: weight of the L2 image prior")
     add(g, "--kd-T", type=float, help="KD temperature")
+
+    g = parser.add_argument_group("CMI and NAYER (generator-based synthesis)")
+    add(g, "--ngf", type=int, help="generator width (Fast-Datafree's ngf)")
+    add(g, "--cr", type=float, help="CMI: weight of the contrastive (InfoNCE) loss")
+    add(g, "--cr-T", type=float, help="CMI: temperature of the contrastive loss")
+    add(g, "--g-life", type=int, help="NAYER: epochs between rebuilds of the generator")
+    add(g, "--g-loops", type=int, help="NAYER: batches synthesized per round after the warm-up")
+    add(g, "--gwp-loops", type=int, help="NAYER: batches synthesized per round during the warm-up")
+    add(g, "--le-emb-size", type=int, help="NAYER: width of the noisy layers' output (the generator's latent)")
+    add(g, "--label-embedding", metavar="PATH",
+        help="NAYER: per-class embeddings, a file written by torch.save(tensor, PATH) holding a float tensor "
+             "[num_classes, D] (row i: class i, e.g. CLIP text features of its name); default: a fixed random "
+             "N(0, 1) embedding with D = 512 (seed 0), since CLIP cannot be downloaded here")
 
     g = parser.add_argument_group("run")
     add(g, "--seed", type=int, help="random seed")
-    add(g, "--device", help="auto, cpu, cuda, cuda:N")
+    add(g, "--device", help="auto, cpu, cuda, cuda:N (under torchrun: auto, cpu or cuda; each process takes "
+                            "cuda:LOCAL_RANK)")
     add(g, "--backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
         help="backend of the fused ops (neurons, STARS loss)")
     add(g, "--amp", action="store_true", help="bfloat16 autocast for the forward passes")
@@ -170,13 +164,12 @@ def parse_args(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] = None) -> Dict[str, object]:
-    """DEFAULTS <- preset <- explicit flags (or `base`, a resumed run's config, <- explicit flags)."""
+    """DEFAULTS <- preset (by default the method's digits preset) <- explicit flags (or `base`, a resumed
+    run's config, <- explicit flags)."""
     if base is None:
-        base = dict(DEFAULTS)
         preset = explicit.get("preset")
-        if preset is not None:
-            base.update(PRESETS[preset])
-            base["preset"] = preset
+        base = {**DEFAULTS, **PRESETS[preset or f"{explicit.get('method', DEFAULTS['method'])}-digits"],
+                "preset": preset}
     config = {**base, **explicit}
     config["quantiles"] = [float(q) for q in config["quantiles"]]
     _check_config(config)
@@ -185,9 +178,11 @@ def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] =
 
 def _check_config(config: Dict[str, object]) -> None:
     for key in ("epochs", "ep_steps", "kd_steps", "g_steps", "batch_size", "synthesis_batch_size", "T",
-                "memory_size"):
+                "memory_size", "ngf", "g_life", "g_loops", "gwp_loops", "le_emb_size"):
         if int(config[key]) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["cr_T"] <= 0:
+        raise SystemExit(f"--cr-T must be > 0, got {config['cr_T']}")
     if config["threads"] < 0:
         raise SystemExit(f"--threads must be >= 0, got {config['threads']}")
     if config["ep_steps"] < config["kd_steps"]:
@@ -311,18 +306,29 @@ def load_run_teacher(config, info: DatasetInfo, device) -> torch.nn.Module:
     return teacher
 
 
-def build_synthesizer(config, teacher, student, info: DatasetInfo, device):
-    """The synthesizer named by --method, with the STARS term when --stars."""
+def build_synthesizer(config, teacher, student, info: DatasetInfo, device, batch_size: int) -> Synthesizer:
+    """The synthesizer named by --method, with the STARS term when --stars; `batch_size` images per batch."""
     stars = None
     if config["stars"]:
         stars = StarsRegularizer(lambda_rca=config["lambda_rca"], lambda_tar=config["lambda_tar"],
                                  quantiles=config["quantiles"], delta=config["delta"],
                                  normalize="teacher" if config["tar_normalize"] else None, backend=config["backend"])
+    common = dict(batch_size=batch_size, iterations=config["g_steps"], lr_g=config["lr_g"], bn=config["bn"],
+                  oh=config["oh"], adv=config["adv"], stars=stars, amp=config["amp"], device=device)
     if config["method"] == "deepinv":
-        return DeepInversionSynthesizer(
-            teacher, student, info, batch_size=config["synthesis_batch_size"], iterations=config["g_steps"],
-            lr_g=config["lr_g"], bn=config["bn"], oh=config["oh"], adv=config["adv"], tv=config["tv"],
-            l2=config["l2"], stars=stars, amp=config["amp"], device=device)
+        return DeepInversionSynthesizer(teacher, student, info, tv=config["tv"], l2=config["l2"], **common)
+    if config["method"] == "cmi":
+        return CMISynthesizer(teacher, student, info, cr=config["cr"], cr_T=config["cr_T"], ngf=config["ngf"], **common)
+    if config["method"] == "nayer":
+        embedding = None
+        if config["label_embedding"] is not None:
+            try:
+                embedding = load_label_embedding(config["label_embedding"], info.num_classes)
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"--label-embedding: {exc}") from exc
+        return NayerSynthesizer(teacher, student, info, g_life=config["g_life"], g_loops=config["g_loops"],
+                                gwp_loops=config["gwp_loops"], warmup=config["warmup"], label_embedding=embedding,
+                                latent_size=config["le_emb_size"], ngf=config["ngf"], **common)
     raise SystemExit(f"unknown --method {config['method']!r}; expected one of {METHODS}")
 
 
@@ -356,42 +362,58 @@ def _set_rng_state(state: Dict[str, object], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    """Run the CLI; returns the final summary (what summary.json holds)."""
+def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
+    """Run the CLI; returns the final summary (what summary.json holds), or None for --list-presets."""
     explicit = parse_args(argv)
-    out = explicit.get("out") or _default_out()
-    checkpoint_path = os.path.join(out, "checkpoint.pt")
+    if explicit.pop("list_presets", False):
+        print(format_presets(PRESETS))
+        return None
+    out = explicit.get("out")
     checkpoint = None
-    if os.path.isfile(checkpoint_path):
+    if out is not None and os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        checkpoint_path = os.path.join(out, "checkpoint.pt")
         if not explicit.get("resume"):
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise SystemExit(f"{checkpoint_path} has format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
     config = make_config(explicit, base=None if checkpoint is None else checkpoint["config"])
-    config["out"], config["resume"] = out, False
-    os.makedirs(out, exist_ok=True)
-    return _train(config, checkpoint)
+    config["resume"] = False
+    with distributed.setup(resolve_device(config["device"])) as ctx:
+        if checkpoint is not None and len(checkpoint["rng"]) != ctx.world_size:
+            raise SystemExit(f"{out} was written by {len(checkpoint['rng'])} processes; resume it with as many "
+                             f"(torchrun --nproc_per_node {len(checkpoint['rng'])}), not {ctx.world_size}")
+        config["out"] = out or ctx.broadcast(_default_out())  # one folder, named by rank 0
+        if ctx.is_main:
+            os.makedirs(config["out"], exist_ok=True)
+        return _train(config, checkpoint, ctx)
 
 
-def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -> Dict[str, object]:
-    out, progress = config["out"], config["progress"]
+def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]],
+           ctx: distributed.Context) -> Dict[str, object]:
+    """The run, in every process; rank 0 alone writes the run folder and reports."""
+    out, progress = config["out"], config["progress"] and ctx.is_main
+    log = tqdm.write if ctx.is_main else (lambda message: None)
     threads = config["threads"] or (1 if config["dataset"] == "digits" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    device = resolve_device(config["device"])
+    device = ctx.device
+    kd_batch = ctx.share(config["batch_size"], "--batch-size")
+    synthesis_batch = ctx.share(config["synthesis_batch_size"], "--synthesis-batch-size")
     info = DATASETS[config["dataset"]]
     test_set = load_dataset(config["dataset"], "test", config["data_root"])
 
-    teacher = load_run_teacher(config, info, device)
-    teacher_acc = evaluate(teacher, test_set, device=device, amp=config["amp"])
-    tqdm.write(f"teacher {config['teacher']}: {teacher_acc:.2%} top-1 on the {config['dataset']} test split "
-               f"({len(test_set)} images)")
+    with ctx.main_first():  # rank 0 trains and caches the digits teacher if need be, the others load it
+        teacher = load_run_teacher(config, info, device)
+    teacher_acc = ctx.evaluate(teacher, test_set, amp=config["amp"])
+    log(f"teacher {config['teacher']}: {teacher_acc:.2%} top-1 on the {config['dataset']} test split "
+        f"({len(test_set)} images)")
 
     torch.manual_seed(config["seed"])
     student = models.build_student(config["student"], info.num_classes, T=config["T"], neuron=config["neuron"],
                                    backend=config["backend"], in_channels=info.in_channels).to(device)
-    synthesizer = build_synthesizer(config, teacher, student, info, device)
+    torch.manual_seed(config["seed"] + ctx.rank)  # the same student everywhere, then a random stream per process
+    synthesizer = build_synthesizer(config, teacher, student, info, device, synthesis_batch)
     memory = SyntheticMemory(info, config["memory_size"], device)
     optimizer = make_optimizer(student, config["lr"], weight_decay=config["weight_decay"])
     scheduler = make_scheduler(optimizer, config["epochs"] - config["warmup"])
@@ -401,82 +423,91 @@ def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]]) -
         student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        scheduler.T_max = max(1, config["epochs"] - config["warmup"])  # --epochs may have grown
+        scheduler.T_max = max(1, config["epochs"] - config["warmup"])  # --epochs may have grown: put the
+        for group in optimizer.param_groups:  # learning rate where the cosine over the new length has it
+            group["lr"] = scheduler.eta_min + (group["initial_lr"] - scheduler.eta_min) * (
+                1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
         memory.load_state_dict(checkpoint["memory"])
-        _set_rng_state(checkpoint["rng"], device)
+        synthesizer.load_state_dict(checkpoint["synthesizer"][ctx.rank])
+        _set_rng_state(checkpoint["rng"][ctx.rank], device)
         start_epoch, history, elapsed = checkpoint["epoch"], checkpoint["history"], checkpoint["elapsed_s"]
-        tqdm.write(f"resuming {out} after epoch {start_epoch}")
-    # metrics.jsonl always agrees with the checkpoint: drop lines of an epoch the checkpoint lost
-    _atomic_write(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
+        log(f"resuming {out} after epoch {start_epoch}")
+    kd_student = ctx.wrap(student)  # DistributedDataParallel when there are several processes
+    if ctx.is_main:  # metrics.jsonl always agrees with the checkpoint: drop lines of an epoch the checkpoint lost
+        _atomic_write(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
 
     started = time.time() - elapsed
-    summary = _summary(config, teacher_acc, history, elapsed)
+    summary = _summary(config, teacher_acc, history, elapsed, ctx.world_size)
     epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", unit="epoch", disable=not progress,
                   initial=start_epoch, total=config["epochs"])
     for epoch in epochs:
-        record, images = _train_epoch(epoch, config, teacher, student, synthesizer, memory, optimizer, scheduler,
-                                      test_set, device)
+        record, images = _train_epoch(epoch, config, teacher, student, kd_student, synthesizer, memory, optimizer,
+                                      scheduler, test_set, ctx, kd_batch, progress)
         history.append(record)
-        write_png(os.path.join(out, f"synthetic_epoch{epoch + 1:03d}.png"), image_grid(images, info))
         elapsed = time.time() - started
-        _save_checkpoint(out, config, epoch + 1, student, optimizer, scheduler, memory, device, history,
-                         teacher_acc, elapsed)
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        summary = _summary(config, teacher_acc, history, elapsed)
-        _write_json(os.path.join(out, "summary.json"), summary)
+        per_process = ctx.gather_to_main({"rng": _rng_state(device), "synthesizer": synthesizer.state_dict()})
+        summary = _summary(config, teacher_acc, history, elapsed, ctx.world_size)
+        if ctx.is_main:
+            write_png(os.path.join(out, f"synthetic_epoch{epoch + 1:03d}.png"), image_grid(images[:GRID_IMAGES], info))
+            models.save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": config, "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "memory": memory.state_dict(), "rng": [p["rng"] for p in per_process],
+                "synthesizer": [p["synthesizer"] for p in per_process], "history": history,
+                "teacher_acc": teacher_acc, "elapsed_s": elapsed,
+            }, os.path.join(out, "checkpoint.pt"))
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            _write_json(os.path.join(out, "summary.json"), summary)
         epochs.set_postfix(student_acc=f"{record['student_acc']:.3f}", kd_loss=f"{record['kd_loss'] or 0:.3f}")
     epochs.close()
-    _write_json(os.path.join(out, "summary.json"), summary)
-    print(f"teacher accuracy: {teacher_acc:.2%}  student accuracy: {summary['student_acc']:.2%}  "
-          f"({config['dataset']} test split, {len(test_set)} images; {summary['epochs_completed']} epochs, "
-          f"{summary['wall_time_s']:.0f} s; run folder {out})")
+    if ctx.is_main:
+        _write_json(os.path.join(out, "summary.json"), summary)
+        print(f"teacher accuracy: {teacher_acc:.2%}  student accuracy: {summary['student_acc']:.2%}  "
+              f"({config['dataset']} test split, {len(test_set)} images; {summary['epochs_completed']} epochs, "
+              f"{summary['wall_time_s']:.0f} s; run folder {out})")
     return summary
 
 
-def _train_epoch(epoch: int, config, teacher, student, synthesizer, memory, optimizer, scheduler, test_set, device):
+def _train_epoch(epoch: int, config, teacher, student, kd_student, synthesizer: Synthesizer, memory, optimizer,
+                 scheduler, test_set, ctx: distributed.Context, kd_batch: int, progress: bool):
     """Synthesis rounds, each followed by KD steps (after the warm-up), then evaluation.
-    Returns the metrics record of the epoch and the last synthesized batch."""
+    Returns the metrics record of the epoch and the last synthesized images (of every process)."""
     started = time.time()
+    synthesizer.set_epoch(epoch)
     kd_on = epoch >= config["warmup"]
     rounds = config["ep_steps"] // config["kd_steps"]
-    steps = tqdm(total=rounds * (config["g_steps"] + (config["kd_steps"] if kd_on else 0)), leave=False,
-                 desc=f"epoch {epoch + 1}", unit="step", disable=not config["progress"])
+    steps = tqdm(total=rounds * (synthesizer.steps_per_round + (config["kd_steps"] if kd_on else 0)), leave=False,
+                 desc=f"epoch {epoch + 1}", unit="step", disable=not progress)
     kd_losses, synthesis_time = [], 0.0
     for _ in range(rounds):
         t0 = time.time()
         result = synthesizer.synthesize(progress=steps)
         synthesis_time += time.time() - t0
-        memory.add(result.images)
+        images = ctx.gather(result.images)  # every process keeps the same memory
+        memory.add(images)
         if kd_on:
-            kd_losses.append(distill_steps(student, teacher, memory, optimizer, steps=config["kd_steps"],
-                                           batch_size=config["batch_size"], temperature=config["kd_T"],
-                                           amp=config["amp"], progress=steps))
+            kd_losses.append(distill_steps(kd_student, teacher, memory, optimizer, steps=config["kd_steps"],
+                                           batch_size=kd_batch, temperature=config["kd_T"], amp=config["amp"],
+                                           progress=steps))
     steps.close()
     lr = optimizer.param_groups[0]["lr"]
     if kd_on:
         scheduler.step()
-    record = {"epoch": epoch + 1, "student_acc": evaluate(student, test_set, device=device, amp=config["amp"]),
+    ctx.broadcast_buffers(student)  # rank 0's BatchNorm statistics, as its checkpoint holds them
+    record = {"epoch": epoch + 1, "student_acc": ctx.evaluate(student, test_set, amp=config["amp"]),
               "kd_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **result.losses,
               "lr": lr, "memory_size": len(memory), "synthesis_time_s": round(synthesis_time, 3),
               "epoch_time_s": round(time.time() - started, 3)}
-    return record, result.images
+    return record, images
 
 
-def _save_checkpoint(out, config, epoch, student, optimizer, scheduler, memory, device, history, teacher_acc,
-                     elapsed) -> None:
-    models.save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": config, "student": student.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "memory": memory.state_dict(),
-        "rng": _rng_state(device), "history": history, "teacher_acc": teacher_acc, "elapsed_s": elapsed,
-    }, os.path.join(out, "checkpoint.pt"))
-
-
-def _summary(config, teacher_acc: float, history: List[Dict[str, object]], elapsed: float) -> Dict[str, object]:
+def _summary(config, teacher_acc: float, history: List[Dict[str, object]], elapsed: float,
+             world_size: int) -> Dict[str, object]:
     accs = [r["student_acc"] for r in history]
     return {"teacher_acc": teacher_acc, "student_acc": accs[-1] if accs else None,
             "best_student_acc": max(accs) if accs else None, "epochs_completed": len(history),
-            "wall_time_s": round(elapsed, 1), "config": config}
+            "wall_time_s": round(elapsed, 1), "processes": world_size, "config": config}
 
 
 if __name__ == "__main__":

@@ -25,13 +25,6 @@ TINY_METHODS = {
 }
 
 
-@pytest.fixture
-def pair(teacher_cache):
-    teacher = models.freeze(train.digits_teacher("digits_cnn", DIGITS, "cpu", progress=False))
-    student = models.build_student("digits_snn", 10, T=2, in_channels=1, backend="reference")
-    return teacher, student
-
-
 # ---------------------------------------------------------------------------- generators
 
 def test_generator_makes_pixels_and_resets_like_fast_datafree():
@@ -144,3 +137,91 @@ def test_label_embedding_file_loads_and_bad_files_say_what_is_expected(tmp_path)
     with pytest.raises(ValueError, match="holds a dict"):
         load_label_embedding(str(tmp_path / "dict.pt"), 10)
     assert torch.equal(random_label_embedding(10), random_label_embedding(10))  # fixed, seeded
+
+
+# ---------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("method", ["cmi", "nayer"])
+def test_method_trains_a_student_on_digits_end_to_end(teacher_cache, tmp_path, method):
+    out = str(tmp_path / method)
+    started = time.time()
+    summary = train.main(["--out", out, *TINY, *TINY_METHODS[method]])
+    assert time.time() - started < 60  # well under 30 s on a quiet machine
+    assert summary["config"]["method"] == method and summary["epochs_completed"] == 5
+    assert summary["student_acc"] > 0.25, summary  # chance is 0.1
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert all(r["loss_rca"] > 0 and r["loss_bn"] > 0 for r in records)
+    if method == "cmi":
+        assert all(r["loss_cr"] > 0 for r in records)
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert len(checkpoint["synthesizer"]) == 1 and checkpoint["synthesizer"][0]  # the state that persists
+
+
+def test_nayer_reads_a_label_embedding_file_and_rejects_a_bad_one(teacher_cache, tmp_path):
+    path = str(tmp_path / "embedding.pt")
+    torch.save(torch.randn(10, 12), path)
+    short = ["--method", "nayer", "--epochs", "1", "--g-steps", "1", "--kd-steps", "1", "--ep-steps", "1",
+             "--synthesis-batch-size", "10", "--no-progress"]
+    train.main(["--out", str(tmp_path / "good"), "--label-embedding", path, *short])
+    checkpoint = torch.load(str(tmp_path / "good" / "checkpoint.pt"), weights_only=True)
+    assert checkpoint["synthesizer"][0]["generator"]["label_embedding"].shape == (10, 12)
+    torch.save(torch.randn(10, 3, 4), path)
+    with pytest.raises(SystemExit, match=r"--label-embedding: .*shape \[10, 3, 4\]"):
+        train.main(["--out", str(tmp_path / "bad"), "--label-embedding", path, *short])
+
+
+# --------------------------------------------------------------------------------- presets
+
+def test_every_table_row_has_a_preset_and_every_preset_builds_a_config():
+    rows = {f"{m}-{d}-{t}" for m in ("deepinv", "cmi", "nayer") for d in ("cifar10", "cifar100") for t in PAPER_PAIRS}
+    rows |= {"cmi-tiny-imagenet-resnet34", "nayer-tiny-imagenet-resnet34"}
+    assert set(PAPER_PRESETS) == rows
+    for name in train.PRESETS:
+        config = train.make_config(train.parse_args(["--preset", name, "--teacher-ckpt", "t.pth"]))
+        assert config["preset"] == name and config["method"] in train.METHODS
+        if name in PAPER_PRESETS:
+            assert (config["T"], config["seed"], config["stars"], config["lambda_rca"], config["lambda_tar"],
+                    config["delta"], config["quantiles"]) == (4, 0, True, 1.0, 1.0, 0.5, [0.6, 0.7, 0.8, 0.9, 0.95])
+            assert config["student"] == PAPER_PAIRS[config["teacher"]]
+            for key, value in APPENDIX_A[config["method"]].items():
+                if config["dataset"] != "tiny-imagenet":
+                    assert config[key] == value, (name, key)
+
+
+def test_appendix_a_values_of_cmi_and_nayer():
+    cmi = train.make_config(train.parse_args(["--preset", "cmi-cifar100-vgg16", "--teacher-ckpt", "t.pth"]))
+    assert (cmi["epochs"], cmi["warmup"], cmi["kd_steps"], cmi["ep_steps"], cmi["g_steps"], cmi["batch_size"],
+            cmi["synthesis_batch_size"], cmi["lr"], cmi["lr_g"], cmi["adv"], cmi["bn"], cmi["oh"], cmi["cr"],
+            cmi["cr_T"], cmi["kd_T"]) == (200, 0, 400, 400, 200, 256, 256, 0.1, 1e-3, 0.5, 1.0, 1.0, 0.8, 0.2, 20.0)
+    nayer = train.make_config(train.parse_args(["--preset", "nayer-cifar10-resnet19", "--teacher-ckpt", "t.pth"]))
+    assert (nayer["epochs"], nayer["warmup"], nayer["lr"], nayer["lr_g"], nayer["adv"], nayer["bn"], nayer["oh"],
+            nayer["kd_steps"], nayer["ep_steps"], nayer["g_steps"], nayer["g_life"], nayer["g_loops"],
+            nayer["gwp_loops"]) == (320, 20, 0.2, 4e-3, 1.33, 20.0, 0.75, 1000, 1000, 75, 10, 4, 10)
+    assert nayer["memory_size"] == (20 * 10 + 300 * 4) * 400  # every image the run makes
+    tiny = train.make_config(train.parse_args(["--preset", "nayer-tiny-imagenet-resnet34", "--teacher-ckpt", "t"]))
+    assert (tiny["dataset"], tiny["teacher"], tiny["student"], tiny["g_steps"], tiny["gwp_loops"], tiny["batch_size"],
+            tiny["synthesis_batch_size"], tiny["lr"], tiny["bn"], tiny["oh"]) == \
+        ("tiny-imagenet", "resnet34", "s_resnet18", 60, 20, 256, 200, 0.1, 10.0, 0.5)
+    cmi_tiny = train.make_config(train.parse_args(["--preset", "cmi-tiny-imagenet-resnet34", "--teacher-ckpt", "t"]))
+    assert {k: cmi_tiny[k] for k in APPENDIX_A["cmi"]} == APPENDIX_A["cmi"]
+
+
+def test_method_without_preset_starts_from_its_digits_preset_and_flags_win():
+    config = train.make_config(train.parse_args(["--method", "nayer", "--g-loops", "3"]))
+    expected = train.PRESETS["nayer-digits"]
+    assert config["preset"] is None and config["dataset"] == "digits"
+    assert (config["lr_g"], config["ngf"], config["le_emb_size"], config["g_loops"]) == \
+        (expected["lr_g"], expected["ngf"], expected["le_emb_size"], 3)
+    assert train.make_config(train.parse_args([]))["lr_g"] == train.PRESETS["deepinv-digits"]["lr_g"]
+
+
+def test_list_presets_prints_a_row_per_preset(capsys):
+    assert train.main(["--list-presets"]) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["preset", "method", "dataset"] and len(lines) == 2 + len(train.PRESETS)
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == set(train.PRESETS)
+    assert "g_life 10, g_loops 4, gwp_loops 10" in rows["nayer-cifar100-resnet34"]
+    assert "cr 0.8, cr_T 0.2" in rows["cmi-tiny-imagenet-resnet34"]
+    assert "--list-presets" in train.build_parser().format_help()

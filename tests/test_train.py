@@ -27,44 +27,6 @@ TINY_RUN = ["--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-
 SHORT_EPOCHS = TINY_RUN + ["--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]  # resuming need not learn
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """train.main sets PyTorch's thread count (1 for digits); give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def teacher_cache(tmp_path_factory):
-    """A private teacher cache holding a quickly trained digits teacher (shared by every test here)."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("STARS_FAST_CACHE")
-    os.environ["STARS_FAST_CACHE"] = cache
-    recipe = dict(train.DIGITS_TEACHER_RECIPE)
-    train.DIGITS_TEACHER_RECIPE["epochs"] = 8
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what the CLI uses for digits; far faster on a shared 2-core machine
-    try:
-        with torch.random.fork_rng():
-            train.digits_teacher("digits_cnn", DIGITS, "cpu", progress=False)
-        yield cache
-    finally:
-        torch.set_num_threads(threads)
-        train.DIGITS_TEACHER_RECIPE.update(recipe)
-        if old is None:
-            del os.environ["STARS_FAST_CACHE"]
-        else:
-            os.environ["STARS_FAST_CACHE"] = old
-
-
-@pytest.fixture
-def pair(teacher_cache):
-    teacher = models.freeze(train.digits_teacher("digits_cnn", DIGITS, "cpu", progress=False))
-    student = models.build_student("digits_snn", 10, T=2, in_channels=1, backend="reference")
-    return teacher, student
-
-
 # ------------------------------------------------------------------------------ synthesis
 
 def test_bn_hooks_compute_fast_datafree_r_feature():

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from ..models import fold_bn
 from .base import SynthesisResult, frozen
 from .bn_hooks import BNStatsHooks
-from .deepinversion import masked_disagreement
 from .stars_regularizer import StarsRegularizer
 
 
@@ -54,6 +53,13 @@ class Synthesizer(abc.ABC):
 
     def load_state_dict(self, state: Dict) -> None:
         """Nothing persists between rounds unless a subclass says otherwise."""
+
+
+def masked_disagreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """mean over the batch of KL(softmax(t) || softmax(s)), counted only where argmax s == argmax t."""
+    kl = F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction="none").sum(1)
+    mask = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return (kl * mask).mean()
 
 
 @dataclass
