@@ -23,13 +23,15 @@ def _want_cuda() -> bool:
 
 
 def _nvidia_wheel_includes():
-    """Header dirs of the CUDA libraries shipped as pip wheels with torch (cuBLAS, cuSPARSE, ...): ATen's CUDA
-    headers include them, and a bare CUDA toolkit may not have them."""
+    """-isystem flags for the headers of the CUDA libraries shipped as pip wheels with torch (cuBLAS, cuSPARSE,
+    ...): ATen's CUDA headers include them and a bare CUDA toolkit may lack them; -isystem dirs are searched
+    after the toolkit's own include dir."""
     try:
         import nvidia
     except ImportError:
         return []
-    return sorted(str(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "*", "include")))
+    dirs = sorted(p for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "*", "include")))
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 def _extension():
@@ -38,9 +40,10 @@ def _extension():
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "-std=c++20", "--fmad=false", "-DSTARS_FAST_WITH_CUDA"]
+        wheel_includes = _nvidia_wheel_includes()
         return cpp_extension.CUDAExtension(
-            "stars_fast._C", sources, include_dirs=_nvidia_wheel_includes(),
-            extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"], "nvcc": nvcc},
+            "stars_fast._C", sources,
+            extra_compile_args={"cxx": cxx + ["-DSTARS_FAST_WITH_CUDA"] + wheel_includes, "nvcc": nvcc + wheel_includes},
             extra_link_args=["-fopenmp"], py_limited_api=False)
     return cpp_extension.CppExtension(
         "stars_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -27,7 +27,8 @@ VARIANTS = (
     ("TAR only", ["--lambda-rca", "0"]),
     ("STARS", []),
 )
-QUICK = ["--epochs", "2", "--g-steps", "5", "--kd-steps", "10", "--ep-steps", "10"]
+QUICK = ["--epochs", "3", "--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-size", "64",
+         "--synthesis-batch-size", "64"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,15 +57,16 @@ def mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
     lines = [
-        "| variant | flags | student top-1 (%) | per seed (%) | time per run (s) |",
+        "| variant | flags | student top-1 (%) | per seed (%) | wall time per run (s) |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         accs = row["accs"]
         lines.append(f"| {row['name']} | `{shlex.join(row['flags']) or '(defaults)'}` | {mean_std(accs, 100)} | "
-                     f"{', '.join(f'{100 * a:.2f}' for a in accs)} | {mean_std(row['times'], digits=0)} |")
+                     f"{', '.join(f'{100 * a:.2f}' for a in accs)} | {mean_std(row['times'], digits=1)} |")
     lines += ["", f"Teacher top-1: {100 * teacher_acc:.2f}%. Mean ± sample standard deviation over "
-              f"{len(rows[0]['accs'])} seeds. Produced by:", "", "```bash", command, "```", ""]
+              f"{len(rows[0]['accs'])} seeds; wall time of the training (summary.json's wall_time_s). Produced by:",
+              "", "```bash", command, "```", ""]
     return "\n".join(lines)
 
 

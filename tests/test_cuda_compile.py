@@ -39,12 +39,13 @@ def _include_paths():
 
 
 def _nvidia_wheel_includes():
-    """As setup.py: headers of the CUDA libraries pip ships with torch (cuBLAS, cuSPARSE, ...)."""
+    """As setup.py: -isystem flags for the headers of the CUDA libraries pip ships with torch (cuBLAS, ...)."""
     try:
         import nvidia
     except ImportError:
         return []
-    return sorted(str(p) for base in nvidia.__path__ for p in Path(base).glob("*/include"))
+    dirs = sorted(str(p) for base in nvidia.__path__ for p in Path(base).glob("*/include"))
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 CUDA_HOME = _cuda_home()
@@ -53,11 +54,10 @@ CUDA_HOME = _cuda_home()
 @pytest.mark.skipif(CUDA_HOME is None, reason="nvcc not found (set CUDA_HOME to a CUDA toolkit to run this test)")
 def test_cuda_sources_compile(tmp_path):
     assert CU_FILES, "no csrc/cuda/*.cu sources"
-    includes = [*_include_paths(), str(CUDA_HOME / "include"), *_nvidia_wheel_includes(),
-                sysconfig.get_paths()["include"]]
+    includes = [*_include_paths(), str(CUDA_HOME / "include"), sysconfig.get_paths()["include"]]
     flags = [*_setup_nvcc_flags(), *cpp_extension.COMMON_NVCC_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DTORCH_EXTENSION_NAME=_C", "--compiler-options", "-fPIC",
-             "-gencode", "arch=compute_90,code=sm_90", *(f"-I{p}" for p in includes)]
+             "-gencode", "arch=compute_90,code=sm_90", *(f"-I{p}" for p in includes), *_nvidia_wheel_includes()]
     nvcc = str(CUDA_HOME / "bin" / "nvcc")
     procs = {cu: subprocess.Popen([nvcc, "-c", str(cu), "-o", str(tmp_path / (cu.stem + ".o")), *flags],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
