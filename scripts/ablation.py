@@ -5,8 +5,9 @@
     python scripts/ablation.py ablation.md -- --method nayer  # flags after `--` go to every run
 
 Variants: BN-only (--no-stars), RCA only (--lambda-tar 0), TAR only (--lambda-rca 0), STARS (both
-terms). Each run is its own process with its own run folder under --runs; a finished run is
-reused and an interrupted one resumed, so the script can be stopped and started again. The table
+terms). Each run is its own process with its own run folder under --runs; a finished run of the
+same configuration is reused and an interrupted one resumed, so the script can be stopped and
+started again (a folder holding another configuration is an error: pick another --runs). The table
 gives the final student top-1 accuracy and the wall time of each run as mean ± sample standard
 deviation over the seeds, and the command that produced it.
 """
@@ -30,6 +31,10 @@ VARIANTS = (
 QUICK = ["--epochs", "3", "--g-steps", "10", "--kd-steps", "50", "--ep-steps", "50", "--batch-size", "64",
          "--synthesis-batch-size", "64"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from stars_fast import train  # noqa: E402
+
+RUN_ONLY = ("out", "resume", "progress")  # keys of a run's configuration that do not change its result
 
 
 def run_once(out: str, flags: List[str]) -> Dict:
@@ -38,6 +43,9 @@ def run_once(out: str, flags: List[str]) -> Dict:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
+        expected = train.make_config(train.parse_args(flags))
+        if any(summary["config"].get(key) != value for key, value in expected.items() if key not in RUN_ONLY):
+            raise SystemExit(f"{out} holds a run of another configuration; pass another --runs")
         if summary["epochs_completed"] == summary["config"]["epochs"]:
             return summary
     resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else []
