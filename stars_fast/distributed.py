@@ -64,8 +64,9 @@ class Context:
         return torch.cat(parts)
 
     def gather_to_main(self, obj) -> Optional[List]:
-        """[obj of rank 0, obj of rank 1, ...] on rank 0 and None elsewhere; `obj` holds tensors and
-        plain Python types only (it is read back with weights_only=True)."""
+        """[obj of rank 0, obj of rank 1, ...] on rank 0 and None elsewhere, its tensors on the CPU;
+        `obj` holds tensors and plain Python types only (it is read back with weights_only=True)."""
+        obj = _to_cpu(obj)
         if not self.distributed:
             return [obj]
         gathered = [None] * self.world_size if self.is_main else None
@@ -123,6 +124,17 @@ class Context:
         return self.sum(correct) / len(dataset)
 
 
+def _to_cpu(obj):
+    """`obj` with every tensor in its dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: _to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(value) for value in obj)
+    return obj
+
+
 @contextlib.contextmanager
 def setup(device: torch.device) -> Iterator[Context]:
     """The process group torchrun asked for (torn down on exit), or a one-process Context.
@@ -138,6 +150,9 @@ def setup(device: torch.device) -> Iterator[Context]:
         if device.index is not None:
             raise SystemExit(f"under torchrun pass --device cuda (or auto), not {device}: "
                              "each process takes the GPU of its LOCAL_RANK")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                             "start at most one process per GPU, or pass --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

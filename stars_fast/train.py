@@ -368,10 +368,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
     if explicit.pop("list_presets", False):
         print(format_presets(PRESETS))
         return None
-    out = explicit.get("out")
+    out = explicit.get("out")  # without --out, rank 0 names a new folder below
+    checkpoint_path = None if out is None else os.path.join(out, "checkpoint.pt")
     checkpoint = None
-    if out is not None and os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        checkpoint_path = os.path.join(out, "checkpoint.pt")
+    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
         if not explicit.get("resume"):
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)

@@ -13,8 +13,8 @@ from stars_fast import train
 from stars_fast.distributed import Context
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--method", "nayer", "--g-steps", "20", "--kd-steps", "40", "--ep-steps", "40", "--batch-size", "64",
-        "--synthesis-batch-size", "64", "--lr-g", "0.02", "--le-emb-size", "256", "--no-progress"]
+TINY = ["--device", "cpu", "--method", "nayer", "--g-steps", "20", "--kd-steps", "40", "--ep-steps", "40",
+        "--batch-size", "64", "--synthesis-batch-size", "64", "--lr-g", "0.02", "--le-emb-size", "256", "--no-progress"]
 
 
 def _free_port() -> int:
@@ -37,7 +37,9 @@ def test_one_process_context_is_a_no_op():
     ctx = Context()
     x = torch.arange(6.0).view(3, 2)
     assert ctx.is_main and not ctx.distributed
-    assert ctx.gather(x) is x and ctx.sum(2.5) == 2.5 and ctx.broadcast("a") == "a" and ctx.gather_to_main(1) == [1]
+    assert ctx.gather(x) is x and ctx.sum(2.5) == 2.5 and ctx.broadcast("a") == "a"
+    [state] = ctx.gather_to_main({"rng": [x], "step": (3, None)})
+    assert torch.equal(state["rng"][0], x) and state["step"] == (3, None)
     assert ctx.share(64, "--batch-size") == 64
     with pytest.raises(SystemExit, match="multiple of the number of processes"):
         Context(rank=1, world_size=3).share(64, "--batch-size")

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from stars_fast import models, train
+from stars_fast import train
 from stars_fast.data import DATASETS
 from stars_fast.presets import APPENDIX_A, PAPER_PAIRS, PAPER_PRESETS
 from stars_fast.synthesis import StarsRegularizer
@@ -84,8 +84,8 @@ def test_feature_bank_keeps_the_newest_rows(tmp_path):
 
 def test_cmi_round_trains_the_generator_and_fills_the_bank(pair, tmp_path):
     teacher, student = pair
-    synthesizer = CMISynthesizer(teacher, student, DIGITS, batch_size=6, iterations=3, lr_g=0.05, bn=1, oh=1,
-                                 adv=0.5, cr=0.8, cr_T=0.2, ngf=4, head_dim=8, stars=StarsRegularizer(backend="reference"))
+    synthesizer = CMISynthesizer(teacher, student, DIGITS, batch_size=6, iterations=3, lr_g=0.05, bn=1, oh=1, adv=0.5,
+                                 cr=0.8, cr_T=0.2, ngf=4, head_dim=8, stars=StarsRegularizer(backend="reference"))
     first = synthesizer.synthesize()
     second = synthesizer.synthesize()
     assert first.images.shape == (6, 1, 8, 8) and len(synthesizer.bank) == 12

@@ -75,7 +75,8 @@ class NoisyLayerGenerator(nn.Module):
         self.register_buffer("label_embedding", label_embedding.detach().float().clone())
         self.norm = nn.BatchNorm1d(dim)
         self.chunk = num_classes
-        self.noisy_layers = nn.ModuleList(nn.Linear(dim, latent_size) for _ in range(math.ceil(batch_size / num_classes)))
+        layers = math.ceil(batch_size / num_classes)
+        self.noisy_layers = nn.ModuleList(nn.Linear(dim, latent_size) for _ in range(layers))
         self.body = Generator(nz=latent_size, ngf=ngf, img_size=img_size, nc=nc)
 
     @torch.no_grad()

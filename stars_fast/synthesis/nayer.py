@@ -11,8 +11,8 @@ driver calls once per epoch (the paper's presets have ep_steps == kd_steps, one 
   class once per num_classes samples, the remainder random), and a fresh Adam (lr_g, betas 0.5 /
   0.999) trains the generator for `iterations` steps on the shared objective (objective.py: BN +
   one-hot + adversarial + STARS) of the generated images under a random crop + flip drawn per
-  sample; the adversarial term is off during the warm-up. The step with the lowest loss gives
-  the batch.
+  sample (the flip where the dataset allows it; NAYER skips it on Tiny-ImageNet); the
+  adversarial term is off during the warm-up. The step with the lowest loss gives the batch.
 
 Label embedding: NAYER embeds the class names with CLIP's text encoder, which cannot be downloaded
 here. `--label-embedding PATH` takes a file written by `torch.save(tensor, PATH)`, holding a
@@ -108,8 +108,9 @@ class NayerSynthesizer(Synthesizer):
         return self.loops * self.iterations
 
     def _new_generator(self) -> NoisyLayerGenerator:
-        return NoisyLayerGenerator(self.label_embedding, self.batch_size, latent_size=self.latent_size,
-                                   ngf=self.ngf, img_size=self.info.image_size, nc=self.info.in_channels).to(self.device)
+        generator = NoisyLayerGenerator(self.label_embedding, self.batch_size, latent_size=self.latent_size,
+                                        ngf=self.ngf, img_size=self.info.image_size, nc=self.info.in_channels)
+        return generator.to(self.device)
 
     def _rebuild_due(self) -> bool:
         boundary = self.epoch % self.g_life == 0 or (self.epoch - self.warmup) % self.g_life == 0
