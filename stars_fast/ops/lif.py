@@ -82,7 +82,7 @@ def _define_neuron_op(name: str, forward_impl, backward_impl, define):
         x, v_init, inv_tau = ctx.saved_tensors
         need_inv_tau_grad = ctx.needs_input_grad[2]
         grad_x, grad_v_init, grad_inv_tau = backward_op(
-            grad_spikes.contiguous(), None if grad_v_last is None else grad_v_last.contiguous(), x, v_init,
+            grad_spikes, grad_v_last, x, v_init,  # the kernels read gradients through their strides
             inv_tau, *ctx.options, need_inv_tau_grad)
         grad_inv_tau = grad_inv_tau.sum().reshape(inv_tau.shape).to(inv_tau.dtype) if need_inv_tau_grad else None
         grad_v_init = grad_v_init if ctx.needs_input_grad[1] else None

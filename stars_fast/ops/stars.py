@@ -63,8 +63,10 @@ def _stars_loss_op(z_teacher: List[Tensor], z_student: List[Tensor], quantiles: 
 
 @_stars_loss_op.register_fake
 def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend):
-    total = z_teacher[0].new_empty((), dtype=torch.float32)
-    parts = z_teacher[0].new_empty((len(z_teacher), 2), dtype=torch.float32)
+    any_fp64 = any(z.dtype == torch.float64 for z in list(z_teacher) + list(z_student))
+    acc = torch.float64 if any_fp64 else torch.float32  # the kernels accumulate fp64 inputs in fp64
+    total = z_teacher[0].new_empty((), dtype=acc)
+    parts = z_teacher[0].new_empty((len(z_teacher), 2), dtype=acc)
     return total, parts, [torch.empty_like(z) for z in z_teacher], [torch.empty_like(z) for z in z_student]
 
 
