@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): input checks, an accurate exp that
+// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): an accurate exp that
 // gcc auto-vectorizes, AVX2 dispatch, a cache for large outputs, and block-wise access to rows of
 // tensors of any float dtype.
 #pragma once
@@ -18,26 +18,11 @@
 #include <mutex>
 #include <utility>
 
+#include "op_args.h"
+
 namespace stars_fast {
 
 #define STARS_INLINE inline __attribute__((always_inline))
-
-// ---------------------------------------------------------------------------------------------
-// Checks.
-
-inline bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-inline void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-// State and arithmetic dtype: float64 for float64 data, float32 for float32/float16/bfloat16.
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---------------------------------------------------------------------------------------------
 // Math that vectorizes without -ffast-math (setup.py compiles with -ffp-contract=off: no FMA

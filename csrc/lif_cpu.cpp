@@ -24,42 +24,19 @@ enum class Charge { kIF, kDecayInput, kNoDecay };
 // (spiking=False). The surrogate of the backward is named by the same enum.
 enum class Fire { kHeaviside, kSigmoid, kAtan, kTriangle };
 
-constexpr double kPi = 3.14159265358979323846;
-
+// The neuron's constants (op_args.h) and the leak factor k = 1/tau with 1 - k.
 template <typename acc_t>
-struct Consts {
-  acc_t k;            // 1 / tau
-  acc_t one_minus_k;  // 1 - 1/tau
-  acc_t v_th;
-  acc_t v_r;       // v_reset in the charge: the reset value, 0 for soft reset
-  acc_t v_reset;   // hard-reset value (unused for soft reset)
-  acc_t v_start;   // v before t = 0 when v_init is None
-  acc_t alpha;
-  acc_t half_alpha;    // alpha / 2
-  acc_t atan_scale;    // pi/2 * alpha
-  acc_t pi;
-  acc_t two_alpha2;    // 2 alpha^2 (triangle primitive)
-  acc_t alpha2;        // alpha^2 (triangle surrogate)
-  acc_t not_detached;  // 1 - D: 0 when detach_reset drops the reset's path through s
+struct Consts : NeuronConstants<acc_t> {
+  acc_t k;
+  acc_t one_minus_k;
 };
 
 template <typename acc_t>
 Consts<acc_t> make_consts(double inv_tau, double v_threshold, std::optional<double> v_reset, double alpha,
                           bool detach_reset) {
-  Consts<acc_t> c;
+  Consts<acc_t> c{neuron_constants<acc_t>(v_threshold, v_reset, alpha, detach_reset)};
   c.k = static_cast<acc_t>(inv_tau);
   c.one_minus_k = acc_t(1) - c.k;
-  c.v_th = static_cast<acc_t>(v_threshold);
-  c.v_r = static_cast<acc_t>(v_reset.value_or(0.0));
-  c.v_reset = c.v_r;
-  c.v_start = c.v_r;
-  c.alpha = static_cast<acc_t>(alpha);
-  c.half_alpha = static_cast<acc_t>(alpha / 2.0);
-  c.atan_scale = static_cast<acc_t>(kPi / 2.0 * alpha);
-  c.pi = static_cast<acc_t>(kPi);
-  c.two_alpha2 = static_cast<acc_t>(2.0 * alpha * alpha);
-  c.alpha2 = static_cast<acc_t>(alpha * alpha);
-  c.not_detached = detach_reset ? acc_t(0) : acc_t(1);
   return c;
 }
 
@@ -338,45 +315,18 @@ void with_fire(bool spiking, int64_t surrogate, const Fn& fn) {
 // Elements per parallel task (see parallel_chunks).
 constexpr int64_t kChunk = 32768;
 
-// ---------------------------------------------------------------------------------------------
-// Checks shared by forward and backward.
-
-struct Shape {
-  int64_t T, N;
-};
-
-Shape check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
-                          const at::Tensor& inv_tau, int64_t surrogate, double alpha) {
-  check_float_cpu(x, op, "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  const int64_t N = x.size(1);
-  if (v_init.has_value()) {
-    check_float_cpu(*v_init, op, "v_init");
-    TORCH_CHECK(v_init->dim() == 1 && v_init->size(0) == N, op, ": v_init must have shape [N] = [", N,
-                "], got ", v_init->sizes());
-    TORCH_CHECK(v_init->scalar_type() == x.scalar_type(), op, ": v_init dtype ", v_init->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
-  }
-  check_float_cpu(inv_tau, op, "inv_tau");
-  TORCH_CHECK(inv_tau.numel() == 1, op, ": inv_tau must have one element, got ", inv_tau.numel());
-  TORCH_CHECK(surrogate >= 0 && surrogate <= 2, op, ": surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got ",
-              surrogate);
-  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
-  return {x.size(0), N};
-}
-
 std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& v_init,
                                                    const at::Tensor& inv_tau, bool leaky, double v_threshold,
                                                    std::optional<double> v_reset, bool decay_input, int64_t surrogate,
                                                    double alpha, bool spiking) {
-  const Shape shape = check_neuron_inputs("lif_forward", x, v_init, inv_tau, surrogate, alpha);
+  check_neuron_inputs("lif_forward", x, v_init, inv_tau, surrogate, alpha);
+  const int64_t T = x.size(0), N = x.size(1);
   const double k = inv_tau.item<double>();
   at::Tensor spikes = empty_output(x.sizes(), x.options());
-  at::Tensor v_last = empty_output({shape.N}, x.options());
+  at::Tensor v_last = empty_output({N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(x.scalar_type()), "lif_forward", [&] {
     using acc_t = scalar_t;
-    ForwardArgs<acc_t> args{shape.T,
+    ForwardArgs<acc_t> args{T,
                             RowReader<acc_t>(x),
                             v_init.has_value() ? RowReader<acc_t>(*v_init) : RowReader<acc_t>(),
                             v_init.has_value(),
@@ -386,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
     with_charge(leaky, decay_input, [&](auto C) {
       with_bool(v_reset.has_value(), [&](auto hard) {
         with_fire(spiking, surrogate, [&](auto F) {
-          parallel_chunks(shape.N, kChunk, [&](int64_t begin, int64_t end) {
+          parallel_chunks(N, kChunk, [&](int64_t begin, int64_t end) {
             run_vectorized([&]() __attribute__((always_inline)) {
               forward_range<acc_t, C.value, hard.value, F.value>(args, begin, end);
             });
@@ -406,24 +356,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const std::optional<at::Tensor>& v_init, const at::Tensor& inv_tau, bool leaky, double v_threshold,
     std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha, bool spiking,
     bool detach_reset, bool need_inv_tau_grad) {
-  const Shape shape = check_neuron_inputs("lif_backward", x, v_init, inv_tau, surrogate, alpha);
-  check_float_cpu(grad_spikes, "lif_backward", "grad_spikes");
-  TORCH_CHECK(grad_spikes.sizes() == x.sizes(), "lif_backward: grad_spikes shape ", grad_spikes.sizes(),
-              " differs from x shape ", x.sizes());
-  if (grad_v_last.has_value()) {
-    check_float_cpu(*grad_v_last, "lif_backward", "grad_v_last");
-    TORCH_CHECK(grad_v_last->dim() == 1 && grad_v_last->size(0) == shape.N,
-                "lif_backward: grad_v_last must have shape [N] = [", shape.N, "], got ", grad_v_last->sizes());
-  }
-  TORCH_CHECK(leaky || !need_inv_tau_grad, "lif_backward: need_inv_tau_grad requires the leaky (LIF) neuron");
+  check_neuron_inputs("lif_backward", x, v_init, inv_tau, surrogate, alpha);
+  check_neuron_grads(x, grad_spikes, grad_v_last, leaky, need_inv_tau_grad);
+  const int64_t T = x.size(0), N = x.size(1);
   const double k = inv_tau.item<double>();
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
-  at::Tensor grad_v_init = empty_output({shape.N}, x.options());
-  at::Tensor grad_inv_tau = empty_output({need_inv_tau_grad ? shape.N : 0}, x.options().dtype(at::kFloat));
+  at::Tensor grad_v_init = empty_output({N}, x.options());
+  at::Tensor grad_inv_tau = empty_output({need_inv_tau_grad ? N : 0}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES(acc, "lif_backward", [&] {
     using acc_t = scalar_t;
-    BackwardArgs<acc_t> args{shape.T,
+    BackwardArgs<acc_t> args{T,
                              RowReader<acc_t>(grad_spikes),
                              grad_v_last.has_value() ? RowReader<acc_t>(*grad_v_last) : RowReader<acc_t>(),
                              RowReader<acc_t>(x),
@@ -441,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
           with_fire(spiking, surrogate, [&](auto F) {
             // spiking=False emits the primitive of S itself: only (F, S) = (S, S) is reachable.
             if constexpr (F.value == Fire::kHeaviside || F.value == S.value) {
-              parallel_chunks(shape.N, kChunk, [&](int64_t begin, int64_t end) {
+              parallel_chunks(N, kChunk, [&](int64_t begin, int64_t end) {
                 run_vectorized([&]() __attribute__((always_inline)) {
                   backward_range<acc_t, C.value, hard.value, F.value, S.value>(args, begin, end);
                 });

@@ -45,11 +45,9 @@ void pool_mean_kernel(const scalar_t* x, int64_t T, int64_t R, int64_t S, scalar
 }
 
 at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
-  check_float_cpu(x_in, "pool_mean", "x");
-  TORCH_CHECK(x_in.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x_in.sizes());
+  check_pool_mean_input(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), R = x.size(1), S = x.size(2);
-  TORCH_CHECK(T > 0 && S > 0, "pool_mean: cannot average over an empty T or S, got shape ", x.sizes());
   at::Tensor out = at::empty({R}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mean", [&] {
     pool_mean_kernel(x.const_data_ptr<scalar_t>(), T, R, S, out.data_ptr<scalar_t>());
@@ -137,10 +135,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t* 
 }
 
 at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
-  check_float_cpu(z, "quantiles", "z");
-  TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
-  TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
-  for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
+  check_quantiles_input(z, q);
   const at::ScalarType acc = acc_dtype(z.scalar_type());
   const at::Tensor values = z.contiguous().view(-1).to(acc);
   const int64_t M = static_cast<int64_t>(q.size());
@@ -333,36 +328,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
     at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
     double eps) {
+  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, thresholds, shift, scale, coef_rca, coef_tar, delta, eps);
   const size_t L = z_teacher.size();
-  TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
-  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
-                  coef_rca.size() == L && coef_tar.size() == L,
-              "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
-              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
-              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
-  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
-  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
-  for (size_t l = 0; l < L; ++l) {
-    const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
-    check_float_cpu(zt, "stars_loss_fused", "z_teacher[l]");
-    check_float_cpu(zs, "stars_loss_fused", "z_student[l]");
-    check_float_cpu(thresholds[l], "stars_loss_fused", "thresholds[l]");
-    TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
-                ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
-    TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
-                " != student batch ", zs.size(0));
-    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
-                zt.size(0));
-    TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
-    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
-                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
-  }
   // total and parts: float64 when any input is float64 (so that float64 gradcheck sees an exact
   // loss), else float32.
-  bool any_fp64 = false;
-  for (size_t l = 0; l < L; ++l) {
-    any_fp64 = any_fp64 || z_teacher[l].scalar_type() == at::kDouble || z_student[l].scalar_type() == at::kDouble;
-  }
   const at::ScalarType out_dtype = any_fp64 ? at::kDouble : at::kFloat;
   std::vector<double> parts(2 * L);
   std::vector<at::Tensor> grad_teacher(L), grad_student(L);

@@ -13,43 +13,33 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
+
 namespace stars_fast {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxLocalSteps = 32;
-constexpr double kPi = 3.14159265358979323846;
 
 enum Charge : int { kIF = 0, kDecayInput = 1, kNoDecay = 2 };
 // Emitted value: the Heaviside spike, or a surrogate's primitive; surrogates use the last three.
 enum Fire : int { kHeaviside = 0, kSigmoid = 1, kAtan = 2, kTriangle = 3 };
 
+// The neuron's constants (op_args.h) and its options as run-time modes.
 template <typename acc_t>
-struct Params {
+struct Params : NeuronConstants<acc_t> {
   int charge, fire, surrogate;
   bool hard;
-  acc_t v_th, v_r, v_reset, v_start, alpha, half_alpha, atan_scale, pi, two_alpha2, alpha2, not_detached;
 };
 
 template <typename acc_t>
 Params<acc_t> make_params(bool leaky, bool decay_input, bool spiking, int64_t surrogate, double v_threshold,
                           std::optional<double> v_reset, double alpha, bool detach_reset) {
-  Params<acc_t> p;
+  Params<acc_t> p{neuron_constants<acc_t>(v_threshold, v_reset, alpha, detach_reset)};
   p.charge = !leaky ? kIF : (decay_input ? kDecayInput : kNoDecay);
   p.surrogate = static_cast<int>(surrogate) + 1;
   p.fire = spiking ? kHeaviside : p.surrogate;
   p.hard = v_reset.has_value();
-  p.v_th = static_cast<acc_t>(v_threshold);
-  p.v_r = static_cast<acc_t>(v_reset.value_or(0.0));
-  p.v_reset = p.v_r;
-  p.v_start = p.v_r;
-  p.alpha = static_cast<acc_t>(alpha);
-  p.half_alpha = static_cast<acc_t>(alpha / 2.0);
-  p.atan_scale = static_cast<acc_t>(kPi / 2.0 * alpha);
-  p.pi = static_cast<acc_t>(kPi);
-  p.two_alpha2 = static_cast<acc_t>(2.0 * alpha * alpha);
-  p.alpha2 = static_cast<acc_t>(alpha * alpha);
-  p.not_detached = detach_reset ? acc_t(0) : acc_t(1);
   return p;
 }
 
@@ -184,34 +174,6 @@ int64_t num_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 32));
 }
 
-void check_float_cuda(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ",
-              t.device());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dt);
-}
-
-void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
-                         const at::Tensor& inv_tau, int64_t surrogate, double alpha) {
-  check_float_cuda(x, x, op, "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  if (v_init.has_value()) {
-    check_float_cuda(*v_init, x, op, "v_init");
-    TORCH_CHECK(v_init->dim() == 1 && v_init->size(0) == x.size(1), op, ": v_init must have shape [N] = [",
-                x.size(1), "], got ", v_init->sizes());
-    TORCH_CHECK(v_init->scalar_type() == x.scalar_type(), op, ": v_init dtype ", v_init->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
-  }
-  TORCH_CHECK(inv_tau.numel() == 1, op, ": inv_tau must have one element, got ", inv_tau.numel());
-  TORCH_CHECK(surrogate >= 0 && surrogate <= 2, op, ": surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got ",
-              surrogate);
-  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& v_init,
                                                     const at::Tensor& inv_tau, bool leaky, double v_threshold,
                                                     std::optional<double> v_reset, bool decay_input,
@@ -244,15 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha, bool spiking,
     bool detach_reset, bool need_inv_tau_grad) {
   check_neuron_inputs("lif_backward", x, v_init, inv_tau, surrogate, alpha);
-  check_float_cuda(grad_spikes_in, x, "lif_backward", "grad_spikes");
-  TORCH_CHECK(grad_spikes_in.sizes() == x.sizes(), "lif_backward: grad_spikes shape ", grad_spikes_in.sizes(),
-              " differs from x shape ", x.sizes());
-  if (grad_v_last_in.has_value()) {
-    check_float_cuda(*grad_v_last_in, x, "lif_backward", "grad_v_last");
-    TORCH_CHECK(grad_v_last_in->dim() == 1 && grad_v_last_in->size(0) == x.size(1),
-                "lif_backward: grad_v_last must have shape [N] = [", x.size(1), "], got ", grad_v_last_in->sizes());
-  }
-  TORCH_CHECK(leaky || !need_inv_tau_grad, "lif_backward: need_inv_tau_grad requires the leaky (LIF) neuron");
+  check_neuron_grads(x, grad_spikes_in, grad_v_last_in, leaky, need_inv_tau_grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   const at::ScalarType acc = acc_dtype(x.scalar_type());

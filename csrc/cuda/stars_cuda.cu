@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
+
 namespace stars_fast {
 namespace {
 
@@ -50,13 +52,6 @@ __device__ __forceinline__ acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp_acc(-x));
 }
 
-void check_float_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dt);
-}
-
 int64_t grid_for(int64_t items_per_block_unit, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + items_per_block_unit - 1) / items_per_block_unit, 1 << 16));
 }
@@ -82,12 +77,10 @@ __global__ void pool_mean_kernel(const scalar_t* __restrict__ x, scalar_t* __res
 }
 
 at::Tensor pool_mean_cuda(const at::Tensor& x_in) {
-  check_float_cuda(x_in, "pool_mean", "x");
-  TORCH_CHECK(x_in.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x_in.sizes());
+  check_pool_mean_input(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), R = x.size(1), S = x.size(2);
-  TORCH_CHECK(T > 0 && S > 0, "pool_mean: cannot average over an empty T or S, got shape ", x.sizes());
   at::Tensor out = at::empty({R}, x.options());
   if (R == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_mean_cuda", [&] {
@@ -103,12 +96,9 @@ at::Tensor pool_mean_cuda(const at::Tensor& x_in) {
 // lerp(sorted[floor rank], sorted[ceil rank], rank - floor rank); NaN anywhere -> NaN.
 
 at::Tensor quantiles_cuda(const at::Tensor& z, at::ArrayRef<double> q) {
-  check_float_cuda(z, "quantiles", "z");
-  TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
-  TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
-  for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
+  check_quantiles_input(z, q);
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::ScalarType acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(z.scalar_type());
   const at::Tensor sorted = std::get<0>(at::sort(z.reshape(-1).to(acc)));
   const int64_t n = sorted.numel(), M = static_cast<int64_t>(q.size());
   std::vector<int64_t> lo(M), hi(M);
@@ -330,33 +320,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
     at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
     double eps) {
+  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, thresholds, shift, scale, coef_rca, coef_tar, delta, eps);
   const size_t L = z_teacher.size();
-  TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
-  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
-                  coef_rca.size() == L && coef_tar.size() == L,
-              "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
-              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
-              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
-  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
-  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
-  bool any_fp64 = false;
-  for (size_t l = 0; l < L; ++l) {
-    const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
-    check_float_cuda(zt, "stars_loss_fused", "z_teacher[l]");
-    check_float_cuda(zs, "stars_loss_fused", "z_student[l]");
-    TORCH_CHECK(zt.device() == z_teacher[0].device() && zs.device() == zt.device(), "stars_loss_fused: layer ", l,
-                ": all features must be on one device");
-    TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
-                ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
-    TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
-                " != student batch ", zs.size(0));
-    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
-                zt.size(0));
-    TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
-    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
-                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
-    any_fp64 = any_fp64 || zt.scalar_type() == at::kDouble || zs.scalar_type() == at::kDouble;
-  }
   const c10::cuda::CUDAGuard guard(z_teacher[0].device());
   // total and parts: float64 when any input is float64, else float32 (as the CPU kernel).
   const at::ScalarType out_dtype = any_fp64 ? at::kDouble : at::kFloat;

@@ -1,0 +1,161 @@
+// What the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) implementations of each op share on the host:
+// the argument checks, so that an op rejects the same inputs with the same message on either device,
+// and the neuron's constants derived from its options. Plain ATen, no device code.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+namespace stars_fast {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// State and arithmetic dtype: float64 for float64 data, float32 for float32/float16/bfloat16.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// t is defined, of a float dtype, and on `device` (the device the op runs on).
+inline void check_float(const at::Tensor& t, const c10::Device& device, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Neuron (lif_forward / lif_backward).
+
+// x [T, N] contiguous; v_init [N] of x's dtype; inv_tau one float element (on any device: it is
+// copied to x's); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle); alpha > 0.
+inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
+                                const at::Tensor& inv_tau, int64_t surrogate, double alpha) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  check_float(x, x.device(), op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  if (v_init.has_value()) {
+    check_float(*v_init, x.device(), op, "v_init");
+    TORCH_CHECK(v_init->dim() == 1 && v_init->size(0) == x.size(1), op, ": v_init must have shape [N] = [",
+                x.size(1), "], got ", v_init->sizes());
+    TORCH_CHECK(v_init->scalar_type() == x.scalar_type(), op, ": v_init dtype ", v_init->scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+  }
+  check_float(inv_tau, inv_tau.device(), op, "inv_tau");
+  TORCH_CHECK(inv_tau.numel() == 1, op, ": inv_tau must have one element, got ", inv_tau.numel());
+  TORCH_CHECK(surrogate >= 0 && surrogate <= 2, op, ": surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got ",
+              surrogate);
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
+}
+
+// The incoming gradients of lif_backward: grad_spikes like x (any strides), grad_v_last [N].
+inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spikes,
+                               const std::optional<at::Tensor>& grad_v_last, bool leaky, bool need_inv_tau_grad) {
+  check_float(grad_spikes, x.device(), "lif_backward", "grad_spikes");
+  TORCH_CHECK(grad_spikes.sizes() == x.sizes(), "lif_backward: grad_spikes shape ", grad_spikes.sizes(),
+              " differs from x shape ", x.sizes());
+  if (grad_v_last.has_value()) {
+    check_float(*grad_v_last, x.device(), "lif_backward", "grad_v_last");
+    TORCH_CHECK(grad_v_last->dim() == 1 && grad_v_last->size(0) == x.size(1),
+                "lif_backward: grad_v_last must have shape [N] = [", x.size(1), "], got ", grad_v_last->sizes());
+  }
+  TORCH_CHECK(leaky || !need_inv_tau_grad, "lif_backward: need_inv_tau_grad requires the leaky (LIF) neuron");
+}
+
+// The neuron's options as the constants its kernels use (DESIGN.md section 2.1), in acc_t.
+template <typename acc_t>
+struct NeuronConstants {
+  acc_t v_th;
+  acc_t v_r;           // v_reset in the charge: the reset value, 0 for soft reset
+  acc_t v_reset;       // hard-reset value (unused for soft reset)
+  acc_t v_start;       // v before t = 0 when v_init is None
+  acc_t alpha;
+  acc_t half_alpha;    // alpha / 2
+  acc_t atan_scale;    // pi/2 * alpha
+  acc_t pi;
+  acc_t two_alpha2;    // 2 alpha^2 (triangle primitive)
+  acc_t alpha2;        // alpha^2 (triangle surrogate)
+  acc_t not_detached;  // 1 - D: 0 when detach_reset drops the reset's path through s
+};
+
+template <typename acc_t>
+NeuronConstants<acc_t> neuron_constants(double v_threshold, std::optional<double> v_reset, double alpha,
+                                        bool detach_reset) {
+  constexpr double kPi = 3.14159265358979323846;
+  NeuronConstants<acc_t> c;
+  c.v_th = static_cast<acc_t>(v_threshold);
+  c.v_r = static_cast<acc_t>(v_reset.value_or(0.0));
+  c.v_reset = c.v_r;
+  c.v_start = c.v_r;
+  c.alpha = static_cast<acc_t>(alpha);
+  c.half_alpha = static_cast<acc_t>(alpha / 2.0);
+  c.atan_scale = static_cast<acc_t>(kPi / 2.0 * alpha);
+  c.pi = static_cast<acc_t>(kPi);
+  c.two_alpha2 = static_cast<acc_t>(2.0 * alpha * alpha);
+  c.alpha2 = static_cast<acc_t>(alpha * alpha);
+  c.not_detached = detach_reset ? acc_t(0) : acc_t(1);
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// STARS ops (pool_mean, quantiles, stars_loss_fused).
+
+// x [T, R, S] with T, S > 0.
+inline void check_pool_mean_input(const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), "pool_mean: x is undefined");
+  check_float(x, x.device(), "pool_mean", "x");
+  TORCH_CHECK(x.dim() == 3, "pool_mean: x must be 3-D [T, R, S], got shape ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0 && x.size(2) > 0, "pool_mean: cannot average over an empty T or S, got shape ",
+              x.sizes());
+}
+
+// z non-empty; q non-empty, each in [0, 1].
+inline void check_quantiles_input(const at::Tensor& z, at::ArrayRef<double> q) {
+  TORCH_CHECK(z.defined(), "quantiles: z is undefined");
+  check_float(z, z.device(), "quantiles", "z");
+  TORCH_CHECK(z.numel() > 0, "quantiles: z must be non-empty");
+  TORCH_CHECK(!q.empty(), "quantiles: q must be non-empty");
+  for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
+}
+
+// One entry per layer in every list; per layer teacher [B, Ct] and student [B, Cs] features with
+// B >= 2, non-empty 1-D thresholds; everything on z_teacher[0]'s device. Returns whether any
+// feature is float64 (the op then computes its loss in float64).
+inline bool check_stars_inputs(at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds,
+                               at::ArrayRef<double> shift, at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca,
+                               at::ArrayRef<double> coef_tar, double delta, double eps) {
+  const size_t L = z_teacher.size();
+  TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
+  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
+                  coef_rca.size() == L && coef_tar.size() == L,
+              "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
+              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
+              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
+  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
+  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
+  TORCH_CHECK(z_teacher[0].defined(), "stars_loss_fused: z_teacher[0] is undefined");
+  const c10::Device device = z_teacher[0].device();
+  bool any_fp64 = false;
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
+    check_float(zt, device, "stars_loss_fused", "z_teacher[l]");
+    check_float(zs, device, "stars_loss_fused", "z_student[l]");
+    check_float(thresholds[l], device, "stars_loss_fused", "thresholds[l]");
+    TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
+                ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
+    TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
+                " != student batch ", zs.size(0));
+    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
+                zt.size(0));
+    TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
+    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
+                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
+    any_fp64 = any_fp64 || zt.scalar_type() == at::kDouble || zs.scalar_type() == at::kDouble;
+  }
+  return any_fp64;
+}
+
+}  // namespace stars_fast
