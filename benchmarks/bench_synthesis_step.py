@@ -1,6 +1,7 @@
 """One DeepInversion synthesis step for ResNet-34 -> S-ResNet-18 (T=4) at B=32, 32x32, on the CPU:
 teacher and student forward, BN-statistics + one-hot + adversarial (+ STARS) losses, backward to
-the images. Fused CPU backend vs the reference backend, STARS on vs off.
+the images. Fused CPU backend vs the reference backend, STARS on vs off, and the step with a
+neuron that costs next to nothing (the ceiling of what faster neuron kernels can give).
 
 Targets (issue 5): the step >= 1.5x faster fused than reference; the extra cost of STARS
 (on - off) on the fused backend at most half of what it is on the reference backend."""
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import stars_fast
-from stars_fast import models
+from stars_fast import models, neurons
 from stars_fast._backend import ENV_OVERRIDE
 from stars_fast.data import DATASETS
 from stars_fast.synthesis import DeepInversionSynthesizer, StarsRegularizer
@@ -16,13 +17,7 @@ from stars_fast.synthesis import DeepInversionSynthesizer, StarsRegularizer
 BATCH = 32
 
 
-@pytest.mark.parametrize("stars", ["stars-on", "stars-off"])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
-    reason = stars_fast.available_backends("cpu")[backend]
-    if reason:
-        pytest.skip(f"backend {backend!r} unusable: {reason}")
-    monkeypatch.setenv(ENV_OVERRIDE, backend)  # every "auto" op (neurons, pooling, STARS) runs on `backend`
+def _benchmark_step(benchmark, stars):
     torch.manual_seed(0)
     info = DATASETS["cifar10"]
     teacher = models.freeze(models.build_teacher("resnet34", info.num_classes))
@@ -34,7 +29,30 @@ def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
     targets = torch.randint(0, info.num_classes, (BATCH,))
     optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.99))
     benchmark.group = f"synthesis step resnet34->s_resnet18 B={BATCH} 32x32 cpu {stars}"
-    benchmark.extra_info["threads"] = cpu_threads
     with synthesizer.objective.round() as objective:  # BN hooks, student folded: once per round, untimed
         benchmark.pedantic(synthesizer.step, args=(images, targets, optimizer, objective),
                            rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("stars", ["stars-on", "stars-off"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
+    reason = stars_fast.available_backends("cpu")[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unusable: {reason}")
+    monkeypatch.setenv(ENV_OVERRIDE, backend)  # every "auto" op (neurons, pooling, STARS) runs on `backend`
+    benchmark.extra_info["threads"] = cpu_threads
+    _benchmark_step(benchmark, stars)
+
+
+def test_synthesis_step_free_neuron_ceiling(benchmark, monkeypatch, cpu_threads):
+    """The ceiling of any neuron kernel: the step with every neuron replaced by one clamp (a read and
+    a write each way, far cheaper than any T-step neuron), STARS off; reference / this = the best
+    speedup a faster neuron could give."""
+    reason = stars_fast.available_backends("cpu")["cpu"]
+    if reason:
+        pytest.skip(f"backend 'cpu' unusable: {reason}")
+    monkeypatch.setenv(ENV_OVERRIDE, "cpu")
+    monkeypatch.setattr(neurons, "multistep_neuron", lambda x, *args, **kwargs: (x.clamp(0.0, 1.0), None))
+    benchmark.extra_info["threads"] = cpu_threads
+    _benchmark_step(benchmark, "stars-off")
