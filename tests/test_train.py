@@ -18,7 +18,9 @@ from stars_fast.data import DATASETS
 from stars_fast.distill import kd_loss
 from stars_fast.synthesis import (BNStatsHooks, DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory,
                                   jitter_and_flip)
+from stars_fast.synthesis import objective as objective_module
 from stars_fast.synthesis.base import pixel_bounds
+from stars_fast.synthesis.objective import InversionObjective
 
 DIGITS = DATASETS["digits"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,33 @@ def test_synthesis_optimizes_images_only(pair, stars):
     assert all(p.requires_grad for p in student.parameters()) and student.training  # restored
     assert (result.losses["loss_rca"] > 0) == stars and (result.losses["loss_tar"] > 0) == stars
     assert result.losses["loss_bn"] > 0 and result.losses["loss_tv"] > 0 and result.losses["loss_l2"] > 0
+
+
+def test_synthesis_round_runs_both_nets_channels_last_on_cpu_with_the_same_loss(pair, monkeypatch):
+    teacher, student = pair
+    torch.manual_seed(0)
+    images, targets = torch.randn(8, 1, 8, 8), torch.arange(8)
+    regularizer = StarsRegularizer(backend="reference")
+
+    def loss_terms(net_teacher, net_student):
+        objective = InversionObjective(net_teacher, net_student, bn=10, oh=1, adv=1, stars=regularizer)
+        with objective.round() as loss:
+            return loss(images, targets).terms
+
+    def is_channels_last(model):  # convs with one input channel are both layouts at once: left out
+        return [m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+
+    assert not any(is_channels_last(teacher))
+    fast = loss_terms(teacher, student)
+    assert all(is_channels_last(teacher))
+    with monkeypatch.context() as patch:  # the NCHW path, on NCHW copies
+        patch.setattr(objective_module, "channels_last_on_cpu", lambda model: model)
+        plain = loss_terms(teacher.to(memory_format=torch.contiguous_format), student)
+    assert not any(is_channels_last(teacher))
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6)
+    assert fast["loss_rca"] > 0 and fast["loss_adv"] != 0
 
 
 def test_memory_is_a_bounded_ring_buffer(tmp_path):
