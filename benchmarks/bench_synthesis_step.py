@@ -17,6 +17,12 @@ from stars_fast.synthesis import DeepInversionSynthesizer, StarsRegularizer
 BATCH = 32
 
 
+def _require_backend(backend):
+    reason = stars_fast.available_backends("cpu")[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unusable: {reason}")
+
+
 def _benchmark_step(benchmark, stars):
     torch.manual_seed(0)
     info = DATASETS["cifar10"]
@@ -37,9 +43,7 @@ def _benchmark_step(benchmark, stars):
 @pytest.mark.parametrize("stars", ["stars-on", "stars-off"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
-    reason = stars_fast.available_backends("cpu")[backend]
-    if reason:
-        pytest.skip(f"backend {backend!r} unusable: {reason}")
+    _require_backend(backend)
     monkeypatch.setenv(ENV_OVERRIDE, backend)  # every "auto" op (neurons, pooling, STARS) runs on `backend`
     benchmark.extra_info["threads"] = cpu_threads
     _benchmark_step(benchmark, stars)
@@ -48,9 +52,7 @@ def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
 def test_synthesis_step_free_neuron_ceiling(benchmark, monkeypatch, cpu_threads):
     """The ceiling of any neuron kernel: the step with every neuron replaced by the identity (no work
     at all), STARS off; reference / this = the best speedup a faster neuron could give."""
-    reason = stars_fast.available_backends("cpu")["cpu"]
-    if reason:
-        pytest.skip(f"backend 'cpu' unusable: {reason}")
+    _require_backend("cpu")
     monkeypatch.setenv(ENV_OVERRIDE, "cpu")
     monkeypatch.setattr(neurons, "multistep_neuron", lambda x, *args, **kwargs: (x, None))
     benchmark.extra_info["threads"] = cpu_threads

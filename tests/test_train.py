@@ -88,7 +88,7 @@ def test_synthesis_round_runs_both_nets_channels_last_on_cpu_with_the_same_loss(
     assert not any(is_channels_last(teacher))
     fast = loss_terms(teacher, student)
     assert all(is_channels_last(teacher))
-    with monkeypatch.context() as patch:  # the NCHW path, on NCHW copies
+    with monkeypatch.context() as patch:  # the NCHW path: the same teacher turned back to NCHW in place
         patch.setattr(objective_module, "channels_last_on_cpu", lambda model: model)
         plain = loss_terms(teacher.to(memory_format=torch.contiguous_format), student)
     assert not any(is_channels_last(teacher))

@@ -88,7 +88,7 @@ class InversionObjective:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, bn: float, oh: float, adv: float,
                  stars: Optional[StarsRegularizer] = None, amp: bool = False):
-        self.teacher, self.student = teacher, student
+        self.teacher, self.student = channels_last_on_cpu(teacher), student
         self.bn, self.oh, self.adv = bn, oh, adv
         self.stars = stars if stars is not None and stars.active else None
         self.amp = amp
@@ -97,13 +97,12 @@ class InversionObjective:
     def round(self, adversarial: bool = True) -> Iterator[Callable[[Tensor, Tensor], InversionLoss]]:
         """One synthesis round: BN hooks on the teacher, both nets frozen, the student's BatchNorm folded
         into its convolutions (its weights do not change during the round; it runs only when the
-        adversarial or STARS term needs it), both nets channels-last on the CPU. Yields `loss(inputs, targets) -> InversionLoss`;
-        `adversarial=False` drops the adversarial term (NAYER's warm-up)."""
+        adversarial or STARS term needs it) and, like the teacher, channels-last on the CPU. Yields
+        `loss(inputs, targets) -> InversionLoss`; `adversarial=False` drops the adversarial term
+        (NAYER's warm-up)."""
         adv = self.adv if adversarial else 0.0
-        student = fold_bn(self.student) if adv > 0 or self.stars is not None else None
-        if student is not None:
-            student = channels_last_on_cpu(student)
-        channels_last_on_cpu(self.teacher)
+        needs_student = adv > 0 or self.stars is not None
+        student = channels_last_on_cpu(fold_bn(self.student)) if needs_student else None
         with BNStatsHooks(self.teacher) as hooks, frozen(self.teacher):
             yield partial(self._loss, hooks=hooks, student=student, adv=adv)
 
