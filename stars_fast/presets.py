@@ -25,6 +25,8 @@ from typing import Dict
 
 from .ops.stars import DEFAULT_QUANTILES
 
+METHODS = ("deepinv", "cmi", "nayer")  # the synthesizers of --method
+
 # The offline default (digits), tuned on 2 shared CPU cores: about 7 s an epoch when the cores are free.
 # Departures from Appendix A, for 8x8 digits and a short run: bn 1 (bn 10 leaves the one-hot loss
 # unfitted after 30 steps), lr 0.5 (the small SNN learns much faster), 30 synthesis steps per batch.

@@ -1,0 +1,148 @@
+"""Command line of `python -m stars_fast.train`: the flags, and the configuration they layer onto.
+
+DEFAULTS <- preset <- explicit flags (presets.py holds DEFAULTS and the Appendix-A presets).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional
+
+from .data import DATASETS
+from .presets import DEFAULTS, METHODS, PRESETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI. Flags left out do not appear in the parsed namespace (defaults live in DEFAULTS)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stars_fast.train", argument_default=argparse.SUPPRESS,
+        description="Data-free ANN-to-SNN knowledge distillation with DeepInversion, CMI or NAYER + STARS. "
+                    "Without arguments: the offline digits default (a few minutes on a CPU). The defaults "
+                    "shown are the offline default's (preset deepinv-digits); --method cmi or nayer without "
+                    "--preset starts from cmi-digits or nayer-digits.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run folder: metrics.jsonl, summary.json, checkpoint.pt, synthetic_epochNNN.png.\n"
+               "Several processes (DistributedDataParallel): torchrun --nproc_per_node N -m stars_fast.train ...\n"
+               "Presets (Appendix A of the paper; --list-presets shows their values): " + ", ".join(PRESETS))
+
+    def add(group, *flags, help, **kwargs):
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        default = DEFAULTS.get(dest)
+        if default is not None and kwargs.get("action") not in ("store_true", "store_false"):
+            help += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        group.add_argument(*flags, help=help, **kwargs)
+
+    g = parser.add_argument_group("method and STARS")
+    add(g, "--preset", choices=sorted(PRESETS), metavar="NAME",
+        help="named hyperparameters of the paper's Appendix A; explicit flags override them "
+             f"(default: <method>-digits). One of: {', '.join(PRESETS)}")
+    add(g, "--list-presets", action="store_true", help="print every preset's values and exit")
+    add(g, "--method", choices=METHODS,
+        help="synthesizer: deepinv (DeepInversion), cmi (contrastive model inversion), nayer (noisy-layer generation)")
+    add(g, "--stars", action=argparse.BooleanOptionalAction,
+        help="add the STARS regularizers (RCA + TAR) to the synthesis loss")
+    add(g, "--lambda-rca", type=float, help="weight of L_RCA (0 switches it off: TAR-only ablation)")
+    add(g, "--lambda-tar", type=float, help="weight of L_TAR (0 switches it off: RCA-only ablation)")
+    add(g, "--quantiles", type=float, nargs="+", metavar="Q", help="teacher quantiles that set the TAR thresholds")
+    add(g, "--delta", type=float, help="TAR sigmoid softness delta")
+    add(g, "--tar-normalize", action="store_true",
+        help="standardize teacher and student features with the teacher's statistics before thresholding")
+
+    g = parser.add_argument_group("models")
+    add(g, "--teacher", help="teacher architecture (resnet18, resnet34, resnet19, resnet20, vgg11, vgg16, digits_cnn)")
+    add(g, "--teacher-ckpt", metavar="PATH",
+        help="teacher weights (a Fast-Datafree checkpoint works); required except for digits, "
+             "where a teacher is trained once and cached under $STARS_FAST_CACHE or ~/.cache/stars_fast")
+    add(g, "--student", help="spiking student (s_resnet18, s_resnet19, s_resnet20, s_vgg16, digits_snn)")
+    add(g, "--T", type=int, help="simulation time steps of the student")
+    add(g, "--neuron", choices=("lif", "if", "plif"), help="spiking neuron of the student")
+
+    g = parser.add_argument_group("data (evaluation only: the student never sees real images)")
+    add(g, "--dataset", choices=tuple(DATASETS), help="evaluation dataset (and its shapes and normalization)")
+    add(g, "--data-root", metavar="DIR", help="local folder of CIFAR / Tiny-ImageNet (never downloaded)")
+
+    g = parser.add_argument_group("schedule")
+    add(g, "--epochs", type=int, help="training epochs")
+    add(g, "--warmup", type=int,
+        help="epochs of synthesis only before KD starts (Fast-Datafree's warm-up; NAYER makes --gwp-loops "
+             "batches a round then, without the adversarial term)")
+    add(g, "--ep-steps", type=int, help="KD steps per epoch (ep_steps // kd_steps synthesis rounds per epoch)")
+    add(g, "--kd-steps", type=int, help="KD steps after each synthesis round")
+    add(g, "--g-steps", type=int, help="optimization steps per synthesized batch")
+    add(g, "--batch-size", type=int, help="KD batch size (all processes together)")
+    add(g, "--synthesis-batch-size", type=int, help="images per synthesized batch (all processes together)")
+    add(g, "--memory-size", type=int, help="most synthetic images kept for KD (oldest dropped first)")
+
+    g = parser.add_argument_group("optimization and losses")
+    add(g, "--lr", type=float, help="student learning rate (SGD, momentum 0.9, cosine decay)")
+    add(g, "--weight-decay", type=float, help="student weight decay")
+    add(g, "--lr-g", type=float,
+        help="learning rate of the synthesis (Adam): of the images (deepinv), of the generator (cmi, nayer)")
+    add(g, "--adv", type=float, help="weight of the adversarial (student-teacher disagreement) loss")
+    add(g, "--bn", type=float, help="weight of the BN-statistics loss")
+    add(g, "--oh", type=float, help="weight of the one-hot (cross-entropy) loss")
+    add(g, "--tv", type=float, help="deepinv: weight of the total-variation image prior")
+    add(g, "--l2", type=float, help="deepinv: weight of the L2 image prior")
+    add(g, "--kd-T", type=float, help="KD temperature")
+
+    g = parser.add_argument_group("CMI and NAYER (generator-based synthesis)")
+    add(g, "--ngf", type=int, help="generator width (Fast-Datafree's ngf)")
+    add(g, "--cr", type=float, help="CMI: weight of the contrastive (InfoNCE) loss")
+    add(g, "--cr-T", type=float, help="CMI: temperature of the contrastive loss")
+    add(g, "--g-life", type=int, help="NAYER: epochs between rebuilds of the generator")
+    add(g, "--g-loops", type=int, help="NAYER: batches synthesized per round after the warm-up")
+    add(g, "--gwp-loops", type=int, help="NAYER: batches synthesized per round during the warm-up")
+    add(g, "--le-emb-size", type=int, help="NAYER: width of the noisy layers' output (the generator's latent)")
+    add(g, "--label-embedding", metavar="PATH",
+        help="NAYER: per-class embeddings, a file written by torch.save(tensor, PATH) holding a float tensor "
+             "[num_classes, D] (row i: class i, e.g. CLIP text features of its name); default: a fixed random "
+             "N(0, 1) embedding with D = 512 (seed 0), since CLIP cannot be downloaded here")
+
+    g = parser.add_argument_group("run")
+    add(g, "--seed", type=int, help="random seed")
+    add(g, "--device", help="auto, cpu, cuda, cuda:N (under torchrun: auto, cpu or cuda; each process takes "
+                            "cuda:LOCAL_RANK)")
+    add(g, "--backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
+        help="backend of the fused ops (neurons, STARS loss)")
+    add(g, "--amp", action="store_true", help="bfloat16 autocast for the forward passes")
+    add(g, "--threads", type=int,
+        help="CPU threads of PyTorch; 0 picks 1 for digits (fastest for its small models, and safe on "
+             "shared cores, where several threads slow down badly) and PyTorch's default otherwise")
+    add(g, "--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    add(g, "--resume", action="store_true",
+        help="continue the run in --out from its checkpoint.pt up to --epochs, with the run's saved "
+             "configuration (flags given again override it); starts the run if there is no checkpoint")
+    add(g, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """Only the flags given on the command line, as {dest: value}."""
+    return vars(build_parser().parse_args(argv))
+
+
+def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """DEFAULTS <- preset (by default the method's digits preset) <- explicit flags (or `base`, a resumed
+    run's config, <- explicit flags)."""
+    if base is None:
+        preset = explicit.get("preset")
+        base = {**DEFAULTS, **PRESETS[preset or f"{explicit.get('method', DEFAULTS['method'])}-digits"],
+                "preset": preset}
+    config = {**base, **explicit}
+    config["quantiles"] = [float(q) for q in config["quantiles"]]
+    _check_config(config)
+    return config
+
+
+def _check_config(config: Dict[str, object]) -> None:
+    for key in ("epochs", "ep_steps", "kd_steps", "g_steps", "batch_size", "synthesis_batch_size", "T",
+                "memory_size", "ngf", "g_life", "g_loops", "gwp_loops", "le_emb_size"):
+        if int(config[key]) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["cr_T"] <= 0:
+        raise SystemExit(f"--cr-T must be > 0, got {config['cr_T']}")
+    if config["threads"] < 0:
+        raise SystemExit(f"--threads must be >= 0, got {config['threads']}")
+    if config["ep_steps"] < config["kd_steps"]:
+        raise SystemExit(f"--ep-steps ({config['ep_steps']}) must be >= --kd-steps ({config['kd_steps']})")
+    if config["dataset"] != "digits" and config["teacher_ckpt"] is None:
+        raise SystemExit(f"--dataset {config['dataset']} needs a pretrained teacher: pass --teacher-ckpt PATH")
