@@ -290,6 +290,12 @@ def _train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]],
                 "synthesizer": [p["synthesizer"] for p in per_process], "history": history,
                 "teacher_acc": teacher_acc, "elapsed_s": elapsed,
             }, os.path.join(out, "checkpoint.pt"))
+            student_file = dict(arch=config["student"], num_classes=info.num_classes, in_channels=info.in_channels,
+                                T=config["T"], neuron=config["neuron"], acc=record["student_acc"], epoch=epoch + 1)
+            models.save_student(os.path.join(out, "student.pth"), student, **student_file)
+            if record["student_acc"] >= summary["best_student_acc"]:
+                models.save_student(os.path.join(out, "best.pth"), student, **student_file,
+                                    best_acc1=record["student_acc"])
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             _write_json(os.path.join(out, "summary.json"), summary)

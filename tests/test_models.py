@@ -10,7 +10,8 @@ from torch import nn
 
 import stars_fast
 from stars_fast.models import (PAIRS, STUDENTS, TEACHERS, CheckpointMismatchError, Spiking, build_student,
-                               build_teacher, fold_bn, freeze, load_teacher, save_checkpoint)
+                               build_teacher, fold_bn, freeze, load_student, load_teacher, save_checkpoint,
+                               save_student, verify_checkpoint)
 from stars_fast.models import teachers as teachers_module
 from conftest import require_backend
 
@@ -232,6 +233,93 @@ def test_old_checkpoint_without_num_batches_tracked(tmp_path):
     path = tmp_path / "old.pth"
     torch.save(state, path)
     load_teacher("digits_cnn", str(path), num_classes=10, in_channels=1)
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@pytest.mark.parametrize("neuron", ["lif", "plif"])
+def test_save_and_load_student_round_trip(neuron, tmp_path):
+    model = _randomize_bn(build_student("digits_snn", 10, T=3, neuron=neuron, in_channels=1)).eval()
+    for p in model.parameters():  # PLIF's learnable decay too
+        p.data.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "best.pth"
+    save_student(str(path), model, arch="digits_snn", num_classes=10, in_channels=1, T=3, neuron=neuron,
+                 acc=0.93, epoch=7, best_acc1=0.93)
+    assert os.listdir(tmp_path) == ["best.pth"]  # no temporary file left behind
+    assert os.stat(path).st_mode & 0o777 == _umask_mode()  # as open() would create it, not mkstemp's 0600
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"state_dict", "arch", "num_classes", "in_channels", "T", "neuron", "acc", "epoch",
+                        "best_acc1"}
+    loaded, meta = load_student(str(path))
+    assert meta == {"arch": "digits_snn", "num_classes": 10, "in_channels": 1, "T": 3, "neuron": neuron,
+                    "acc": 0.93, "epoch": 7, "best_acc1": 0.93}
+    assert not loaded.training and loaded.T == 3
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_save_student_writes_teachers_too(tmp_path):
+    model = _randomize_bn(build_teacher("resnet20", 10)).eval()
+    path = tmp_path / "teacher.pth"
+    save_student(str(path), model, arch="resnet20", num_classes=10, in_channels=3, T=None, neuron=None,
+                 acc=None, epoch=None)
+    loaded, meta = load_student(str(path))
+    assert meta["T"] is None and meta["arch"] == "resnet20"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert torch.equal(load_teacher("resnet20", str(path), 10)(x), model(x))  # train --teacher-ckpt reads it
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_load_student_refuses_what_is_not_a_model_file(tmp_path):
+    cases = {"garbage.pth": b"not a checkpoint at all",
+             "bare.pth": None, "unknown.pth": None, "evil.pth": None, "badshape.pth": None}
+    (tmp_path / "garbage.pth").write_bytes(cases["garbage.pth"])
+    teacher = build_teacher("digits_cnn", 10, 1)
+    torch.save(teacher.state_dict(), tmp_path / "bare.pth")  # a bare state dict: no arch to rebuild
+    meta = {"arch": "resnet1000", "num_classes": 10, "in_channels": 1, "T": 4, "neuron": "lif"}
+    torch.save({"state_dict": teacher.state_dict(), **meta}, tmp_path / "unknown.pth")
+    torch.save({"state_dict": _Payload(), **meta}, tmp_path / "evil.pth")
+    torch.save({"state_dict": teacher.state_dict(), **meta, "arch": "digits_cnn", "num_classes": 7},
+               tmp_path / "badshape.pth")
+    messages = {"garbage.pth": "torch.load failed", "bare.pth": "expected the keys", "unknown.pth": "unknown arch",
+                "evil.pth": "torch.load failed", "badshape.pth": "size mismatch"}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for name, message in messages.items():
+            with pytest.raises(ValueError, match=message):
+                load_student(str(tmp_path / name))
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_verify_checkpoint_finds_flipped_bytes_in_a_tensor_record(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    verify_checkpoint(str(path))  # intact
+    data = bytearray(path.read_bytes())
+    offset = data.find(torch.arange(4096, dtype=torch.float32)[100:104].numpy().tobytes())
+    assert offset > 0
+    data[offset:offset + 4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["w"][100] != 100  # torch.load alone does not notice
+    with pytest.raises(ValueError, match="CRC"):
+        verify_checkpoint(str(path))
+    (tmp_path / "t.pt").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        verify_checkpoint(str(tmp_path / "t.pt"))
 
 
 # --- backends, neuron kinds, frozen students ---------------------------------------------------------

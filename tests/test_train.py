@@ -203,6 +203,18 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
     assert checkpoint["epoch"] == 3 and len(checkpoint["memory"]["images"]) == 3 * 64
     assert {"student", "optimizer", "scheduler", "rng", "history", "config"} <= set(checkpoint)
 
+    student, meta = models.load_student(os.path.join(out, "student.pth"))
+    assert meta["epoch"] == 3 and meta["acc"] == records[-1]["student_acc"] and not student.training
+    assert (meta["arch"], meta["T"], meta["neuron"], meta["num_classes"], meta["in_channels"]) == \
+        ("digits_snn", 4, "lif", 10, 1)
+    best, best_meta = models.load_student(os.path.join(out, "best.pth"))
+    best_epoch = max(records, key=lambda r: (r["student_acc"], r["epoch"]))
+    assert best_meta["best_acc1"] == best_meta["acc"] == summary["best_student_acc"] == best_epoch["student_acc"]
+    assert best_meta["epoch"] == best_epoch["epoch"]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(student(x), models.load_student(os.path.join(out, "student.pth"))[0](x))
+
     with pytest.raises(SystemExit, match="--resume"):
         train.main(["--epochs", "3", "--out", out] + TINY_RUN)
 

@@ -19,7 +19,8 @@ student pre-LIF (the input of the stage's last neuron) - i.e. all the taps of
 
 (The STARS loss accepts different teacher and student channel counts; these pairs happen to agree.)
 """
-from .checkpoints import CheckpointMismatchError, load_state_dict_strict, load_teacher, save_checkpoint
+from .checkpoints import (CheckpointMismatchError, load_state_dict_strict, load_student, load_teacher, save_checkpoint,
+                          save_student, verify_checkpoint)
 from .inference import fold_bn, freeze
 from .students import STUDENTS, Spiking, SpikingNet, build_student
 from .teachers import TEACHERS, TapNet, build_teacher
@@ -35,6 +36,7 @@ PAIRS = {
 
 __all__ = [
     "build_teacher", "build_student", "load_teacher", "save_checkpoint", "load_state_dict_strict",
+    "save_student", "load_student", "verify_checkpoint",
     "CheckpointMismatchError", "freeze", "fold_bn", "TapNet", "SpikingNet", "Spiking",
     "TEACHERS", "STUDENTS", "PAIRS",
 ]

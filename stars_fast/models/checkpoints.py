@@ -1,14 +1,17 @@
-"""Loading teacher checkpoints (Fast-Datafree format) and writing checkpoints atomically."""
+"""Teacher checkpoints (Fast-Datafree format), portable student files (student.pth / best.pth),
+and atomic checkpoint writes."""
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Dict, Mapping
+import pickle
+import zipfile
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .teachers import build_teacher
+from ..atomic import atomic_write
+from .students import STUDENTS, build_student
+from .teachers import TEACHERS, build_teacher
 
 MODULE_PREFIX = "module."  # added by DataParallel / DistributedDataParallel
 
@@ -58,17 +61,73 @@ def load_teacher(name: str, path: str, num_classes: int, in_channels: int = 3) -
 
 
 def save_checkpoint(obj, path: str) -> None:
-    """torch.save(obj) to `path` atomically: write a temporary file in the same folder, fsync, then
-    os.replace, so a crash never leaves a truncated checkpoint behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    """torch.save(obj) to `path` atomically (stars_fast.atomic.atomic_write: a temporary file in the
+    same folder, fsync, os.replace), so a crash never leaves a truncated checkpoint and the previous
+    one stays until the new one is complete; mode 0666 & ~umask, like any file open() creates."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise ValueError if `path` is not an intact torch.save zip archive: every record's CRC-32 is
+    checked (ZipFile.testzip), so flipped bytes inside a tensor are caught before the file is used."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint ({exc})") from exc
+    if bad is not None:
+        raise ValueError(f"{path} is corrupted: record {bad!r} fails its CRC check")
+
+
+def save_student(path: str, model: nn.Module, *, arch: str, num_classes: int, in_channels: int,
+                 T: Optional[int], neuron: Optional[str], acc: Optional[float], epoch: Optional[int],
+                 **extra) -> None:
+    """Write a portable model file atomically, Fast-Datafree style plus what rebuilds the model:
+    {'state_dict', 'arch', 'num_classes', 'in_channels', 'T', 'neuron', 'acc', 'epoch', **extra}
+    (best.pth also passes best_acc1). Teachers are written with T=None, neuron=None."""
+    model = getattr(model, "module", model)  # DistributedDataParallel -> the model
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    save_checkpoint({"state_dict": state_dict, "arch": arch, "num_classes": int(num_classes),
+                     "in_channels": int(in_channels), "T": None if T is None else int(T), "neuron": neuron,
+                     "acc": acc, "epoch": epoch, **extra}, path)
+
+
+def load_student(path: str, map_location="cpu") -> Tuple[nn.Module, Dict[str, object]]:
+    """A file of save_student -> (the rebuilt model in eval mode, its metadata without state_dict).
+
+    Read with weights_only=True; a file that is not such a checkpoint raises ValueError saying why.
+    A student (arch in STUDENTS) is rebuilt with its T and neuron, a teacher (arch in TEACHERS) as an ANN.
+    """
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        raise ValueError(f"{path} is not a stars_fast model file: torch.load failed ({exc})") from exc
+    required = ("state_dict", "arch", "num_classes", "in_channels", "T", "neuron")
+    if not isinstance(checkpoint, Mapping) or any(key not in checkpoint for key in required):
+        found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a stars_fast model file: expected the keys {list(required)} "
+                         f"(written by save_student), found {found}")
+    meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    arch, num_classes, in_channels = meta["arch"], meta["num_classes"], meta["in_channels"]
+    if not (isinstance(num_classes, int) and num_classes >= 1 and isinstance(in_channels, int) and in_channels >= 1):
+        raise ValueError(f"{path}: num_classes and in_channels must be positive integers, got "
+                         f"{num_classes!r} and {in_channels!r}")
+    if arch in STUDENTS:
+        if not (isinstance(meta["T"], int) and meta["T"] >= 1 and isinstance(meta["neuron"], str)):
+            raise ValueError(f"{path}: student {arch!r} needs an integer T >= 1 and a neuron name, "
+                             f"got T={meta['T']!r}, neuron={meta['neuron']!r}")
+        try:
+            model = build_student(arch, num_classes, T=meta["T"], neuron=meta["neuron"], in_channels=in_channels)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot rebuild student {arch!r}: {exc}") from exc
+    elif arch in TEACHERS:
+        model = build_teacher(arch, num_classes, in_channels)
+    else:
+        raise ValueError(f"{path}: unknown arch {arch!r}; expected one of {STUDENTS + TEACHERS}")
+    try:
+        load_state_dict_strict(model, _unwrap_state_dict(checkpoint), source=path)
+    except (CheckpointMismatchError, TypeError) as exc:
+        raise ValueError(str(exc)) from exc
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model.eval(), meta
