@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--delta", type=float, help="TAR sigmoid softness delta")
     add(g, "--tar-normalize", action="store_true",
         help="standardize teacher and student features with the teacher's statistics before thresholding")
+    add(g, "--thresholds", type=float, nargs="+", metavar="THETA",
+        help="fixed TAR thresholds (shared by all layers; in standardized units with --tar-normalize) "
+             "instead of the teacher quantiles")
+    add(g, "--stars-layers", type=int, nargs="+", metavar="I",
+        help="the layers S of STARS: 0-based indices of the stage taps (model(x, return_taps=True) order; "
+             "e.g. 0 1 2 3 = layer1..layer4 of a ResNet-18/34) (default: all taps)")
+    add(g, "--stars-weights", type=float, nargs="+", metavar="W",
+        help="the layer weights w_l of Eq. 15 and 17, one per selected layer (default: equal)")
+    add(g, "--stars-start-epoch", type=int,
+        help="first epoch (0-based) whose synthesis includes STARS; earlier epochs synthesize without it. "
+             "0 = every synthesis, as the paper's Algorithm 1 and Appendix A describe; e.g. 20 skips "
+             "NAYER's warm-up, when the student is still untrained")
 
     g = parser.add_argument_group("models")
     add(g, "--teacher", help="teacher architecture (resnet18, resnet34, resnet19, resnet20, vgg11, vgg16, digits_cnn)")
@@ -92,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--g-loops", type=int, help="NAYER: batches synthesized per round after the warm-up")
     add(g, "--gwp-loops", type=int, help="NAYER: batches synthesized per round during the warm-up")
     add(g, "--le-emb-size", type=int, help="NAYER: width of the noisy layers' output (the generator's latent)")
+    add(g, "--bn-mmt", type=float,
+        help="NAYER: BN momentum m; after the first batch the BN target is (1 - m) x the batch statistics "
+             "+ m x a moving average of earlier batches' (0 = plain BN loss)")
     add(g, "--label-embedding", metavar="PATH",
-        help="NAYER: per-class embeddings, a file written by torch.save(tensor, PATH) holding a float tensor "
-             "[num_classes, D] (row i: class i, e.g. CLIP text features of its name); default: a fixed random "
-             "N(0, 1) embedding with D = 512 (seed 0), since CLIP cannot be downloaded here")
+        help="NAYER: per-class embeddings [num_classes, D] (row i: class i): NAYER's label_embedding/*_le.pickle "
+             "or a torch.save file, read without executing code; make one with python -m stars_fast.label_embedding. "
+             "Default: a fixed random N(0, 1) embedding with D = 512 (seed 0)")
 
     g = parser.add_argument_group("run")
     add(g, "--seed", type=int, help="random seed")

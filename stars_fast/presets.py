@@ -8,8 +8,10 @@ The paper's presets carry Appendix A's values, one per row of Tables 1 and 2:
     {cmi, nayer}-tiny-imagenet-resnet34                                     (-> s_resnet18, 64 px)
 
 all with T = 4, seed 0, and STARS on with lambda_rca = lambda_tar = 1, delta = 0.5 and teacher
-quantiles (0.6, 0.7, 0.8, 0.9, 0.95). Where Appendix A is silent the original code's defaults fill
-in: KD temperature 20 for NAYER (NAYER's default), NAYER's batch sizes on CIFAR (512 for KD, 400
+quantiles (0.6, 0.7, 0.8, 0.9, 0.95) on every tap with equal weights, from the first epoch on (the
+paper's Algorithm 1 adds STARS to every synthesis and names no delay). Where Appendix A is silent
+the original code's defaults fill in: KD temperature 20 for NAYER (NAYER's default), NAYER's BN
+momentum 0.9 (its driver's --bn_mmt), NAYER's batch sizes on CIFAR (512 for KD, 400
 per synthesized batch: its published scripts), generator width 64 and NAYER's latent size 1000
 (CMI's bank of 40960 negatives, 4096 per step, and its 256-wide head are fixed in cmi.py, as in
 Fast-Datafree's script). The synthetic memory keeps every image the run makes, as the original
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .ops.stars import DEFAULT_QUANTILES
+# the paper's teacher quantiles of the TAR thresholds (equal to stars_fast.ops.stars.DEFAULT_QUANTILES, tested;
+# written out so that the CLI's --help need not import torch)
+DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
 
 METHODS = ("deepinv", "cmi", "nayer")  # the synthesizers of --method
 
@@ -33,7 +37,7 @@ METHODS = ("deepinv", "cmi", "nayer")  # the synthesizers of --method
 DEFAULTS: Dict[str, object] = {
     "preset": None, "method": "deepinv",
     "stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES), "delta": 0.5,
-    "tar_normalize": False,
+    "tar_normalize": False, "thresholds": None, "stars_layers": None, "stars_weights": None, "stars_start_epoch": 0,
     "teacher": "digits_cnn", "teacher_ckpt": None, "student": "digits_snn", "T": 4, "neuron": "lif",
     "dataset": "digits", "data_root": None,
     "epochs": 15, "warmup": 0, "batch_size": 128, "synthesis_batch_size": 128,
@@ -41,14 +45,15 @@ DEFAULTS: Dict[str, object] = {
     "g_steps": 30, "kd_steps": 50, "ep_steps": 50,
     "adv": 1.0, "bn": 1.0, "oh": 1.0, "tv": 0.0, "l2": 0.0, "kd_T": 20.0, "memory_size": 51200,
     "ngf": 64, "cr": 0.8, "cr_T": 0.2, "g_life": 10, "g_loops": 1, "gwp_loops": 1, "label_embedding": None,
-    "le_emb_size": 1000,
+    "le_emb_size": 1000, "bn_mmt": 0.9,
     "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 0,
     "out": None, "resume": False, "progress": True,
 }
 RUN_KEYS = ("preset", "out", "resume", "progress")  # what a preset never sets
 
 STARS = {"stars": True, "lambda_rca": 1.0, "lambda_tar": 1.0, "quantiles": list(DEFAULT_QUANTILES), "delta": 0.5,
-         "tar_normalize": False}
+         "tar_normalize": False, "thresholds": None, "stars_layers": None, "stars_weights": None,
+         "stars_start_epoch": 0}
 PAPER_PAIRS = {"vgg16": "s_vgg16", "resnet34": "s_resnet18", "resnet19": "s_resnet19"}
 
 # Appendix A, per method (CIFAR-10 and CIFAR-100 share them; so do the three pairs)
@@ -71,7 +76,7 @@ APPENDIX_A_TINY_IMAGENET: Dict[str, Dict[str, object]] = {
 # what the original code uses where Appendix A says nothing
 ORIGINAL_DEFAULTS = {"T": 4, "neuron": "lif", "seed": 0, "weight_decay": 1e-4, "tv": 0.0, "l2": 0.0, "ngf": 64,
                      "le_emb_size": 1000, "cr": 0.8, "cr_T": 0.2, "g_life": 10, "g_loops": 1, "gwp_loops": 1,
-                     "label_embedding": None}
+                     "label_embedding": None, "bn_mmt": 0.9}
 
 
 def images_per_run(config: Dict[str, object]) -> int:

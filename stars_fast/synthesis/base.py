@@ -55,15 +55,17 @@ def _maybe_flip(cols: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 def jitter_and_flip(x: torch.Tensor, lim: float = 1.0 / 8.0, flip: bool = True) -> torch.Tensor:
-    """DeepInversion's augmentation, drawn per sample: a circular shift of up to `lim` of each side
-    (torch.roll semantics), then a horizontal flip with probability 1/2 when `flip`."""
-    b, _, h, w = x.shape
-    lim_h, lim_w = int(h * lim), int(w * lim)
-    off_h = torch.randint(-lim_h, lim_h + 1, (b, 1), device=x.device)
-    off_w = torch.randint(-lim_w, lim_w + 1, (b, 1), device=x.device)
-    rows = (torch.arange(h, device=x.device) - off_h) % h
-    cols = (torch.arange(w, device=x.device) - off_w) % w
-    return _gather_pixels(x, rows, _maybe_flip(cols, flip))
+    """DeepInversion's augmentation as Fast-Datafree draws it, once for the whole batch: a circular
+    shift (torch.roll) by offsets uniform in [-int(H * lim), int(H * lim)] and [-int(W * lim),
+    int(W * lim)], then, when `flip`, a horizontal flip with probability 1/2. The draws come from
+    torch's CPU generator (Fast-Datafree uses Python's `random`), so no device is waited for."""
+    lim_h, lim_w = int(x.shape[2] * lim), int(x.shape[3] * lim)
+    off_h = int(torch.randint(-lim_h, lim_h + 1, ()))
+    off_w = int(torch.randint(-lim_w, lim_w + 1, ()))
+    x = torch.roll(x, shifts=(off_h, off_w), dims=(2, 3))
+    if flip and float(torch.rand(())) < 0.5:
+        x = torch.flip(x, dims=(3,))
+    return x
 
 
 def random_crop_and_flip(pixels: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:

@@ -9,21 +9,22 @@ random sorted targets y, and for `iterations` steps:
         + cr * L_cr
     Adam step on G and z (lr_g, betas 0.5 / 0.999), and on the instance head (lr_g)
 
-L_cr is InfoNCE between the two views: instance features f (the teacher's pooled taps, concatenated)
-of the local and global views of the batch and of `n_neg` negatives from a memory bank go through
+L_cr is InfoNCE between the two views: instance features f (Fast-Datafree's: the spatial means of
+the *inputs* of every teacher BatchNorm2d, concatenated in module order; for a ResNet-34 teacher the
+inputs of layer1..layer4, as its driver chooses) of the local and global views of the batch and of `n_neg` negatives from a memory bank go through
 an MLP head with L2-normalized output; logits = h(f_local) h(f_global)^T / cr_T (global side
 detached), each sample's positive is its own other view, and the cross-entropy is averaged over the
 batch and, separately, over the bank rows (Fast-Datafree's split, so the bank does not dilute the
 batch's gradient). The batch with the lowest L is returned and its features join the bank.
 
-Differences from Fast-Datafree, on purpose: the instance features are the teacher's STARS taps
-(every stage's output before the activation, already computed) instead of hooks on the BN inputs;
-augmentations are drawn per sample, not per batch; the bank is a FIFO of the newest rows.
+Differences from Fast-Datafree are listed in the README's Fidelity section (e.g. the bank is a FIFO
+of the newest rows, not a ring buffer pre-filled with noise).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from functools import partial
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,44 @@ def random_resized_crop_and_flip(pixels: Tensor, scale=(0.25, 1.0), ratio=(3 / 4
     theta[:, 1, 1], theta[:, 1, 2] = height, center_y
     grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InstanceMeanHooks:
+    """Fast-Datafree's `InstanceMeanHook`s: after each forward, `features()` is [B, sum C] = the
+    spatial means of the inputs of `modules`, concatenated in their order. A context manager."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        if not modules:
+            raise ValueError("CMI needs at least one module to take instance features from")
+        self.means: List[Optional[Tensor]] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(partial(self._hook, i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int, module, inputs, output) -> None:
+        self.means[index] = inputs[0].float().mean(dim=(2, 3))
+
+    def features(self) -> Tensor:
+        return torch.cat(self.means, dim=1)
+
+    def __enter__(self) -> "InstanceMeanHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def instance_feature_modules(teacher: nn.Module, layers: Optional[Sequence[str]] = None) -> List[nn.Module]:
+    """The modules whose inputs give CMI's instance features: the named submodules `layers`, else every
+    BatchNorm2d of the teacher (Fast-Datafree's default)."""
+    if layers is not None:
+        return [teacher.get_submodule(name) for name in layers]
+    return [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def fast_datafree_feature_layers(teacher_arch: str) -> Optional[List[str]]:
+    """Fast-Datafree's driver: a ResNet-34 teacher gives CMI the inputs of its four stages; any other
+    teacher the inputs of all its BatchNorm layers (None)."""
+    return ["layer1", "layer2", "layer3", "layer4"] if teacher_arch == "resnet34" else None
 
 
 class InstanceHead(nn.Module):
@@ -109,7 +148,8 @@ class CMISynthesizer(Synthesizer):
     def __init__(self, teacher: nn.Module, student: nn.Module, info: DatasetInfo, *, batch_size: int,
                  iterations: int, lr_g: float, bn: float, oh: float, adv: float, cr: float, cr_T: float,
                  stars: Optional[StarsRegularizer] = None, nz: int = 256, ngf: int = 64, head_dim: int = 256,
-                 bank_size: int = 40960, n_neg: int = 4096, amp: bool = False, device="cpu"):
+                 bank_size: int = 40960, n_neg: int = 4096, feature_layers: Optional[Sequence[str]] = None,
+                 amp: bool = False, device="cpu"):
         if batch_size < 2 and stars is not None and stars.active:
             raise ValueError("STARS' relational term needs a synthesis batch of at least 2 images")
         self.teacher, self.info = teacher, info
@@ -117,6 +157,7 @@ class CMISynthesizer(Synthesizer):
         self.cr, self.cr_T, self.nz, self.n_neg = cr, cr_T, nz, n_neg
         self.amp, self.device = amp, torch.device(device)
         self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp)
+        self.feature_modules = instance_feature_modules(teacher, feature_layers)
         self.generator = Generator(nz=nz, ngf=ngf, img_size=info.image_size, nc=info.in_channels).to(self.device)
         self.feature_dim = self._feature_dim()
         self.head = InstanceHead(self.feature_dim, head_dim).to(self.device)
@@ -124,20 +165,20 @@ class CMISynthesizer(Synthesizer):
         self.bank = FeatureBank(bank_size, self.device)
 
     def _feature_dim(self) -> int:
-        """Width of the instance features: the teacher's tap channels, summed."""
+        """Width of the instance features: the hooked modules' input channels, summed."""
         probe = torch.zeros(2, self.info.in_channels, self.info.image_size, self.info.image_size, device=self.device)
-        with torch.no_grad(), frozen(self.teacher):
-            _, taps = self.teacher(probe, return_taps=True)
-        return sum(t.shape[1] for t in taps)
+        with torch.no_grad(), frozen(self.teacher), InstanceMeanHooks(self.feature_modules) as hooks:
+            self.teacher(probe)
+            return hooks.features().shape[1]
 
     @property
     def steps_per_round(self) -> int:
         return self.iterations
 
-    def _instance_features(self, inputs: Tensor) -> Tensor:
+    def _instance_features(self, inputs: Tensor, hooks: InstanceMeanHooks) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            _, taps = self.teacher(inputs, return_taps=True)
-        return torch.cat(taps, dim=1).float()
+            self.teacher(inputs)
+        return hooks.features()
 
     def synthesize(self, progress=None) -> SynthesisResult:
         reset_generator(self.generator)
@@ -147,14 +188,15 @@ class CMISynthesizer(Synthesizer):
         optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], lr=self.lr_g,
                                      betas=(0.5, 0.999))
         best, terms = BestSoFar(), {}
-        with self.objective.round() as objective:
+        with self.objective.round(stars=self.objective.stars_on(self.epoch)) as objective, \
+                InstanceMeanHooks(self.feature_modules) as hooks:
             for _ in range(self.iterations):
                 pixels = self.generator(z)
                 global_view = normalize(random_crop_and_flip(pixels, self.info.crop_padding, self.info.flip), self.info)
                 local_view = normalize(random_resized_crop_and_flip(pixels, flip=self.info.flip), self.info)
                 out = objective(global_view, targets)
-                global_features = torch.cat(out.teacher_taps, dim=1).float()
-                local_features = self._instance_features(local_view)
+                global_features = hooks.features()
+                local_features = self._instance_features(local_view, hooks)
                 negative_local, negative_global = self.bank.sample(self.n_neg, 2 * self.feature_dim).chunk(2, dim=1)
                 projected = self.head(torch.cat([local_features, negative_local, global_features, negative_global]))
                 projected_local, projected_global = projected.chunk(2)

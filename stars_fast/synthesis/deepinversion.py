@@ -1,22 +1,21 @@
-"""DeepInversion (Yin et al., 2020) under Fast-Datafree's protocol, with STARS (paper Algorithm 1).
+"""DeepInversion (Yin et al., 2020) as Fast-Datafree's `DeepInvSyntheiszer`, with STARS (paper Algorithm 1).
 
-Each `synthesize()` call optimizes a fresh batch of images directly with Adam for `iterations`
-steps on
+Each `synthesize()` call optimizes a fresh batch of images x ~ N(0, 1) directly with Adam (lr_g,
+betas 0.5 / 0.99) for `iterations` steps on
 
-    L = bn * L_BN + oh * CE(teacher(x), y) + adv * L_adv + tv * TV(x) + l2 * ||x||_2
-        + lambda_rca * L_RCA + lambda_tar * L_TAR                                   (Eq. 18)
+    L = bn * (L_BN - 0.001 * L_BN(student)) + oh * CE(teacher(x'), y) - adv * JS_3(student(x'), teacher(x'))
+        + tv * TV(x) + l2 * ||x||_2 + lambda_rca * L_RCA + lambda_tar * L_TAR              (Eq. 18)
 
-with random sorted targets y, x jittered and flipped per sample before every forward, and x
-clipped to valid pixels after every step. All but the image priors are the objective the three
-synthesizers share (objective.py): L_adv = -mean(mask * KL(teacher || student)) rewards images on
-which the student still disagrees with the teacher, masked to the samples where both predict the
-same class (Fast-Datafree's "decision adversarial" loss); the student is frozen (eval mode, no
-parameter gradients, BatchNorm folded into its convolutions for the round, since its weights do
-not change during it) and is run only when the adversarial or STARS term needs it.
+with random sorted targets y and x' = x jittered and flipped (one draw for the whole batch, base.py)
+before every forward; x is clipped to valid pixels after every step. JS_3 is Fast-Datafree's
+clamped Jensen-Shannon divergence at temperature 3, unmasked (objective.py `js_divergence`);
+L_BN(student) is the BN-statistics loss of the frozen student's own BatchNorm layers (in eval
+mode, on x'), counted when the adversarial term runs the student, as in Fast-Datafree; the image
+priors act on the un-augmented x, TV being Fast-Datafree's mean absolute difference of neighbours.
 
-Differences from Fast-Datafree's `DeepInvSyntheiszer`, on purpose: its best-loss tracking
-aliases the live tensor, so it returns the last iterate, which is what we return outright; its
-tiny (-0.001x) student-BN term is left out; jitter and flip are drawn per sample, not per batch.
+The batch returned is the last iterate: Fast-Datafree keeps `best_inputs = inputs.data`, a view
+of the tensor that Adam and the clipping then keep updating in place, so its "best" batch is the
+final one. Differences that remain are listed in the README's Fidelity section.
 """
 from __future__ import annotations
 
@@ -27,15 +26,24 @@ from torch import Tensor, nn
 
 from ..data import DatasetInfo
 from .base import SynthesisResult, jitter_and_flip, pixel_bounds
+from .collectives import all_reduce_sum
 from .objective import InversionObjective, Synthesizer
 from .stars_regularizer import StarsRegularizer
 
+STUDENT_BN_WEIGHT = 0.001  # Fast-Datafree: loss_bn = teacher's r - 0.001 * student's r
+
 
 def total_variation(x: Tensor) -> Tensor:
-    """DeepInversion's image prior: L2 norms of the differences to the right, down and diagonal neighbours."""
+    """Fast-Datafree's `get_image_prior_losses`: the sum over the right, down and both diagonal
+    neighbour differences of the mean absolute difference (the mean over every process's images)."""
     diffs = (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
              x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
-    return sum(torch.norm(d) for d in diffs)
+    return sum(all_reduce_sum(d.abs().sum()) / all_reduce_sum(d.new_tensor(float(d.numel()))) for d in diffs)
+
+
+def l2_norm(x: Tensor) -> Tensor:
+    """||x||_2 of the whole batch (every process's images)."""
+    return all_reduce_sum(x.square().sum()).sqrt()
 
 
 class DeepInversionSynthesizer(Synthesizer):
@@ -48,7 +56,8 @@ class DeepInversionSynthesizer(Synthesizer):
             raise ValueError("STARS' relational term needs a synthesis batch of at least 2 images")
         self.info, self.batch_size, self.iterations, self.lr_g = info, batch_size, iterations, lr_g
         self.tv, self.l2, self.device = tv, l2, torch.device(device)
-        self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp)
+        self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp,
+                                            adversarial="jsdiv", student_bn=STUDENT_BN_WEIGHT)
 
     @property
     def steps_per_round(self) -> int:
@@ -61,7 +70,7 @@ class DeepInversionSynthesizer(Synthesizer):
         optimizer = torch.optim.Adam([images], lr=self.lr_g, betas=(0.5, 0.99))
         low, high = pixel_bounds(self.info, self.device)
         terms = {}
-        with self.objective.round() as objective:
+        with self.objective.round(stars=self.objective.stars_on(self.epoch)) as objective:
             for _ in range(self.iterations):
                 terms = self.step(images, targets, optimizer, objective)
                 with torch.no_grad():
@@ -77,7 +86,7 @@ class DeepInversionSynthesizer(Synthesizer):
         out = objective(jitter_and_flip(images, flip=self.info.flip), targets)
         zero = images.new_zeros(())
         loss_tv = total_variation(images) if self.tv > 0 else zero
-        loss_l2 = torch.norm(images) if self.l2 > 0 else zero
+        loss_l2 = l2_norm(images) if self.l2 > 0 else zero
         loss = out.loss + self.tv * loss_tv + self.l2 * loss_l2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

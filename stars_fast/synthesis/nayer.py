@@ -14,16 +14,18 @@ driver calls once per epoch (the paper's presets have ep_steps == kd_steps, one 
   sample (the flip where the dataset allows it; NAYER skips it on Tiny-ImageNet); the
   adversarial term is off during the warm-up. The step with the lowest loss gives the batch.
 
-Label embedding: NAYER embeds the class names with CLIP's text encoder, which cannot be downloaded
-here. `--label-embedding PATH` takes a file written by `torch.save(tensor, PATH)`, holding a
-floating-point tensor [num_classes, D] (row i embeds class i, in the dataset's label order; any D,
-e.g. D = 512 for CLIP ViT-B/32 text features of "a photo of a {class name}"), read with
-`torch.load(..., weights_only=True)`. Without it, a fixed random embedding is used: N(0, 1),
-D = 512, drawn from seed 0, the same for every run. This differs from the paper: classes then get
-arbitrary rather than semantically related codes.
+BN momentum (NAYER's `bn_mmt`, `--bn-mmt`, default 0.9 as NAYER's driver): after the first
+batch, each teacher BatchNorm's BN target is (1 - m) x the batch's statistics + m x a moving
+average of the final statistics of the earlier batches (bn_hooks.py); the average is updated after
+every batch, is kept across rounds and generator rebuilds, and is part of `state_dict()`.
 
-Also different from NAYER: its momentum-averaged BN statistics (`bn_mmt`) are not used; the BN
-loss is the plain one of DeepInversion and CMI.
+Label embedding: NAYER embeds "a image of {class}" with CLIP ViT-B/32's text encoder and ships the
+result as `label_embedding/{dataset}_le.pickle`. `--label-embedding PATH` reads those pickle files
+as they are, and files written by `torch.save(tensor, PATH)`, without executing anything from the
+file (stars_fast.safe_pickle); `python -m stars_fast.label_embedding` computes them. The file holds
+a floating-point tensor [num_classes, D] (row i embeds class i, in the dataset's label order).
+Without it, a fixed random embedding is used: N(0, 1), D = 512, drawn from seed 0, the same for
+every run (classes then get arbitrary rather than semantically related codes).
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ class NayerSynthesizer(Synthesizer):
                  iterations: int, lr_g: float, bn: float, oh: float, adv: float, g_life: int, g_loops: int,
                  gwp_loops: int, warmup: int, label_embedding: Optional[Tensor] = None,
                  stars: Optional[StarsRegularizer] = None, latent_size: int = 1000, ngf: int = 64,
-                 amp: bool = False, device="cpu"):
+                 bn_momentum: float = 0.9, amp: bool = False, device="cpu"):
         if batch_size < 2:
             raise ValueError("NAYER's generator normalizes over the batch: it needs at least 2 images per batch")
         if g_life < 1 or g_loops < 1 or gwp_loops < 1:
@@ -94,7 +96,8 @@ class NayerSynthesizer(Synthesizer):
         self.info, self.batch_size, self.iterations, self.lr_g = info, batch_size, iterations, lr_g
         self.g_life, self.g_loops, self.gwp_loops, self.warmup = g_life, g_loops, gwp_loops, warmup
         self.latent_size, self.ngf, self.device = latent_size, ngf, torch.device(device)
-        self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp)
+        self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp,
+                                            bn_momentum=bn_momentum)
         self.generator: Optional[NoisyLayerGenerator] = None
         self.built_epoch: Optional[int] = None
 
@@ -121,7 +124,8 @@ class NayerSynthesizer(Synthesizer):
             self.generator, self.built_epoch = self._new_generator(), self.epoch
         generator = self.generator.train()
         images, all_targets, terms = [], [], {}
-        with self.objective.round(adversarial=self.epoch >= self.warmup) as objective:
+        with self.objective.round(adversarial=self.epoch >= self.warmup,
+                                  stars=self.objective.stars_on(self.epoch)) as objective:
             for _ in range(self.loops):
                 generator.reset_noisy_layers()
                 targets = balanced_targets(self.batch_size, self.info.num_classes, self.device)
@@ -138,16 +142,22 @@ class NayerSynthesizer(Synthesizer):
                     terms = {"synth_loss": out.loss.detach(), **out.terms}
                     if progress is not None:
                         progress.update(1)
+                self.objective.end_batch()  # the BN momentum target takes this batch's last statistics
                 images.append(normalize(best.tensors[0], self.info))
                 all_targets.append(targets)
         return SynthesisResult(torch.cat(images), torch.cat(all_targets), {k: float(v) for k, v in terms.items()})
 
     def state_dict(self) -> Dict:
+        moving = self.objective.bn_moving
         return {"generator": None if self.generator is None else self.generator.state_dict(),
-                "built_epoch": self.built_epoch}
+                "built_epoch": self.built_epoch,
+                "bn_moving": None if moving is None else [[m.cpu(), v.cpu()] for m, v in moving]}
 
     def load_state_dict(self, state: Dict) -> None:
         self.generator, self.built_epoch = None, state["built_epoch"]
+        moving = state.get("bn_moving")  # absent in checkpoints written before the BN momentum existed
+        self.objective.bn_moving = None if moving is None else [(m.to(self.device), v.to(self.device))
+                                                                for m, v in moving]
         if state["generator"] is not None:
             self.generator = self._new_generator()
             self.generator.load_state_dict(state["generator"])
