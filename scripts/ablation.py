@@ -1,6 +1,7 @@
 """The STARS component ablation (the paper's Table 3) on the offline default, as a Markdown table.
 
     python scripts/ablation.py ablation.md                    # 4 variants x 3 seeds of `python -m stars_fast.train`
+    python scripts/ablation.py ablation.md --seeds 0 1 2 3 4  # the README's table (5 seeds)
     python scripts/ablation.py ablation.md --quick            # the tiniest sizes: checks that it runs, not a result
     python scripts/ablation.py ablation.md -- --method nayer  # flags after `--` go to every run
 
@@ -9,7 +10,9 @@ terms). Each run is its own process with its own run folder under --runs; a fini
 same configuration is reused and an interrupted one resumed, so the script can be stopped and
 started again (a folder holding another configuration is an error: pick another --runs). The table
 gives the final student top-1 accuracy and the wall time of each run as mean ± sample standard
-deviation over the seeds, and the command that produced it.
+deviation over the seeds, and the command that produced it; it is rewritten after every seed (all
+four variants of a seed run before the next seed), so a stopped ablation leaves a table of the
+seeds it finished.
 """
 from __future__ import annotations
 
@@ -88,23 +91,22 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     common = args.extra + (QUICK if args.quick else [])
 
-    rows, teacher_acc = [], None
-    for name, flags in VARIANTS:
-        row = {"name": name, "flags": flags, "accs": [], "times": []}
-        for seed in args.seeds:
-            tag = name.lower().replace(" ", "-")
-            summary = run_once(os.path.join(args.runs, f"{tag}-seed{seed}"), [*common, *flags, "--seed", str(seed)])
+    rows = [{"name": name, "flags": flags, "accs": [], "times": []} for name, flags in VARIANTS]
+    command = shlex.join(["python", "scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    text = ""
+    for seed in args.seeds:  # seed-major, so that a stopped ablation has every variant at the same seeds
+        for row in rows:
+            tag = row["name"].lower().replace(" ", "-")
+            summary = run_once(os.path.join(args.runs, f"{tag}-seed{seed}"),
+                               [*common, *row["flags"], "--seed", str(seed)])
             row["accs"].append(summary["student_acc"])
             row["times"].append(summary["wall_time_s"])
             teacher_acc = summary["teacher_acc"]
-        rows.append(row)
-
-    command = shlex.join(["python", "scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
-    text = markdown(rows, teacher_acc, command)
-    tmp = f"{args.output}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.output)
+        text = markdown(rows, teacher_acc, command)  # the table so far, rewritten after every seed
+        tmp = f"{args.output}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
     print(text)
     return text
 
