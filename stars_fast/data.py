@@ -1,8 +1,11 @@
 """Evaluation data: scikit-learn's bundled digits (offline default), CIFAR-10/100, Tiny-ImageNet.
 
 Nothing is ever downloaded. CIFAR and Tiny-ImageNet are read from a local folder in their
-standard layouts (see `EXPECTED_LAYOUT`); a missing folder raises `DatasetNotFoundError`
-naming the layout that was expected. Every dataset yields `(image, label)` with the image a
+standard layouts (see `EXPECTED_LAYOUT`; Fast-Datafree's `<data-root>/torchdata/` is searched too);
+a missing folder raises `DatasetNotFoundError` naming the layout that was expected, a file that is
+not what the layout says (a garbage CIFAR batch, an unknown Tiny-ImageNet wnid) `DatasetFormatError`.
+The CIFAR pickles are read with `safe_pickle.restricted_load`: numpy arrays and builtins only, so a
+batch file cannot run code. Every dataset yields `(image, label)` with the image a
 float tensor `[C, H, W]` normalized with the dataset's mean and std (`DatasetInfo`), which is
 also the input space the synthesizers optimize in.
 """
@@ -16,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .safe_pickle import restricted_load
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,9 @@ DATASETS = {
 
 EXPECTED_LAYOUT = {
     "cifar10": "<data-root>/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} "
-               "(the python-pickle version of CIFAR-10)",
-    "cifar100": "<data-root>/cifar-100-python/{train, test} (the python-pickle version of CIFAR-100)",
+               "(the python-pickle version of CIFAR-10; <data-root>/torchdata/cifar-10-batches-py too)",
+    "cifar100": "<data-root>/cifar-100-python/{train, test} (the python-pickle version of CIFAR-100; "
+                "<data-root>/torchdata/cifar-100-python too)",
     "tiny-imagenet": "<data-root>/tiny-imagenet-200/ with train/<wnid>/images/*.JPEG, "
                      "val/images/*.JPEG and val/val_annotations.txt (wnids.txt optional)",
 }
@@ -56,8 +62,16 @@ DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
 
 
+# Fast-Datafree's registry keeps torchvision datasets under <data_root>/torchdata/
+FAST_DATAFREE_SUBFOLDER = "torchdata"
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder is missing or incomplete; the message names the expected layout."""
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file exists but is not in the format its layout promises; the message says which file."""
 
 
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
@@ -143,19 +157,35 @@ def _load_digits(split: str, info: DatasetInfo) -> PixelDataset:
 
 
 def _find_folder(root: str, folder: str, name: str) -> str:
-    """`root/folder`, or `root` itself when it already is that folder."""
+    """`root/folder`, Fast-Datafree's `root/torchdata/folder`, or `root` itself when it already is that folder."""
     root = os.path.expanduser(root)
-    for candidate in (os.path.join(root, folder), root):
+    for candidate in (os.path.join(root, folder), os.path.join(root, FAST_DATAFREE_SUBFOLDER, folder), root):
         if os.path.basename(os.path.normpath(candidate)) == folder and os.path.isdir(candidate):
             return candidate
     raise DatasetNotFoundError(f"no {folder}/ folder under {root!r}; expected layout: {EXPECTED_LAYOUT[name]}")
 
 
-def _unpickle(path: str, name: str) -> dict:
+def _read_cifar_batch(path: str, name: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One python-pickle CIFAR batch -> (data uint8 [N, 3072], labels int64 [N]), checked."""
     if not os.path.isfile(path):
         raise DatasetNotFoundError(f"missing file {path!r}; expected layout: {EXPECTED_LAYOUT[name]}")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        batch = restricted_load(path)
+    except pickle.UnpicklingError as error:
+        raise DatasetFormatError(f"{path} is not a python-pickle CIFAR batch: {error}") from None
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        found = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise DatasetFormatError(f"{path} is not a CIFAR batch: expected a dict with 'data' and {label_key!r}, "
+                                 f"found {found}")
+    data, labels = batch["data"], np.asarray(batch[label_key])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DatasetFormatError(f"{path}: 'data' must be a uint8 array [N, 3072], got "
+                                 f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or (
+            labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise DatasetFormatError(f"{path}: {label_key!r} must hold {data.shape[0]} integer labels in "
+                                 f"[0, {num_classes}), got {labels.dtype} {labels.shape}")
+    return data, labels.astype(np.int64)
 
 
 def _load_cifar(name: str, split: str, root: str, info: DatasetInfo) -> PixelDataset:
@@ -168,9 +198,9 @@ def _load_cifar(name: str, split: str, root: str, info: DatasetInfo) -> PixelDat
         folder = _find_folder(root, "cifar-100-python", name)
         files = [split]
         label_key = "fine_labels"
-    batches = [_unpickle(os.path.join(folder, f), name) for f in files]
-    data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+    batches = [_read_cifar_batch(os.path.join(folder, f), name, label_key, info.num_classes) for f in files]
+    data = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([labels for _, labels in batches])
     return PixelDataset(torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)), torch.from_numpy(labels), info)
 
 
@@ -196,12 +226,22 @@ def _load_tiny_imagenet(split: str, root: str, info: DatasetInfo) -> ImageFileDa
         if not os.path.isfile(annotations):
             raise DatasetNotFoundError(f"missing {annotations!r}; expected layout: {EXPECTED_LAYOUT[name]}")
         with open(annotations) as f:
-            for line in f:
+            for line_number, line in enumerate(f, 1):
                 fields = line.split("\t")
                 if len(fields) >= 2:
-                    paths.append(os.path.join(folder, "val", "images", fields[0]))
-                    labels.append(index[fields[1].strip()])
+                    wnid = fields[1].strip()
+                    if wnid not in index:
+                        raise DatasetFormatError(
+                            f"{annotations}, line {line_number}: unknown wnid {wnid!r} (not among the "
+                            f"{len(wnids)} classes of {_wnid_source(folder)})")
+                    paths.append(os.path.join(folder, "val", "images", os.path.basename(fields[0])))
+                    labels.append(index[wnid])
     return ImageFileDataset(paths, labels, info)
+
+
+def _wnid_source(folder: str) -> str:
+    listing = os.path.join(folder, "wnids.txt")
+    return listing if os.path.isfile(listing) else os.path.join(folder, "train") + os.sep
 
 
 def _tiny_imagenet_wnids(folder: str) -> List[str]:

@@ -1,5 +1,6 @@
 """stars_fast.data: the digits split, CIFAR / Tiny-ImageNet from small fake folders in the real
-formats, and the errors for missing folders."""
+formats (ours and Fast-Datafree's torchdata/ layout), the errors for missing folders and malformed
+files, and CIFAR batches that would run code when unpickled."""
 import os
 import pickle
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stars_fast.data import DATASETS, DatasetNotFoundError, denormalize, load_dataset, normalize
+from stars_fast.data import DATASETS, DatasetFormatError, DatasetNotFoundError, denormalize, load_dataset, normalize
 
 
 def test_digits_split_is_deterministic_disjoint_and_normalized():
@@ -106,3 +107,74 @@ def test_incomplete_cifar_folder_names_the_missing_file(tmp_path):
     os.makedirs(tmp_path / "cifar-10-batches-py")
     with pytest.raises(DatasetNotFoundError, match="test_batch"):
         load_dataset("cifar10", "test", str(tmp_path))
+
+
+def _write_cifar10(folder, rng, n=3):
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        _write_pickle(folder / f"data_batch_{i}", _cifar_batch(n, rng, "labels", 10))
+    test_batch = _cifar_batch(n, rng, "labels", 10)
+    _write_pickle(folder / "test_batch", test_batch)
+    return test_batch
+
+
+def test_fast_datafree_torchdata_layout_is_found(tmp_path):
+    rng = np.random.default_rng(2)
+    test_batch = _write_cifar10(tmp_path / "torchdata" / "cifar-10-batches-py", rng)
+    test = load_dataset("cifar10", "test", str(tmp_path))
+    assert len(test) == 3 and test.labels.tolist() == test_batch["labels"]
+    assert len(load_dataset("cifar10", "train", str(tmp_path))) == 15
+    folder = tmp_path / "torchdata" / "cifar-100-python"
+    folder.mkdir()
+    for split in ("train", "test"):
+        _write_pickle(folder / split, _cifar_batch(2, rng, "fine_labels", 100))
+    assert len(load_dataset("cifar100", "test", str(tmp_path))) == 2
+
+
+class _RunsCommand:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_cifar_batch_that_would_run_a_command_is_refused(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, rng)
+    marker = tmp_path / "ran"
+    batch = _cifar_batch(3, rng, "labels", 10)
+    batch["filenames"] = _RunsCommand(marker)
+    _write_pickle(folder / "test_batch", batch)
+    with pytest.raises(DatasetFormatError, match="system"):
+        load_dataset("cifar10", "test", str(tmp_path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"not a pickle at all", "not a python-pickle CIFAR batch"),
+    (pickle.dumps([1, 2, 3]), "expected a dict"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}), "uint8"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "2 integer labels"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), r"\[0, 10\)"),
+])
+def test_garbage_cifar_file_is_a_one_line_error(tmp_path, content, needle):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(4))
+    (folder / "test_batch").write_bytes(content)
+    with pytest.raises(DatasetFormatError, match=needle) as caught:
+        load_dataset("cifar10", "test", str(tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message and "test_batch" in message
+
+
+def test_unknown_tiny_imagenet_wnid_is_a_one_line_error(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t63\t63\n"
+                                                      "val_1.JPEG\tn99\t0\t0\t63\t63\n")
+    with pytest.raises(DatasetFormatError, match=r"line 2: unknown wnid 'n99'.*wnids\.txt") as caught:
+        load_dataset("tiny-imagenet", "test", str(tmp_path))
+    assert "\n" not in str(caught.value)
