@@ -58,6 +58,17 @@ EXPECTED_LAYOUT = {
                      "val/images/*.JPEG and val/val_annotations.txt (wnids.txt optional)",
 }
 
+# label order of the datasets' own meta files (batches.meta label_names; meta fine_label_names)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
 
@@ -140,6 +151,35 @@ def load_dataset(name: str, split: str, root: Optional[str] = None) -> Dataset:
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, split, root, info)
     return _load_tiny_imagenet(split, root, info)
+
+
+def class_names(name: str, root: Optional[str] = None) -> List[str]:
+    """Human-readable class names in label order. Tiny-ImageNet's come from words.txt (first synonym of
+    each wnid) when `root` holds the dataset, else the wnids, else "class <i>"."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    if name == "digits":
+        return [str(d) for d in range(10)]
+    if name == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if name == "cifar100":
+        return list(CIFAR100_CLASSES)
+    fallback = [f"class {i}" for i in range(DATASETS[name].num_classes)]
+    if root is None:
+        return fallback
+    try:
+        folder = _find_folder(root, "tiny-imagenet-200", name)
+        wnids = _tiny_imagenet_wnids(folder)
+    except DatasetNotFoundError:
+        return fallback
+    words = {}
+    listing = os.path.join(folder, "words.txt")
+    if os.path.isfile(listing):
+        with open(listing, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                wnid, _, synonyms = line.rstrip("\n").partition("\t")
+                words[wnid.strip()] = synonyms.split(",")[0].strip()
+    return [words.get(wnid) or wnid for wnid in wnids]
 
 
 def _load_digits(split: str, info: DatasetInfo) -> PixelDataset:
