@@ -82,17 +82,19 @@ def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
 
 
 def main(argv=None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # the flags after `--` go to every run
+    own, extra = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="the Markdown file to write")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each variant")
     parser.add_argument("--runs", default=os.path.join("runs", "ablation"), help="folder of the run folders")
     parser.add_argument("--quick", action="store_true", help=f"append {' '.join(QUICK)} (a smoke test)")
-    parser.add_argument("extra", nargs="*", help="flags passed to every run (after `--`)")
-    args = parser.parse_args(argv)
-    common = args.extra + (QUICK if args.quick else [])
+    args = parser.parse_args(own)
+    common = extra + (QUICK if args.quick else [])
 
     rows = [{"name": name, "flags": flags, "accs": [], "times": []} for name, flags in VARIANTS]
-    command = shlex.join(["python", "scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "scripts/ablation.py", *argv])
     text = ""
     for seed in args.seeds:  # seed-major, so that a stopped ablation has every variant at the same seeds
         for row in rows:
