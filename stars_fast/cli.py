@@ -1,26 +1,57 @@
 """Command line of `python -m stars_fast.train`: the flags, and the configuration they layer onto.
 
 DEFAULTS <- preset <- explicit flags (presets.py holds DEFAULTS and the Appendix-A presets).
+This module imports no torch, so that --help answers at once; the model and dataset names are
+written out here (tests check them against models.TEACHERS / STUDENTS and data.DATASETS).
 """
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Dict, List, Optional
 
-from .data import DATASETS
 from .presets import DEFAULTS, METHODS, PRESETS
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "tiny-imagenet")
+TEACHER_NAMES = ("resnet18", "resnet34", "resnet19", "resnet20", "vgg11", "vgg16", "digits_cnn")
+STUDENT_NAMES = ("s_resnet18", "s_resnet19", "s_resnet20", "s_vgg16", "digits_snn")
+MAX_AMBIGUOUS_T = 16  # --T above this is refused: it looks like Fast-Datafree's --T, the KD temperature (20)
+
+
+def _time_steps(text: str) -> int:
+    """--time-steps: an integer."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of time steps, got {text!r}") from None
+
+
+def _fast_datafree_safe_T(text: str) -> int:
+    """--T: the time steps, refused where it reads as Fast-Datafree's --T (a KD temperature like 20 or 4.0)."""
+    note = ("--T is the student's number of time steps here; in Fast-Datafree --T is the KD temperature, "
+            "which is --kd-T here")
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer. {note}") from None
+    if steps > MAX_AMBIGUOUS_T:
+        raise argparse.ArgumentTypeError(f"{steps} time steps? {note}. For more than {MAX_AMBIGUOUS_T} time "
+                                         f"steps write --time-steps {steps}")
+    return steps
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI. Flags left out do not appear in the parsed namespace (defaults live in DEFAULTS)."""
     parser = argparse.ArgumentParser(
-        prog="python -m stars_fast.train", argument_default=argparse.SUPPRESS,
+        prog="python -m stars_fast.train", argument_default=argparse.SUPPRESS, allow_abbrev=False,
         description="Data-free ANN-to-SNN knowledge distillation with DeepInversion, CMI or NAYER + STARS. "
                     "Without arguments: the offline digits default (a few minutes on a CPU). The defaults "
                     "shown are the offline default's (preset deepinv-digits); --method cmi or nayer without "
                     "--preset starts from cmi-digits or nayer-digits.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run folder: metrics.jsonl, summary.json, checkpoint.pt, synthetic_epochNNN.png.\n"
+        epilog="Run folder: log.txt, metrics.jsonl, summary.json, checkpoint.pt, student.pth, best.pth, "
+               "synthetic/ (the synthetic memory), synthetic_epochNNN.png, real_reference.png.\n"
+               "Fast-Datafree users: its --T (KD temperature) is --kd-T here; --T here is the number of time steps.\n"
                "Several processes (DistributedDataParallel): torchrun --nproc_per_node N -m stars_fast.train ...\n"
                "Presets (Appendix A of the paper; --list-presets shows their values): " + ", ".join(PRESETS))
 
@@ -60,16 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
              "NAYER's warm-up, when the student is still untrained")
 
     g = parser.add_argument_group("models")
-    add(g, "--teacher", help="teacher architecture (resnet18, resnet34, resnet19, resnet20, vgg11, vgg16, digits_cnn)")
+    add(g, "--teacher", choices=TEACHER_NAMES, help="teacher architecture (ANN)")
     add(g, "--teacher-ckpt", metavar="PATH",
         help="teacher weights (a Fast-Datafree checkpoint works); required except for digits, "
              "where a teacher is trained once and cached under $STARS_FAST_CACHE or ~/.cache/stars_fast")
-    add(g, "--student", help="spiking student (s_resnet18, s_resnet19, s_resnet20, s_vgg16, digits_snn)")
-    add(g, "--T", type=int, help="simulation time steps of the student")
+    add(g, "--student", choices=STUDENT_NAMES,
+        help="spiking student; with STARS it must tap as many stages as the teacher (the paper's pairs: "
+             "vgg16 -> s_vgg16, resnet34 -> s_resnet18, resnet19 -> s_resnet19)")
+    add(g, "--T", type=_fast_datafree_safe_T,
+        help="number of simulation TIME STEPS of the spiking student (not a temperature: Fast-Datafree's --T, "
+             f"the KD temperature, is --kd-T here; values above {MAX_AMBIGUOUS_T} are refused as ambiguous, "
+             "use --time-steps for them)")
+    add(g, "--time-steps", dest="T", type=_time_steps, help="the same as --T, any value")
     add(g, "--neuron", choices=("lif", "if", "plif"), help="spiking neuron of the student")
 
     g = parser.add_argument_group("data (evaluation only: the student never sees real images)")
-    add(g, "--dataset", choices=tuple(DATASETS), help="evaluation dataset (and its shapes and normalization)")
+    add(g, "--dataset", choices=DATASET_NAMES, help="evaluation dataset (and its shapes and normalization)")
     add(g, "--data-root", metavar="DIR", help="local folder of CIFAR / Tiny-ImageNet (never downloaded)")
 
     g = parser.add_argument_group("schedule")
@@ -94,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--oh", type=float, help="weight of the one-hot (cross-entropy) loss")
     add(g, "--tv", type=float, help="deepinv: weight of the total-variation image prior")
     add(g, "--l2", type=float, help="deepinv: weight of the L2 image prior")
-    add(g, "--kd-T", type=float, help="KD temperature")
+    add(g, "--kd-T", type=float,
+        help="KD TEMPERATURE of the distillation loss, KL(softmax(t/T) || softmax(s/T)) * T^2 "
+             "(Fast-Datafree's --T); > 0")
 
     g = parser.add_argument_group("CMI and NAYER (generator-based synthesis)")
     add(g, "--ngf", type=int, help="generator width (Fast-Datafree's ngf)")
@@ -126,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--resume", action="store_true",
         help="continue the run in --out from its checkpoint.pt up to --epochs, with the run's saved "
              "configuration (flags given again override it); starts the run if there is no checkpoint")
-    add(g, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add(g, "--no-progress", dest="progress", action="store_false",
+        help="no progress bars (the one line per epoch is still printed; bars are shown only on a terminal)")
+    add(g, "--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars to <out>/tensorboard")
+    add(g, "--export-synthetic", metavar="DIR",
+        help="after the run, write its synthetic images as PNGs in ImageFolder layout (DIR/<class>/NNNNNNN.png); "
+             "with --resume on a finished run, only exports")
     return parser
 
 
@@ -148,13 +192,33 @@ def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] =
     return config
 
 
+# floats that must be > 0 (a division by them, or a step size) and >= 0 (loss weights); all must be finite
+POSITIVE_FLOATS = ("lr", "lr_g", "kd_T", "delta", "cr_T")
+NON_NEGATIVE_FLOATS = ("weight_decay", "adv", "bn", "oh", "tv", "l2", "cr", "lambda_rca", "lambda_tar")
+
+
 def _check_config(config: Dict[str, object]) -> None:
+    """SystemExit with one line for a configuration that cannot run, or can only give NaN."""
     for key in ("epochs", "ep_steps", "kd_steps", "g_steps", "batch_size", "synthesis_batch_size", "T",
                 "memory_size", "ngf", "g_life", "g_loops", "gwp_loops", "le_emb_size"):
         if int(config[key]) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    if config["cr_T"] <= 0:
-        raise SystemExit(f"--cr-T must be > 0, got {config['cr_T']}")
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise SystemExit(f"--{key.replace('_', '-')} must be finite, got {value}")
+    for key in POSITIVE_FLOATS:
+        if config[key] <= 0:
+            raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {config[key]}"
+                             + (" (the KD loss divides the logits by it)" if key == "kd_T" else ""))
+    for key in NON_NEGATIVE_FLOATS:
+        if config[key] < 0:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
+    if not all(0.0 <= q <= 1.0 for q in config["quantiles"]):
+        raise SystemExit(f"--quantiles must lie in [0, 1], got {config['quantiles']}")
+    if not 0 <= config["warmup"] < config["epochs"]:
+        raise SystemExit(f"--warmup ({config['warmup']}) must be >= 0 and < --epochs ({config['epochs']}): "
+                         "KD starts after the warm-up epochs, so this run would never distill")
     if config["threads"] < 0:
         raise SystemExit(f"--threads must be >= 0, got {config['threads']}")
     if config["ep_steps"] < config["kd_steps"]:

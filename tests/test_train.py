@@ -19,6 +19,7 @@ from stars_fast.distill import kd_loss
 from stars_fast.synthesis import (BNStatsHooks, DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory,
                                   jitter_and_flip)
 from stars_fast.synthesis import objective as objective_module
+from stars_fast.synthesis.memory import open_synthetic
 from stars_fast.synthesis.base import pixel_bounds
 from stars_fast.synthesis.objective import InversionObjective
 
@@ -97,21 +98,50 @@ def test_synthesis_round_runs_both_nets_channels_last_on_cpu_with_the_same_loss(
     assert fast["loss_rca"] > 0 and fast["loss_adv"] != 0
 
 
-def test_memory_is_a_bounded_ring_buffer(tmp_path):
-    memory = SyntheticMemory(DIGITS, max_size=6)
-    batches = [torch.full((4, 1, 8, 8), float(i)) for i in range(3)]  # normalized values 0, 1, 2
-    for batch in batches:
-        memory.add(batch)
-    assert len(memory) == 6
-    stored = sorted(round(float(v)) for v in memory.images.float().mean((1, 2, 3)))
-    pixel = lambda value: round(min(1.0, value * DIGITS.std[0] + DIGITS.mean[0]) * 255)  # noqa: E731
-    assert stored == sorted([pixel(1.0)] * 2 + [pixel(2.0)] * 4)  # batch 0 and half of batch 1 overwritten
-    path = tmp_path / "memory.pt"
-    torch.save(memory.state_dict(), path)
-    restored = SyntheticMemory(DIGITS, max_size=6)
-    restored.load_state_dict(torch.load(path, weights_only=True))
-    assert torch.equal(restored.images, memory.images) and restored.next_slot == memory.next_slot
-    assert restored.sample(5).shape == (5, 1, 8, 8)
+def _pixel(value: float) -> int:
+    """The uint8 pixel the memory stores for a normalized digits value."""
+    return round(min(1.0, max(0.0, value * DIGITS.std[0] + DIGITS.mean[0])) * 255)
+
+
+def test_memory_appends_to_its_files_and_samples_the_newest(tmp_path):
+    memory = SyntheticMemory(DIGITS, max_size=6, run_dir=str(tmp_path))
+    for i in range(3):  # normalized values 0, 1, 2; labels 10 * i + position
+        memory.add(torch.full((4, 1, 8, 8), float(i)), torch.arange(4) + 10 * i)
+    assert memory.count == 12 and len(memory) == 6
+    images, labels = open_synthetic(str(tmp_path))
+    assert images.dtype == torch.uint8 and images.shape == (12, 1, 8, 8)
+    assert [int(images[k].float().mean()) for k in (0, 4, 8)] == [_pixel(0.0), _pixel(1.0), _pixel(2.0)]
+    assert labels.tolist() == [10 * i + j for i in range(3) for j in range(4)]
+    with open(tmp_path / "synthetic" / "meta.json") as f:
+        assert json.load(f)["count"] == 12
+    assert os.path.getsize(tmp_path / "synthetic" / "images.u8") == 12 * 64  # appended, never rewritten
+    torch.manual_seed(1)
+    drawn = memory.sample(200, augment=False)
+    pixels = sorted({round(float(v) * 255) for v in drawn.mean((1, 2, 3)) * DIGITS.std[0] + DIGITS.mean[0]})
+    assert pixels == [_pixel(1.0), _pixel(2.0)]  # the newest 6 only: half of batch 1, all of batch 2
+
+
+def test_memory_resumes_at_the_checkpoint_count(tmp_path):
+    memory = SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path))
+    memory.add(torch.zeros(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+    state = torch.load(_saved(memory.state_dict(), tmp_path), weights_only=True)
+    memory.add(torch.ones(5, 1, 8, 8), torch.ones(5, dtype=torch.long))  # an epoch the checkpoint lost
+    resumed = SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path))
+    resumed.load_state_dict(state)
+    images, labels = open_synthetic(str(tmp_path))
+    assert images.shape[0] == 3 and labels.tolist() == [0, 0, 0]
+    assert os.path.getsize(tmp_path / "synthetic" / "images.u8") == 3 * 64
+    os.truncate(tmp_path / "synthetic" / "images.u8", 64)  # the files lost images the checkpoint counts
+    with pytest.raises(ValueError, match="incomplete"):
+        SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path)).load_state_dict(state)
+    with pytest.raises(ValueError, match="expected"):
+        resumed.add(torch.zeros(2, 3, 8, 8))
+
+
+def _saved(obj, folder):
+    path = folder / "state.pt"
+    torch.save(obj, path)
+    return path
 
 
 def test_kd_loss_is_temperature_scaled_kl():
@@ -161,17 +191,6 @@ def test_defaults_are_the_digits_run_and_bad_configs_fail():
         train.parse_args(["--preset", "no-such-preset"])
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_png_writer_without_pil_is_valid(tmp_path, channels):
-    Image = pytest.importorskip("PIL.Image")
-    pixels = torch.randint(0, 256, (5, 7, channels), dtype=torch.uint8).numpy()
-    path = str(tmp_path / "x.png")
-    train.write_png(path, pixels, use_pil=False)
-    with Image.open(path) as img:
-        decoded = torch.from_numpy(np.asarray(img).copy())
-    assert torch.equal(decoded.view(5, 7, channels), torch.from_numpy(pixels))
-
-
 # ---------------------------------------------------------------------------- end to end
 
 def _metrics(out):
@@ -200,8 +219,28 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
         with open(os.path.join(out, f"synthetic_epoch{epoch:03d}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert checkpoint["epoch"] == 3 and len(checkpoint["memory"]["images"]) == 3 * 64
+    assert checkpoint["epoch"] == 3 and checkpoint["memory"]["count"] == 3 * 64  # the pixels live in synthetic/
     assert {"student", "optimizer", "scheduler", "rng", "history", "config"} <= set(checkpoint)
+    assert not any(isinstance(v, torch.Tensor) and v.numel() >= 3 * 64 * 64 for v in checkpoint["memory"].values())
+    images, labels = open_synthetic(out)
+    assert images.shape == (3 * 64, 1, 8, 8) and labels.shape == (3 * 64,) and 0 <= int(labels.min())
+    assert int(labels.max()) <= 9
+
+    assert all(r["best_acc"] == max(q["student_acc"] for q in records[:i + 1]) for i, r in enumerate(records))
+    assert all(isinstance(r["lr"], float) and r["time_s"] > 0 for r in records)
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read().splitlines()
+    epoch_lines = [line for line in log if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all("student" in line and "best" in line and "kd_loss" in line and "lr" in line
+                                         for line in epoch_lines)
+    assert log[-1] == saved["result_row"] and saved["result_row"].startswith("| deepinv | on | digits_cnn → digits_snn | 4 |")
+    assert saved["backend"]["requested"] == "auto" and saved["backend"]["resolved"] in ("cpu", "reference")
+    assert saved["device"] == "cpu" and saved["versions"]["torch"] == torch.__version__
+    assert "stars_fast" in saved["versions"] and "git_commit" in saved
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in
+             ("checkpoint.pt", "student.pth", "best.pth", "summary.json", "metrics.jsonl", "log.txt")}
+    assert len(set(modes.values())) == 1, modes  # the checkpoint no longer 0600 while the rest is 0644
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
 
     student, meta = models.load_student(os.path.join(out, "student.pth"))
     assert meta["epoch"] == 3 and meta["acc"] == records[-1]["student_acc"] and not student.training
@@ -258,5 +297,4 @@ def test_cifar_run_with_a_checkpointed_teacher(tmp_path):
                           "--g-steps", "2", "--kd-steps", "2", "--ep-steps", "2", "--batch-size", "4",
                           "--synthesis-batch-size", "4", "--threads", "1", "--out", out, "--no-progress"])
     assert summary["epochs_completed"] == 1 and 0.0 <= summary["student_acc"] <= 1.0
-    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert checkpoint["memory"]["images"].shape == (4, 3, 32, 32)
+    assert open_synthetic(out)[0].shape == (4, 3, 32, 32)
