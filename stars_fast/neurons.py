@@ -1,61 +1,159 @@
-"""Multi-step spiking neuron modules on [T, B, ...] (SpikingJelly 2.0 multi-step semantics).
+"""Multi-step spiking neuron modules on [T, B, ...] (SpikingJelly 2.0 multi-step semantics, docs/design.md 2.1).
 
-Every module is stateless between calls (the membrane starts at v_reset, or 0 for soft reset, each
-forward) and runs the fused op `stars_fast.multistep_lif` on the chosen backend.
+The constructors take SpikingJelly's arguments, in its order: `LIFNode(tau, decay_input, v_threshold,
+v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)`, so code written for
+`spikingjelly.activation_based.neuron` runs unchanged with `surrogate_function=surrogate.ATan()`
+(Sigmoid, ATan and PiecewiseQuadratic objects; their alpha and spiking flag are taken over) or with our
+strings "sigmoid" / "atan" / "triangle" plus `alpha=`. Differences: only `step_mode='m'` (the fused
+kernels run the whole sequence; 's' is refused), `backend` names ours (SpikingJelly's "torch" and
+"cupy" mean "reference" and "cuda"), and the input must be at least [T, B, features].
+
+State: by default each forward starts from rest (v = v_reset, or 0 with soft reset) -- what
+SpikingJelly does when `functional.reset_net(net)` runs after every batch, the usual training loop.
+With `stateful=True` the final membrane potential is kept in `self.v` and the next forward continues
+from it, as SpikingJelly's memory modules do, until `reset()` returns the neuron to rest.
+`reset()` exists in both modes, so `spikingjelly.activation_based.functional.reset_net` works on
+networks built from these modules.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .ops.lif import multistep_neuron
+from ._backend import BACKENDS
+from .ops.lif import SURROGATE_IDS, multistep_neuron
+from .reference import SURROGATE_DEFAULT_ALPHA
+
+# SpikingJelly surrogate class -> (our surrogate, our alpha from its alpha). PiecewiseQuadratic's gradient
+# alpha - alpha^2 |u| on |u| <= 1/alpha is our triangle (a - |u|) / a^2 with a = 1 / alpha.
+SPIKINGJELLY_SURROGATES = {
+    "Sigmoid": ("sigmoid", lambda alpha: alpha),
+    "ATan": ("atan", lambda alpha: alpha),
+    "PiecewiseQuadratic": ("triangle", lambda alpha: 1.0 / alpha),
+}
+SPIKINGJELLY_BACKENDS = {"torch": "reference", "cupy": "cuda"}
+STEP_MODES = ("m",)
+
+
+def _finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def resolve_surrogate(surrogate_function, alpha: Optional[float]) -> Tuple[str, float, bool]:
+    """(surrogate name, alpha, spiking) from one of our strings (+ alpha, default per surrogate) or a
+    SpikingJelly surrogate object (its own alpha and spiking flag; then alpha must not be given)."""
+    if isinstance(surrogate_function, str):
+        if surrogate_function not in SURROGATE_IDS:
+            raise ValueError(f"unknown surrogate {surrogate_function!r}; expected one of {tuple(SURROGATE_IDS)} "
+                             f"or a SpikingJelly surrogate object ({', '.join(SPIKINGJELLY_SURROGATES)})")
+        name, spiking = surrogate_function, True
+        alpha = SURROGATE_DEFAULT_ALPHA[name] if alpha is None else _finite(alpha, "alpha")
+    else:
+        kind = type(surrogate_function)
+        if not kind.__module__.startswith("spikingjelly") or kind.__name__ not in SPIKINGJELLY_SURROGATES:
+            raise ValueError(f"surrogate_function {kind.__module__}.{kind.__name__} is not supported: give one of "
+                             f"{tuple(SURROGATE_IDS)} or a SpikingJelly {', '.join(SPIKINGJELLY_SURROGATES)} object")
+        if alpha is not None:
+            raise ValueError("alpha is given twice: the SpikingJelly surrogate object carries its own alpha")
+        name, to_ours = SPIKINGJELLY_SURROGATES[kind.__name__]
+        alpha = to_ours(_finite(surrogate_function.alpha, f"{kind.__name__}.alpha"))
+        spiking = bool(surrogate_function.spiking)
+    if not alpha > 0:
+        raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
+    return name, alpha, spiking
 
 
 class _MultiStepNeuron(nn.Module):
     def __init__(self, *, leaky: bool, decay_input: bool, v_threshold: float, v_reset: Optional[float],
-                 surrogate: str, alpha: Optional[float], detach_reset: bool, backend: str):
+                 surrogate_function, alpha: Optional[float], detach_reset: bool, step_mode: str, backend: str,
+                 store_v_seq: bool, stateful: bool):
         super().__init__()
+        if step_mode == "s":
+            raise ValueError("step_mode='s' (one time step per call) is not supported: these neurons run the whole "
+                             "[T, B, ...] sequence in one fused kernel; use step_mode='m' and pass all T steps")
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be 'm', got {step_mode!r}")
+        if store_v_seq:
+            raise ValueError("store_v_seq=True is not supported: the fused kernels keep only the final membrane "
+                             "potential (stateful=True keeps it in .v)")
+        backend = SPIKINGJELLY_BACKENDS.get(backend, backend)
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS} "
+                             f"(or SpikingJelly's {tuple(SPIKINGJELLY_BACKENDS)})")
+        self.surrogate, self.alpha, self.spiking = resolve_surrogate(surrogate_function, alpha)
         self.leaky = leaky
-        self.decay_input = decay_input
-        self.v_threshold = v_threshold
-        self.v_reset = v_reset
-        self.surrogate = surrogate
-        self.alpha = alpha
-        self.detach_reset = detach_reset
+        self.decay_input = bool(decay_input)
+        self.v_threshold = _finite(v_threshold, "v_threshold")
+        self.v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
+        self.detach_reset = bool(detach_reset)
+        self.step_mode = step_mode
         self.backend = backend
+        self.stateful = bool(stateful)
+        self.v: Optional[torch.Tensor] = None  # membrane potential after the last forward (stateful only)
 
-    def inv_tau(self):
-        return 1.0
+    def reset(self) -> None:
+        """Return to rest: the next forward starts at v = v_reset (0 for soft reset)."""
+        self.v = None
+
+    def _decay(self) -> dict:
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spikes, _ = multistep_neuron(
-            x, self.inv_tau(), neuron="lif" if self.leaky else "if", v_threshold=self.v_threshold,
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor [T, B, ...], got {type(x).__name__}")
+        if x.dim() < 3:
+            raise ValueError(
+                f"{type(self).__name__} expects a multi-step input [T, B, ...] (time first, then batch, then "
+                f"features), got shape {tuple(x.shape)}. Without a time dimension, repeat the input over T "
+                f"steps: x.unsqueeze(0).repeat(T, *([1] * x.dim())); a [T, N] sequence needs a batch "
+                f"dimension: x.unsqueeze(1)")
+        v_init = self.v if self.stateful else None
+        if v_init is not None and v_init.shape != x.shape[1:]:
+            raise ValueError(f"stateful {type(self).__name__} holds a state of shape {tuple(v_init.shape)} but got "
+                             f"steps of shape {tuple(x.shape[1:])}: call reset() between sequences")
+        spikes, v_last = multistep_neuron(
+            x, **self._decay(), neuron="lif" if self.leaky else "if", v_threshold=self.v_threshold,
             v_reset=self.v_reset, decay_input=self.decay_input, detach_reset=self.detach_reset,
-            surrogate=self.surrogate, alpha=self.alpha, backend=self.backend)
+            surrogate=self.surrogate, alpha=self.alpha, spiking=self.spiking, v_init=v_init,
+            return_v=self.stateful, backend=self.backend)
+        if self.stateful:
+            self.v = v_last
         return spikes
 
     def extra_repr(self) -> str:
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, surrogate={self.surrogate}, "
-                f"detach_reset={self.detach_reset}, backend={self.backend}")
+                f"alpha={self.alpha}, detach_reset={self.detach_reset}, step_mode={self.step_mode}, "
+                f"backend={self.backend}" + (", stateful=True" if self.stateful else ""))
+
+
+SurrogateArg = Union[str, object]
 
 
 class LIFNode(_MultiStepNeuron):
-    """LIF: h = v + (x - (v - v_reset)) / tau (decay_input) or h = v - (v - v_reset) / tau + x."""
+    """LIF: h = v + (x - (v - v_reset)) / tau (decay_input) or h = v - (v - v_reset) / tau + x; the charge
+    divides by tau, as SpikingJelly's LIFNode."""
 
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
-                 v_reset: Optional[float] = 0.0, surrogate: str = "sigmoid", alpha: Optional[float] = None,
-                 detach_reset: bool = False, backend: str = "auto"):
-        if not tau > 1.0:
+                 v_reset: Optional[float] = 0.0, surrogate_function: Optional[SurrogateArg] = None,
+                 detach_reset: bool = False, step_mode: str = "m", backend: str = "auto", store_v_seq: bool = False,
+                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False):
+        if not _finite(tau, "tau") > 1.0:
             raise ValueError(f"tau must be > 1, got {tau}")
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                         surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend)
-        self.tau = tau
+                         surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
+                         detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
+                         stateful=stateful)
+        self.tau = float(tau)
 
-    def inv_tau(self):
-        return 1.0 / self.tau
+    def _decay(self) -> dict:
+        return {"tau": self.tau}
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, decay_input={self.decay_input}, " + super().extra_repr()
@@ -64,29 +162,50 @@ class LIFNode(_MultiStepNeuron):
 class IFNode(_MultiStepNeuron):
     """IF: h = v + x."""
 
-    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0, surrogate: str = "sigmoid",
-                 alpha: Optional[float] = None, detach_reset: bool = False, backend: str = "auto"):
+    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 surrogate_function: Optional[SurrogateArg] = None, detach_reset: bool = False, step_mode: str = "m",
+                 backend: str = "auto", store_v_seq: bool = False, *, alpha: Optional[float] = None,
+                 surrogate: Optional[str] = None, stateful: bool = False):
         super().__init__(leaky=False, decay_input=True, v_threshold=v_threshold, v_reset=v_reset,
-                         surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend)
+                         surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
+                         detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
+                         stateful=stateful)
 
 
 class ParametricLIFNode(_MultiStepNeuron):
-    """PLIF: LIF with a learnable scalar w, 1/tau = sigmoid(w), w initialised to -log(init_tau - 1)."""
+    """PLIF: LIF with a learnable scalar w and 1/tau = k = sigmoid(w) (the charge multiplies by k, as
+    SpikingJelly's ParametricLIFNode), w initialised to -log(init_tau - 1)."""
 
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
-                 v_reset: Optional[float] = 0.0, surrogate: str = "sigmoid", alpha: Optional[float] = None,
-                 detach_reset: bool = False, backend: str = "auto"):
-        if not init_tau > 1.0:
+                 v_reset: Optional[float] = 0.0, surrogate_function: Optional[SurrogateArg] = None,
+                 detach_reset: bool = False, step_mode: str = "m", backend: str = "auto", store_v_seq: bool = False,
+                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False):
+        if not _finite(init_tau, "init_tau") > 1.0:
             raise ValueError(f"init_tau must be > 1, got {init_tau}")
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                         surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend)
+                         surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
+                         detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
+                         stateful=stateful)
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
 
-    def inv_tau(self):
+    def inv_tau(self) -> torch.Tensor:
+        """k = 1/tau = sigmoid(w)."""
         return self.w.sigmoid()
+
+    def _decay(self) -> dict:
+        return {"inv_tau": self.inv_tau()}
 
     def extra_repr(self) -> str:
         return f"tau={1.0 / self.w.sigmoid().item():.4f}, decay_input={self.decay_input}, " + super().extra_repr()
+
+
+def _pick_surrogate(surrogate_function: Optional[SurrogateArg], surrogate: Optional[str]) -> SurrogateArg:
+    """`surrogate=` is our short name for `surrogate_function=`; giving both is an error; neither: "sigmoid"
+    (alpha 4, SpikingJelly's default Sigmoid())."""
+    if surrogate is not None and surrogate_function is not None:
+        raise ValueError("give the surrogate once: surrogate_function= or surrogate=, not both")
+    chosen = surrogate if surrogate is not None else surrogate_function
+    return "sigmoid" if chosen is None else chosen
 
 
 NEURON_KINDS = {"lif": LIFNode, "if": IFNode, "plif": ParametricLIFNode}
