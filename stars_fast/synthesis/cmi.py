@@ -84,9 +84,11 @@ class InstanceMeanHooks:
 
 def instance_feature_modules(teacher: nn.Module, layers: Optional[Sequence[str]] = None) -> List[nn.Module]:
     """The modules whose inputs give CMI's instance features: the named submodules `layers`, else every
-    BatchNorm2d of the teacher (Fast-Datafree's default)."""
+    BatchNorm2d of the teacher (Fast-Datafree's default). A named nn.Sequential is hooked at its first
+    child, which gets the same input (our ResNets run a stage's blocks one by one, not the Sequential)."""
     if layers is not None:
-        return [teacher.get_submodule(name) for name in layers]
+        modules = [teacher.get_submodule(name) for name in layers]
+        return [m[0] if isinstance(m, nn.Sequential) and len(m) else m for m in modules]
     return [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
 
 

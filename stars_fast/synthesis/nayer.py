@@ -29,12 +29,15 @@ every run (classes then get arbitrary rather than semantically related codes).
 """
 from __future__ import annotations
 
+import pickle
+import zipfile
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..data import DatasetInfo, normalize
+from ..safe_pickle import restricted_load
 from .base import SynthesisResult, random_crop_and_flip
 from .generator import NoisyLayerGenerator
 from .objective import BestSoFar, InversionObjective, Synthesizer
@@ -51,7 +54,7 @@ def random_label_embedding(num_classes: int, dim: int = RANDOM_EMBEDDING_DIM,
 
 
 def check_label_embedding(embedding, num_classes: int, source: str = "the label embedding") -> Tensor:
-    """`embedding` as a float32 [num_classes, D] tensor, or ValueError naming the expected format."""
+    """`embedding` as a float32 [num_classes, D] tensor (detached), or ValueError naming the expected format."""
     expected = f"expected a floating-point tensor of shape [num_classes={num_classes}, D]"
     if not isinstance(embedding, Tensor):
         raise ValueError(f"{source} holds a {type(embedding).__name__}; {expected}")
@@ -59,13 +62,22 @@ def check_label_embedding(embedding, num_classes: int, source: str = "the label 
         raise ValueError(f"{source} has shape {list(embedding.shape)}; {expected}")
     if not embedding.is_floating_point() or not torch.isfinite(embedding).all():
         raise ValueError(f"{source} has dtype {embedding.dtype} or non-finite values; {expected}")
-    return embedding.float()
+    return embedding.detach().float()
 
 
 def load_label_embedding(path: str, num_classes: int) -> Tensor:
-    """Read a label-embedding file (see the module docstring) with weights_only=True and check it."""
-    return check_label_embedding(torch.load(path, map_location="cpu", weights_only=True), num_classes,
-                                 source=f"label-embedding file {path!r}")
+    """Read a label-embedding file and check it: a torch.save zip archive with torch.load(weights_only=True),
+    anything else (NAYER's `pickle.dump(tensor)` files) with the restricted unpickler, which refuses
+    every global but tensor reconstruction (pickle.UnpicklingError, reported as a ValueError)."""
+    source = f"label-embedding file {path!r}"
+    try:
+        if zipfile.is_zipfile(path):
+            embedding = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            embedding = restricted_load(path, tensors=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{source} is not a plain tensor pickle ({exc}); nothing in it was run") from exc
+    return check_label_embedding(embedding, num_classes, source=source)
 
 
 def balanced_targets(batch_size: int, num_classes: int, device) -> Tensor:
