@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import zipfile
 
 import torch
 
@@ -64,7 +62,7 @@ def load_run_teacher(config, info: DatasetInfo, device, log=print) -> torch.nn.M
                                           in_channels=info.in_channels).to(device)
         except FileNotFoundError:
             raise SystemExit(f"--teacher-ckpt {path}: no such file") from None
-        except (RuntimeError, TypeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        except (ValueError, TypeError, models.CheckpointMismatchError) as exc:
             raise SystemExit(f"--teacher-ckpt {path}: not a checkpoint of --teacher {config['teacher']} "
                              f"({str(exc).splitlines()[0]})") from None
     return models.freeze(teacher)

@@ -292,8 +292,8 @@ def test_load_student_refuses_what_is_not_a_model_file(tmp_path):
     torch.save({"state_dict": _Payload(), **meta}, tmp_path / "evil.pth")
     torch.save({"state_dict": teacher.state_dict(), **meta, "arch": "digits_cnn", "num_classes": 7},
                tmp_path / "badshape.pth")
-    messages = {"garbage.pth": "torch.load failed", "bare.pth": "expected the keys", "unknown.pth": "unknown arch",
-                "evil.pth": "torch.load failed", "badshape.pth": "size mismatch"}
+    messages = {"garbage.pth": "not a checkpoint torch.load can read", "bare.pth": "expected the keys",
+                "unknown.pth": "unknown arch", "evil.pth": "weights_only", "badshape.pth": "size mismatch"}
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -298,3 +298,221 @@ def test_cifar_run_with_a_checkpointed_teacher(tmp_path):
                           "--synthesis-batch-size", "4", "--threads", "1", "--out", out, "--no-progress"])
     assert summary["epochs_completed"] == 1 and 0.0 <= summary["student_acc"] <= 1.0
     assert open_synthetic(out)[0].shape == (4, 3, 32, 32)
+
+
+def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(teacher_cache, tmp_path):
+    out, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "3", "--out", out] + SHORT_EPOCHS,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (
+            os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
+        time.sleep(0.02)
+    time.sleep(0.5)  # into epoch 2: its synthesis has appended to the memory's files already, or soon will
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train.main(["--out", out, "--resume", "--no-progress"])
+    train.main(["--epochs", "3", "--out", whole] + SHORT_EPOCHS)
+    resumed, uninterrupted = models.load_student(os.path.join(out, "student.pth"))[0], \
+        models.load_student(os.path.join(whole, "student.pth"))[0]
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(open_synthetic(out)[0], open_synthetic(whole)[0])
+    assert [r["student_acc"] for r in _metrics(out)] == [r["student_acc"] for r in _metrics(whole)]
+
+
+# ------------------------------------------------------------------- errors and hardening
+
+@pytest.mark.parametrize("flags,message", [
+    (["--kd-T", "0"], "--kd-T must be > 0"), (["--lr", "nan"], "--lr must be finite"),
+    (["--lr", "inf"], "--lr must be finite"), (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--lr-g", "0"], "--lr-g must be > 0"), (["--delta", "0"], "--delta must be > 0"),
+    (["--bn", "nan"], "--bn must be finite"), (["--adv", "-1"], "--adv must be >= 0"),
+    (["--quantiles", "0.5", "nan"], "--quantiles must be finite"), (["--quantiles", "1.5"], "--quantiles"),
+    (["--warmup", "15"], "--warmup"), (["--epochs", "3", "--warmup", "5"], "never distill"),
+])
+def test_arguments_that_can_only_give_nan_or_no_kd_are_refused(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.make_config(train.parse_args(flags))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epoch", "3"], "unrecognized arguments: --epoch"),  # no prefix matching
+    (["--T", "20"], "KD temperature"), (["--T", "4.0"], "KD temperature"),
+    (["--teacher", "resnet50"], "invalid choice"), (["--student", "s_resnet50"], "invalid choice"),
+])
+def test_cli_refuses_prefixes_ambiguous_T_and_unknown_models(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_time_steps_and_kd_temperature_are_told_apart():
+    assert train.make_config(train.parse_args(["--time-steps", "32"]))["T"] == 32
+    assert train.make_config(train.parse_args(["--T", "8", "--kd-T", "4"]))[("T")] == 8
+    text = train.build_parser().format_help()
+    assert "TIME STEPS" in text and "KD TEMPERATURE" in text and "Fast-Datafree" in text
+
+
+def test_cli_names_match_the_model_zoo_and_datasets():
+    from stars_fast import cli
+    assert cli.TEACHER_NAMES == models.TEACHERS and cli.STUDENT_NAMES == models.STUDENTS
+    assert cli.DATASET_NAMES == tuple(DATASETS)
+    from stars_fast.ops.stars import DEFAULT_QUANTILES
+    from stars_fast.presets import DEFAULT_QUANTILES as PRESET_QUANTILES
+    assert tuple(DEFAULT_QUANTILES) == PRESET_QUANTILES
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys; sys.argv = ['x', '--help']\n"
+            "try:\n    import runpy; runpy.run_module('stars_fast.train', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--time-steps" in result.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--teacher", "vgg16", "--student", "digits_snn"], "taps 5 stages but --student digits_snn taps 3"),
+    (["--teacher-ckpt", "MISSING"], "no such file"),
+    (["--teacher-ckpt", "GARBAGE"], "not a checkpoint of --teacher digits_cnn"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "tpu"], "not a device"),
+])
+def test_early_errors_are_one_line_and_leave_no_run_folder(flags, message, teacher_cache, tmp_path):
+    if flags == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    (tmp_path / "GARBAGE").write_bytes(b"this is not a checkpoint")
+    flags = [str(tmp_path / f) if f in ("MISSING", "GARBAGE") else f for f in flags]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message) as error:
+        train.main(flags + ["--epochs", "1", "--out", str(out)] + SHORT_EPOCHS)
+    assert isinstance(error.value.code, str) and "\n" not in error.value.code  # exit status 1, one line
+    assert not out.exists()
+
+
+def test_garbage_teacher_checkpoint_from_the_command_line_is_one_line(tmp_path):
+    (tmp_path / "t.pth").write_bytes(b"garbage")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "stars_fast.train", "--teacher-ckpt", str(tmp_path / "t.pth"),
+                             "--out", str(tmp_path / "run")] + SHORT_EPOCHS, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "not a checkpoint" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(SystemExit, match="cannot write the run folder"):
+        train.main(["--out", str(tmp_path / "file" / "run")] + SHORT_EPOCHS)
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(SystemExit, match="cannot write the run folder"):
+            train.main(["--out", str(tmp_path / "ro")] + SHORT_EPOCHS)
+
+
+@pytest.mark.parametrize("fault", ["kd_loss", "parameter", "synthesis"])
+def test_non_finite_training_stops_with_the_term_named(fault, teacher_cache, tmp_path, monkeypatch):
+    from stars_fast import loop
+    from stars_fast.synthesis import DeepInversionSynthesizer as Synth
+
+    real_distill, real_synthesize = loop.distill_steps, Synth.synthesize
+
+    def distill(student, *args, **kwargs):
+        loss = real_distill(student, *args, **kwargs)
+        if fault == "parameter":
+            with torch.no_grad():
+                next(iter(getattr(student, "module", student).parameters())).view(-1)[0] = float("inf")
+        return float("nan") if fault == "kd_loss" else loss
+
+    def synthesize(self, *args, **kwargs):
+        result = real_synthesize(self, *args, **kwargs)
+        if fault == "synthesis" and self.epoch >= 1:
+            result.losses["loss_bn"] = float("nan")
+        return result
+
+    monkeypatch.setattr(loop, "distill_steps", distill)
+    monkeypatch.setattr(Synth, "synthesize", synthesize)
+    out = str(tmp_path / "run")
+    message = {"kd_loss": "KD loss kd_loss is nan in epoch 1", "parameter": "student parameter .* is not finite",
+               "synthesis": "synthesis loss loss_bn is nan in epoch 2"}[fault]
+    with pytest.raises(SystemExit, match=message) as error:
+        train.main(["--epochs", "3", "--out", out] + SHORT_EPOCHS)
+    assert isinstance(error.value.code, str)  # a non-zero exit status
+    if fault == "synthesis":  # epoch 1 was fine: its checkpoint and files stay, nothing of epoch 2 is kept
+        assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+        assert [r["epoch"] for r in _metrics(out)] == [1]
+    else:
+        assert not os.path.exists(out)  # failed before its first checkpoint: no half run folder
+
+
+def _flip_bytes_in_record(path, record_suffix):
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(record_suffix))
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = info.header_offset + 30 + name_length + extra_length
+        f.seek(start + info.file_size // 2)
+        chunk = f.read(4)
+        f.seek(start + info.file_size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_corrupted_checkpoint_is_refused_before_resuming(teacher_cache, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--epochs", "1", "--out", out] + SHORT_EPOCHS)
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    _flip_bytes_in_record(checkpoint, "/data/0")  # inside a tensor record: torch.load would not notice
+    torch.load(checkpoint, weights_only=True)
+    with pytest.raises(SystemExit, match="fails its CRC check"):
+        train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
+
+
+def test_stale_temporary_files_are_removed_on_start_and_resume(teacher_cache, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.tmp-killed").write_bytes(b"x" * 100)  # what a kill mid-write leaves
+    train.main(["--epochs", "1", "--out", str(out)] + SHORT_EPOCHS)
+    assert not (out / ".checkpoint.pt.tmp-killed").exists()
+    (out / ".summary.json.tmp-a1b2").write_text("{")
+    (out / "synthetic" / ".meta.json.tmp-zz").write_text("{")
+    train.main(["--epochs", "2", "--out", str(out), "--resume", "--no-progress"])
+    leftovers = [str(p) for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, leftovers
+
+
+def test_previous_checkpoint_survives_a_failed_write(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    models.save_checkpoint({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        models.save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_export_synthetic_writes_an_image_folder(teacher_cache, tmp_path):
+    out, export = str(tmp_path / "run"), tmp_path / "export"
+    train.main(["--epochs", "1", "--out", out, "--export-synthetic", str(export), "--tensorboard"] + SHORT_EPOCHS)
+    images, labels = open_synthetic(out)
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    dataset = ImageFolder(str(export))
+    assert len(dataset) == len(images) == 64
+    assert sorted(dataset.classes) == sorted({f"{int(c):03d}" for c in labels})
+    first = sorted(export.rglob("*.png"))[0]
+    index = int(first.stem)
+    assert np.array_equal(np.asarray(Image.open(first)), images[index, 0].numpy())
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))

@@ -2,7 +2,7 @@
 and atomic checkpoint writes."""
 from __future__ import annotations
 
-import pickle
+import os
 import zipfile
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -48,6 +48,18 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
         raise CheckpointMismatchError(f"{source} does not match {type(model).__name__}: {exc}") from exc
 
 
+def _load_weights_only(path: str, map_location):
+    """torch.load(weights_only=True); a missing file raises FileNotFoundError, anything torch.load
+    cannot read (garbage, a truncated file, a refused global: many exception types) ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (the unpickler raises IndexError, KeyError, ... on garbage)
+        raise ValueError(f"{path} is not a checkpoint torch.load can read with weights_only=True "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
 def load_teacher(name: str, path: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build teacher `name` and load the checkpoint at `path` into it (strictly, weights_only=True).
 
@@ -55,7 +67,7 @@ def load_teacher(name: str, path: str, num_classes: int, in_channels: int = 3) -
     'module.' prefix. The model is returned in eval mode on the CPU.
     """
     model = build_teacher(name, num_classes, in_channels)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _load_weights_only(path, "cpu")
     load_state_dict_strict(model, _unwrap_state_dict(checkpoint), source=f"checkpoint {path!r} for {name!r}")
     return model.eval()
 
@@ -98,10 +110,7 @@ def load_student(path: str, map_location="cpu") -> Tuple[nn.Module, Dict[str, ob
     Read with weights_only=True; a file that is not such a checkpoint raises ValueError saying why.
     A student (arch in STUDENTS) is rebuilt with its T and neuron, a teacher (arch in TEACHERS) as an ANN.
     """
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
-        raise ValueError(f"{path} is not a stars_fast model file: torch.load failed ({exc})") from exc
+    checkpoint = _load_weights_only(path, map_location)
     required = ("state_dict", "arch", "num_classes", "in_channels", "T", "neuron")
     if not isinstance(checkpoint, Mapping) or any(key not in checkpoint for key in required):
         found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
