@@ -2,7 +2,7 @@
 supervised recipe that trains the small digits teacher of the offline default."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
 
 def train_supervised(model: nn.Module, dataset: Dataset, info: DatasetInfo, *, epochs: int, lr: float,
                      batch_size: int = 64, device="cpu", generator: Optional[torch.Generator] = None,
-                     progress: bool = True) -> nn.Module:
-    """Cross-entropy training with SGD + cosine and crop/flip augmentation (the digits teacher)."""
+                     progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+    """Cross-entropy training with SGD + cosine and crop/flip augmentation (the digits teacher; train_teacher).
+
+    on_epoch(epoch, mean training loss), if given, is called after each epoch (1-based), model in train mode."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -80,7 +82,8 @@ def train_supervised(model: nn.Module, dataset: Dataset, info: DatasetInfo, *, e
     optimizer = make_optimizer(model, lr, weight_decay=5e-4)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
-    for _ in tqdm(range(epochs), desc="teacher", unit="epoch", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="teacher", unit="epoch", disable=not progress, leave=False):
+        loss_sum = torch.zeros((), device=device)
         for images, labels in loader:
             pixels = denormalize(images.to(device), info)
             images = normalize(random_crop_and_flip(pixels, info.crop_padding, info.flip), info)
@@ -89,4 +92,8 @@ def train_supervised(model: nn.Module, dataset: Dataset, info: DatasetInfo, *, e
             loss.backward()
             optimizer.step()
             scheduler.step()
+            loss_sum += loss.detach()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, float(loss_sum) / max(1, len(loader)))
+            model.train()
     return model.eval()
