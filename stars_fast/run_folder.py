@@ -146,43 +146,18 @@ class RunFolder:
     # ----------------------------------------------------------------------- images
 
     def save_grid(self, name: str, images: torch.Tensor, labels: Optional[torch.Tensor], info: DatasetInfo) -> None:
-        if not self.writer:
-            return
-        try:
+        """A labelled grid of synthesized images, one row per class (stars_fast.images)."""
+        if self.writer:
             from .images import save_class_grid
-        except ImportError:  # stars_fast.images (the labelled grids) not there yet: the plain grid
-            atomic_write_bytes(self.file(name), _plain_grid_png(images[:256], info))
-            return
-        save_class_grid(self.file(name), images, labels, info)
+
+            save_class_grid(self.file(name), images, labels, info)
 
     def save_real_reference(self, info: DatasetInfo, data_root: Optional[str]) -> None:
         """real_reference.png, once per run: the same grid from the real test split."""
         if self.writer and not os.path.exists(self.file("real_reference.png")):
-            try:
-                from .images import save_real_reference
-            except ImportError:
-                return
+            from .images import save_real_reference
+
             save_real_reference(self.file("real_reference.png"), info, data_root=data_root)
-
-
-def _plain_grid_png(images: torch.Tensor, info: DatasetInfo) -> bytes:
-    """Normalized images [N, C, H, W] -> PNG bytes of a square grid, each cell upscaled to >= 32 px."""
-    import io
-    import math
-
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from .data import denormalize
-
-    pixels = denormalize(images.detach().float().cpu(), info).clamp(0, 1)
-    scale = max(1, math.ceil(32 / pixels.shape[-1]))
-    pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    grid = make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=2, pad_value=0.5)
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if info.in_channels == 1 else array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------ what summary.json records

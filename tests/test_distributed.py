@@ -11,6 +11,7 @@ import torch
 
 from stars_fast import train
 from stars_fast.distributed import Context
+from stars_fast.synthesis.memory import open_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--method", "nayer", "--g-steps", "20", "--kd-steps", "40", "--ep-steps", "40",
@@ -56,8 +57,9 @@ def test_two_gloo_processes_train_into_one_run_folder_and_resume(teacher_cache, 
     noisy_layers = {key.split(".")[1] for key in generators[0] if key.startswith("noisy_layers.")}
     assert len(noisy_layers) == 4  # each rank makes 32 images a batch: ceil(32 / 10 classes) noisy layers
     assert not torch.equal(generators[0]["body.l1.weight"], generators[1]["body.l1.weight"])  # each rank its own
-    images = checkpoint["memory"]["images"]
-    assert images.shape[0] == 2 * 64 and not torch.equal(images[:32], images[32:64])  # both ranks' shares
+    images = open_synthetic(out)[0]
+    assert checkpoint["memory"]["count"] == images.shape[0] == 2 * 64  # the pixels live in <out>/synthetic
+    assert not torch.equal(images[:32], images[32:64])  # both ranks' shares
 
     _torchrun(["--epochs", "4", "--out", out, "--resume", "--no-progress"], teacher_cache)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -68,7 +70,8 @@ def test_two_gloo_processes_train_into_one_run_folder_and_resume(teacher_cache, 
         summary = json.load(f)
     assert summary["epochs_completed"] == 4 and summary["processes"] == 2
     assert summary["best_student_acc"] > 0.2, summary  # it learns (chance is 0.1); test_methods checks how well
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "summary.json"] + [
+    assert sorted(os.listdir(out)) == ["best.pth", "checkpoint.pt", "log.txt", "metrics.jsonl", "real_reference.png",
+                                       "student.pth", "summary.json", "synthetic"] + [
         f"synthetic_epoch00{epoch}.png" for epoch in (1, 2, 3, 4)]
 
     with pytest.raises(SystemExit, match="2 processes"):  # the per-rank state needs the same number of processes
