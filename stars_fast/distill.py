@@ -2,6 +2,7 @@
 supervised recipe that trains the small digits teacher of the offline default."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -15,7 +16,9 @@ from .synthesis.memory import SyntheticMemory
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t / T) || softmax(s / T)), mean over the batch, times T^2 (Hinton et al.)."""
+    """KL(softmax(t / T) || softmax(s / T)), mean over the batch, times T^2 (Hinton et al.); T > 0."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"the KD temperature must be finite and > 0, got {temperature}")
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature * temperature

@@ -150,6 +150,9 @@ def test_kd_loss_is_temperature_scaled_kl():
     expected = (p_t * (p_t.log() - F.log_softmax(s / 4, 1))).sum(1).mean() * 16
     assert torch.allclose(kd_loss(s, t, 4.0), expected, atol=1e-6)
     assert float(kd_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            kd_loss(s, t, bad)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -516,3 +519,16 @@ def test_export_synthetic_writes_an_image_folder(teacher_cache, tmp_path):
     index = int(first.stem)
     assert np.array_equal(np.asarray(Image.open(first)), images[index, 0].numpy())
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))
+
+
+def test_epoch_lines_without_a_terminal_and_no_progress_bars_in_redirected_output(teacher_cache, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               STARS_FAST_CACHE=teacher_cache)
+    flags = [f for f in SHORT_EPOCHS if f != "--no-progress"]  # progress bars requested, but stderr is a pipe
+    result = subprocess.run([sys.executable, "-m", "stars_fast.train", "--epochs", "2", "--out", str(tmp_path / "run")]
+                            + flags, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s" not in result.stderr  # no tqdm bars
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert lines[-3].startswith("| method |") and lines[-1].startswith("| deepinv | on |")
