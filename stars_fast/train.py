@@ -124,11 +124,11 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
         folder.create()
         try:
             return train(config, checkpoint, ctx, folder)
-        except NonFiniteError as exc:
+        except BaseException as exc:
+            folder.close()
             folder.remove_if_unfinished()
-            raise SystemExit(str(exc)) from None
-        except BaseException:
-            folder.remove_if_unfinished()
+            if isinstance(exc, NonFiniteError):
+                raise SystemExit(str(exc)) from None
             raise
 
 

@@ -144,8 +144,8 @@ class SyntheticMemory:
             raise RuntimeError("the synthetic memory is empty: synthesize before sampling")
         if self._images is None:
             self._remap()
-        index = torch.randint(self.count - len(self), self.count, (batch_size,), device=self.device)
-        pixels = self._images[index.cpu()].to(self.device).float() / 255.0
+        index = torch.randint(self.count - len(self), self.count, (batch_size,))  # on the CPU: no device sync
+        pixels = self._images[index].to(self.device).float() / 255.0
         if augment:
             pixels = random_crop_and_flip(pixels, self.info.crop_padding, self.info.flip)
         return normalize(pixels, self.info)
