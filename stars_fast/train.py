@@ -71,22 +71,21 @@ def resolve_device(name: str):
 
 def check_pair(config: Dict[str, object]) -> None:
     """With STARS on, the teacher and the student must tap as many stages (STARS pairs the taps in
-    order); counted on the meta device, so nothing is computed. SystemExit with the paper's pairs."""
+    order). A student taps what the ANN it mirrors taps; both ANNs are run on the meta device, so
+    nothing is computed. SystemExit with the paper's pairs."""
     if not config["stars"]:
         return
     import torch
 
     from . import models
     from .data import DATASETS
+    from .models.students import STUDENT_ARCHITECTURES
 
     info = DATASETS[config["dataset"]]
     x = torch.empty(2, info.in_channels, info.image_size, info.image_size, device="meta")
-    with torch.device("meta"):
-        teacher = models.build_teacher(config["teacher"], info.num_classes, info.in_channels)
-        student = models.build_student(config["student"], info.num_classes, T=1, backend="reference",
-                                       in_channels=info.in_channels)
-        with torch.no_grad():
-            taps = len(teacher(x, return_taps=True)[1]), len(student(x, return_taps=True)[1])
+    with torch.device("meta"), torch.no_grad():
+        taps = [len(models.build_teacher(name, info.num_classes, info.in_channels)(x, return_taps=True)[1])
+                for name in (config["teacher"], STUDENT_ARCHITECTURES[config["student"]])]
     if taps[0] != taps[1]:
         pairs = ", ".join(f"{teacher} -> {student}" for student, teacher in models.PAIRS.items())
         raise SystemExit(f"--teacher {config['teacher']} taps {taps[0]} stages but --student {config['student']} "
