@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
              "configuration (flags given again override it); starts the run if there is no checkpoint")
     add(g, "--no-progress", dest="progress", action="store_false",
         help="no progress bars (the one line per epoch is still printed; bars are shown only on a terminal)")
-    add(g, "--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars to <out>/tensorboard")
+    add(g, "--tensorboard", action="store_true",
+        help="also write the metrics as TensorBoard scalars to <out>/tensorboard")
     add(g, "--export-synthetic", metavar="DIR",
         help="after the run, write its synthetic images as PNGs in ImageFolder layout (DIR/<class>/NNNNNNN.png); "
              "with --resume on a finished run, only exports")

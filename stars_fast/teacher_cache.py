@@ -12,7 +12,8 @@ from .distill import train_supervised
 
 
 def cache_dir() -> str:
-    """Where the digits teacher is cached: $STARS_FAST_CACHE, else $XDG_CACHE_HOME/stars_fast, else ~/.cache/stars_fast."""
+    """Where the digits teacher is cached: $STARS_FAST_CACHE, else $XDG_CACHE_HOME/stars_fast,
+    else ~/.cache/stars_fast."""
     if os.environ.get("STARS_FAST_CACHE"):
         return os.environ["STARS_FAST_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -236,7 +236,8 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
     epoch_lines = [line for line in log if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all("student" in line and "best" in line and "kd_loss" in line and "lr" in line
                                          for line in epoch_lines)
-    assert log[-1] == saved["result_row"] and saved["result_row"].startswith("| deepinv | on | digits_cnn → digits_snn | 4 |")
+    assert log[-1] == saved["result_row"]
+    assert saved["result_row"].startswith("| deepinv | on | digits_cnn → digits_snn | 4 | lif |")
     assert saved["backend"]["requested"] == "auto" and saved["backend"]["resolved"] in ("cpu", "reference")
     assert saved["device"] == "cpu" and saved["versions"]["torch"] == torch.__version__
     assert "stars_fast" in saved["versions"] and "git_commit" in saved
