@@ -1,11 +1,13 @@
-"""Triton kernels of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1).
+"""Triton kernels of the multi-step LIF / IF / PLIF neuron (shared/DESIGN.md section 2.1).
 
 x is viewed as [T, N] (time first, N neurons, contiguous). One program owns BLOCK neurons and
 scans t = 0..T-1 over them, with the membrane state and all arithmetic in fp32 whatever the I/O
-dtype. Per element and step (k = 1/tau, v_r = v_reset, or 0 for soft reset):
+dtype. Per element and step (v_r = v_reset, or 0 for soft reset; "/ tau" is correctly rounded
+IEEE division, as SpikingJelly's LIFNode, bit-equal to tl.div_rn (_leak says how); "* k" is
+PLIF's multiply by k = sigmoid(w)):
 
-    charge  LIF, decay_input:  h = v + (x[t] - (v - v_r)) * k
-            LIF otherwise:     h = v - (v - v_r) * k + x[t]
+    charge  LIF, decay_input:  h = v + (x[t] - (v - v_r)) / tau   |   h = v + (x[t] - (v - v_r)) * k
+            LIF otherwise:     h = v - (v - v_r) / tau + x[t]     |   h = v - (v - v_r) * k + x[t]
             IF:                h = v + x[t]
     fire    u = h - v_th;  s[t] = Theta(u) (Theta(0) = 1, NaN stays NaN), or with spiking=False
             the surrogate's primitive: sigmoid(a u) | atan(pi/2 a u)/pi + 1/2 | C1 piecewise quadratic
@@ -15,27 +17,42 @@ Backward is the reverse scan of section 2.1 (gv = dL/dv, sg = surrogate'(u), D =
 
     dv/dh = (1 - s) + (v_reset - h) sg (1 - D)  (hard)  |  1 - v_th sg (1 - D)  (soft)
     gh    = gs[t] sg + gv dv/dh
-    gx[t] = gh k (LIF, decay_input) | gh;   gv <- gh (1 - k) (LIF) | gh (IF);   dL/dv_init = final gv
-    dL/dk = sum_t gh (x[t] - (v_prev - v_r))  (decay_input)  |  sum_t gh (-(v_prev - v_r))
+    gx[t] = gh / tau | gh k (LIF, decay_input) | gh;   gv <- gh - gh / tau | gh - gh k (LIF) | gh (IF)
+    dL/dv_init = final gv;   dL/dk = sum_t gh (x[t] - (v_prev - v_r)) (decay_input) | sum_t gh (v_r - v_prev)
 
-Recompute choice: the backward keeps h in registers instead of reading a stored h or using grad_x
-as scratch. Each program recomputes its chunk of up to _MAX_STEPS_IN_REGISTERS time steps into a
-compile-time tuple of [BLOCK] tensors (the loop over the chunk is unrolled, so the tuple lives in
-registers, in the same layout as the loads: no shared-memory traffic), then runs the reverse scan
-over it. For T <= 32, every T a spiking network uses in practice, this reads x and grad_spikes once
-and writes grad_x once: the minimal traffic, with no T x N scratch buffer. It also stays exact for
-fp16/bf16 I/O, where a scratch h in grad_x's dtype would lose bits and could flip a spike. The cost
-is one compilation per T (up to 32), and a BLOCK that shrinks as T grows, to keep register use
-bounded. For T > 32 the scan is cut into chunks of 32 steps, taken last to first. The state v at
-the start of a chunk is found by running the forward again from v_init, which costs O(T^2 / 32)
-extra reads of x.
+Memory traffic. Each thread owns 16 contiguous bytes of every [N] row it touches (4 fp32 or
+8 fp16/bf16 neurons: ld.global.v4 / st.global.v4 when N % 16 == 0; Triton specializes on it).
+With b bytes per element, per neuron (S = 4 backward steps per chunk, see below):
+
+    minimal   forward  2 T b (read x, write spikes)
+              backward 3 T b (read x and grad_spikes, write grad_x)
+    moved     forward  2 T b, + b for v_init when given, + b for v_last only when asked
+              backward 3 T b + (T - S) b for T > S (x is read again for every chunk but the last)
+                       + 8 B (ceil(T / S) - 2) of fp32 v checkpoints (written, read back) for T > 2 S
+                       + b each for v_init, grad_v_last (when given), grad_v_init (when asked)
+                       + 4 B of per-neuron dL/dk partial sums for PLIF
+    e.g. T = 4: forward and backward minimal; T = 32 fp32: backward 3 T b + 28 b + 48 B (1.42x)
+
+The backward cannot hold all T steps in registers at 16 B per thread without spilling (nor compile
+in reasonable time: Triton's coalescing pass grows with the cube of an unrolled chunk), so it works
+in chunks of S time steps. A first pass runs the forward over chunks 0..C-2, storing the state v
+at the start of each chunk 1..C-2 (fp32, a scratch [C - 2, N]). Then, chunk by chunk from the last,
+it loads the chunk's x and grad_spikes (all loads issued before any store), recomputes the
+coefficients of gh = cs[t] + gv bs[t] (cs = grad_spikes sg, bs = dv/dh) into a compile-time tuple
+(the loop is unrolled, so the tuple lives in registers), and runs the reverse scan over them,
+storing grad_x: no load waits on a store. No T x N scratch, and h is exact for fp16/bf16 I/O (a
+scratch h in grad_x's dtype would lose bits and could flip a spike).
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
-threshold could flip.
+threshold could flip. Only the surrogate, spiking, dL/dk and the chunk size are compile-time
+constants; the neuron options (LIF/IF, divide/multiply, reset, decay_input, detach_reset) are
+runtime flags selected per element, and v_init, v_last, grad_v_last, grad_v_init runtime flags
+too, so the variants stay few (tests/compile_gate.py compiles every one for sm_80 and sm_90).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -44,18 +61,24 @@ import triton
 import triton.language as tl
 
 SIGMOID, ATAN, TRIANGLE = 0, 1, 2
-_MAX_STEPS_IN_REGISTERS = 32
 _NUM_WARPS = 4
-_FWD_BLOCK = 1024
+_BYTES_PER_THREAD = 16  # one 128-bit access per thread per [N] row
+_FWD_MAX_STEPS = 8  # x of a forward chunk, loaded before its spikes are stored
+_BWD_MAX_STEPS = 4  # h coefficients of a backward chunk held in registers
+# An explicit register limit: without one, ptxas may pick fewer registers (an occupancy target) and
+# spill a few long-lived values; with it, every variant compiles spill-free (the compile gate checks).
+_MAX_REGISTERS = 255
 
 
 @triton.jit
 def _atan(x):
-    """arctan(x), Cephes atanf: reduce |x| to [0, tan(pi/8)], then an odd degree-9 polynomial."""
+    """arctan(x), Cephes atanf: reduce |x| to [0, tan(pi/8)] (one division), then an odd polynomial."""
     ax = tl.abs(x)
     big = ax > 2.414213562373095  # tan(3 pi / 8): atan(x) = pi/2 + atan(-1/x)
     mid = ax > 0.4142135623730950  # tan(pi / 8): atan(x) = pi/4 + atan((x - 1) / (x + 1))
-    r = tl.where(big, -1.0 / ax, tl.where(mid, (ax - 1.0) / (ax + 1.0), ax))
+    num = tl.where(big, -1.0, tl.where(mid, ax - 1.0, ax))
+    den = tl.where(big, ax, tl.where(mid, ax + 1.0, 1.0))
+    r = tl.fdiv(num, den)
     y0 = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
     z = r * r
     p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * r + r
@@ -64,256 +87,311 @@ def _atan(x):
 
 
 @triton.jit
-def _surrogate_primitive(u, alpha, SURROGATE: tl.constexpr):
+def _surrogate_primitive(u, alpha, inv_alpha2, SURROGATE: tl.constexpr):
     """The smooth spike of spiking=False: sigmoid(a u) | atan(pi/2 a u)/pi + 1/2 | C1 quadratic."""
     if SURROGATE == 0:
-        s = tl.sigmoid(alpha * u)
+        s = tl.fdiv(1.0, 1.0 + tl.exp(-alpha * u))
     elif SURROGATE == 1:
-        s = _atan(1.5707963267948966 * alpha * u) / 3.141592653589793 + 0.5
+        s = _atan(1.5707963267948966 * alpha * u) * 0.3183098861837907 + 0.5
     else:
-        left = (u + alpha) * (u + alpha) / (2.0 * alpha * alpha)
-        right = 1.0 - (alpha - u) * (alpha - u) / (2.0 * alpha * alpha)
+        left = (u + alpha) * (u + alpha) * (0.5 * inv_alpha2)
+        right = 1.0 - (alpha - u) * (alpha - u) * (0.5 * inv_alpha2)
         mid = tl.where(u < 0.0, left, right)
         s = tl.where(u < -alpha, 0.0, tl.where(u >= alpha, 1.0, mid))
     return s
 
 
 @triton.jit
-def _surrogate_grad(u, alpha, SURROGATE: tl.constexpr):
+def _surrogate_grad(u, alpha, inv_alpha2, SURROGATE: tl.constexpr):
     """sg(u): a sigmoid(au)(1 - sigmoid(au)) | (a/2) / (1 + (pi/2 a u)^2) | max(0, a - |u|) / a^2."""
     if SURROGATE == 0:
-        sig = tl.sigmoid(alpha * u)
+        sig = tl.fdiv(1.0, 1.0 + tl.exp(-alpha * u))
         sg = alpha * sig * (1.0 - sig)
     elif SURROGATE == 1:
         w = 1.5707963267948966 * alpha * u
-        sg = (alpha / 2.0) / (1.0 + w * w)
-    else:
-        sg = tl.maximum(alpha - tl.abs(u), 0.0, propagate_nan=tl.PropagateNan.ALL) / (alpha * alpha)
+        sg = tl.fdiv(alpha * 0.5, 1.0 + w * w)
+    else:  # NaN u gives NaN, as torch.clamp in the reference
+        sg = tl.maximum(alpha - tl.abs(u), 0.0, propagate_nan=tl.PropagateNan.ALL) * inv_alpha2
     return sg
 
 
 @triton.jit
-def _fire(u, alpha, SURROGATE: tl.constexpr, SPIKING: tl.constexpr):
+def _fire(u, alpha, inv_alpha2, SURROGATE: tl.constexpr, SPIKING: tl.constexpr):
     """s = Theta(u) with Theta(0) = 1 and NaN kept, or the surrogate primitive when not SPIKING."""
     if SPIKING:
         s = tl.where(u >= 0.0, 1.0, 0.0)
         s = tl.where(u != u, u, s)
     else:
-        s = _surrogate_primitive(u, alpha, SURROGATE)
+        s = _surrogate_primitive(u, alpha, inv_alpha2, SURROGATE)
     return s
 
 
 @triton.jit
-def _charge(v, x, k, v_rest, LEAKY: tl.constexpr, DECAY_INPUT: tl.constexpr):
-    """h from v and x[t], in the reference's order of operations."""
-    if LEAKY:
-        if DECAY_INPUT:
-            h = v + (x - (v - v_rest)) * k
-        else:
-            h = v - (v - v_rest) * k + x
-    else:
-        h = v + x
-    return h
+def _leak(a, decay, inv_tau, divide):
+    """a / tau, correctly rounded (IEEE division), when divide, else a * k (decay holds tau or k).
+
+    The quotient is fp32(a * RN64(1 / tau)) in fp64, which equals RN32(a / tau) for every fp32 a and
+    tau: the fp64 product is within 2^-52 (relative) of a / tau, and a quotient of two 24-bit
+    significands is never within 2^-49 of a midpoint between two fp32 numbers (nor on one). Unlike
+    div.rn.f32, it needs no slow-path subroutine call, whose calling convention makes ptxas spill.
+    """
+    return tl.where(divide, (a.to(tl.float64) * inv_tau).to(tl.float32), a * decay)
 
 
 @triton.jit
-def _reset(h, s, v_threshold, v_rest, HARD_RESET: tl.constexpr):
-    """v after the spike: h (1 - s) + v_reset s (hard) or h - v_th s (soft)."""
-    if HARD_RESET:
-        v = h * (1.0 - s) + v_rest * s
-    else:
-        v = h - v_threshold * s
-    return v
+def _reciprocal_f64(d):
+    """1 / d in fp64 to within a few ulp without a division (whose slow path is a subroutine call):
+    two Newton steps from fp32's approximate reciprocal, for normal |d| < 2^126 (and d = inf)."""
+    r0 = tl.fdiv(1.0, d)
+    r = r0.to(tl.float64)
+    d64 = d.to(tl.float64)
+    r = r * (2.0 - d64 * r)
+    r = r * (2.0 - d64 * r)
+    return tl.where(r0 == 0.0, 0.0, r)
 
 
 @triton.jit
-def _step(v, x, k, v_threshold, v_rest, alpha, LEAKY: tl.constexpr, HARD_RESET: tl.constexpr,
-          DECAY_INPUT: tl.constexpr, SURROGATE: tl.constexpr, SPIKING: tl.constexpr):
-    """One time step: returns (h, s, v_next). Forward and backward recompute both call this."""
-    h = _charge(v, x, k, v_rest, LEAKY, DECAY_INPUT)
-    s = _fire(h - v_threshold, alpha, SURROGATE, SPIKING)
-    return h, s, _reset(h, s, v_threshold, v_rest, HARD_RESET)
+def _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input,
+          SURROGATE: tl.constexpr, SPIKING: tl.constexpr):
+    """One time step, in the reference's order of operations: returns (h, s, v_next)."""
+    leaked = _leak(tl.where(decay_input, x - (v - v_rest), v - v_rest), decay, inv_tau, divide)
+    h = tl.where(leaky, tl.where(decay_input, v + leaked, v - leaked + x), v + x)
+    s = _fire(h - v_threshold, alpha, inv_alpha2, SURROGATE, SPIKING)
+    v_next = tl.where(hard_reset, h * (1.0 - s) + v_rest * s, h - v_threshold * s)
+    return h, s, v_next
 
 
 @triton.jit
-def _initial_v(V_INIT, offs, mask, v_rest, HAS_V_INIT: tl.constexpr):
+def _initial_v(V_INIT, offs, mask, v_rest, has_v_init):
     """v before t = 0: v_init, or v_reset (0 for soft reset)."""
-    if HAS_V_INIT:
+    v = tl.zeros(offs.shape, tl.float32) + v_rest
+    if has_v_init:
         v = tl.load(V_INIT + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        v = tl.zeros(offs.shape, tl.float32) + v_rest
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _lif_fwd_kernel(
-    X, V_INIT, INV_TAU, SPIKES, V_LAST,
-    T, N, v_threshold, v_rest, alpha,
-    HAS_V_INIT: tl.constexpr, LEAKY: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    X, V_INIT, DECAY, SPIKES, V_LAST,
+    T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, has_v_init, need_v_last,
     SURROGATE: tl.constexpr, SPIKING: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """spikes[t] and v_last for BLOCK neurons: the charge/fire/reset scan over t = 0..T-1."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    n = tl.cast(N, tl.int64)
-    k = tl.load(INV_TAU).to(tl.float32)
-    v = _initial_v(V_INIT, offs, mask, v_rest, HAS_V_INIT)
-    for t0 in range(0, T, STEPS):
-        for i in tl.static_range(STEPS):  # unrolled, so the loads of the chunk are all in flight
-            t = t0 + i
-            live = mask & (t < T)
-            x = tl.load(X + t * n + offs, mask=live, other=0.0).to(tl.float32)
-            h, s, v_next = _step(v, x, k, v_threshold, v_rest, alpha, LEAKY, HARD_RESET, DECAY_INPUT,
-                                 SURROGATE, SPIKING)
-            tl.store(SPIKES + t * n + offs, s.to(SPIKES.dtype.element_ty), mask=live)
-            v = tl.where(t < T, v_next, v)
-    tl.store(V_LAST + offs, v.to(V_LAST.dtype.element_ty), mask=mask)
+    """spikes[t] (and v_last when asked) for BLOCK neurons: the charge/fire/reset scan over t.
 
-
-@triton.jit
-def _lif_bwd_kernel(
-    GRAD_SPIKES, GRAD_V_LAST, X, V_INIT, INV_TAU, GRAD_X, GRAD_V_INIT, GRAD_INV_TAU,
-    T, N, v_threshold, v_rest, alpha,
-    HAS_GRAD_V_LAST: tl.constexpr, HAS_V_INIT: tl.constexpr, LEAKY: tl.constexpr, HARD_RESET: tl.constexpr,
-    DECAY_INPUT: tl.constexpr, SURROGATE: tl.constexpr, SPIKING: tl.constexpr, DETACH_RESET: tl.constexpr,
-    NEED_INV_TAU_GRAD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """grad_x[t], dL/dv_init and the per-neuron dL/dk for BLOCK neurons: recompute, then reverse scan.
-
-    Chunks of STEPS time steps are taken last to first. For each chunk, v at its start is found by
-    running the forward again from v_init. The chunk's h (and dh/dk, for dL/dk) are then recomputed
-    into a compile-time tuple of [BLOCK] tensors, which stay in registers, and the reverse scan
-    reads them back.
+    Chunks of STEPS steps: the chunk's x is loaded into registers before its spikes are stored, so
+    the loads of a chunk are all in flight at once (a store may alias a later load otherwise).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     n = tl.cast(N, tl.int64)
-    k = tl.load(INV_TAU).to(tl.float32)
-    v_start = _initial_v(V_INIT, offs, mask, v_rest, HAS_V_INIT)
-    if HAS_GRAD_V_LAST:
-        gv = tl.load(GRAD_V_LAST + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        gv = tl.zeros([BLOCK], tl.float32)
-    grad_k = tl.zeros([BLOCK], tl.float32)
-    num_chunks = tl.cdiv(T, STEPS)
-    for chunk in range(num_chunks):
-        t0 = (num_chunks - 1 - chunk) * STEPS
-        v = v_start
-        for t in range(t0):  # empty unless T > STEPS
-            x = tl.load(X + t * n + offs, mask=mask, other=0.0).to(tl.float32)
-            h, s, v = _step(v, x, k, v_threshold, v_rest, alpha, LEAKY, HARD_RESET, DECAY_INPUT,
-                            SURROGATE, SPIKING)
-        hs = ()  # h[t0 + i] for the chunk (a compile-time tuple: the values stay in registers)
-        qs = ()  # dh/dk at fixed v, for dL/dk
+    decay = tl.load(DECAY).to(tl.float32)
+    inv_tau = _reciprocal_f64(decay)
+    v = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
+    for t0 in range(0, T, STEPS):
+        xs = ()
+        for i in tl.static_range(STEPS):
+            xs = xs + (tl.load(X + (t0 + i) * n + offs, mask=mask & (t0 + i < T), other=0.0),)
         for i in tl.static_range(STEPS):
             t = t0 + i
-            x = tl.load(X + t * n + offs, mask=mask & (t < T), other=0.0).to(tl.float32)
-            h, s, v_next = _step(v, x, k, v_threshold, v_rest, alpha, LEAKY, HARD_RESET, DECAY_INPUT,
-                                 SURROGATE, SPIKING)
-            hs = hs + (h,)
-            if NEED_INV_TAU_GRAD and LEAKY:
-                qs = qs + (x - (v - v_rest) if DECAY_INPUT else -(v - v_rest),)
+            h, s, v_next = _step(v, xs[i].to(tl.float32), decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky,
+                                 divide, hard_reset, decay_input, SURROGATE, SPIKING)
+            tl.store(SPIKES + t * n + offs, s.to(SPIKES.dtype.element_ty), mask=mask & (t < T))
+            v = tl.where(t < T, v_next, v)
+    if need_v_last:
+        tl.store(V_LAST + offs, v.to(V_LAST.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _lif_bwd_kernel(
+    GRAD_SPIKES, GRAD_V_LAST, X, V_INIT, DECAY, GRAD_X, GRAD_V_INIT, GRAD_DECAY, V_CHECKPOINTS,
+    T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, detach_reset,
+    has_grad_v_last, has_v_init, need_grad_v_init,
+    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, NEED_DECAY_GRAD: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """grad_x[t], dL/dv_init and the per-neuron dL/dk for BLOCK neurons: checkpoint, recompute, reverse scan.
+
+    Pass 1 runs the forward over chunks 0..C-2 and stores v at the start of chunks 1..C-2 in
+    V_CHECKPOINTS[c - 1]. Pass 2 takes chunks last to first: v at the chunk's start (from pass 1,
+    a checkpoint, or v_init); the chunk's loads, then the recompute of gh's coefficients into
+    registers (gh = cs[i] + gv bs[i]: cs = grad_spikes sg, bs = dv/dh, independent of gv); then the
+    reverse scan over the registers, which only stores.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    n = tl.cast(N, tl.int64)
+    decay = tl.load(DECAY).to(tl.float32)
+    inv_tau = _reciprocal_f64(decay)
+    v_init = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
+    num_chunks = tl.cdiv(T, STEPS)
+    v = v_init
+    for c in range(num_chunks - 1):
+        for i in tl.static_range(STEPS):
+            x = tl.load(X + (c * STEPS + i) * n + offs, mask=mask, other=0.0).to(tl.float32)
+            h, s, v = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset,
+                            decay_input, SURROGATE, SPIKING)
+        if c + 2 < num_chunks:
+            tl.store(V_CHECKPOINTS + c * n + offs, v, mask=mask)
+    gv = tl.zeros([BLOCK], tl.float32)
+    if has_grad_v_last:
+        gv = tl.load(GRAD_V_LAST + offs, mask=mask, other=0.0).to(tl.float32)
+    grad_decay = tl.zeros([BLOCK], tl.float32)
+    for chunk in range(num_chunks):
+        c = num_chunks - 1 - chunk
+        t0 = c * STEPS
+        if chunk > 0:
+            checkpoint = tl.load(V_CHECKPOINTS + (c - 1) * n + offs, mask=mask & (c > 0), other=0.0)
+            v = tl.where(c > 0, checkpoint, v_init)
+        xs = ()
+        gss = ()
+        for i in tl.static_range(STEPS):
+            live = mask & (t0 + i < T)
+            xs = xs + (tl.load(X + (t0 + i) * n + offs, mask=live, other=0.0),)
+            gss = gss + (tl.load(GRAD_SPIKES + (t0 + i) * n + offs, mask=live, other=0.0),)
+        cs = ()
+        bs = ()
+        qs = ()  # dh/dk at fixed v, for dL/dk
+        for i in tl.static_range(STEPS):
+            x = xs[i].to(tl.float32)
+            h, s, v_next = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset,
+                                 decay_input, SURROGATE, SPIKING)
+            sg = _surrogate_grad(h - v_threshold, alpha, inv_alpha2, SURROGATE)
+            keep = 1.0 - s
+            dv_dh_hard = tl.where(detach_reset, keep, keep + (v_rest - h) * sg)
+            dv_dh_soft = tl.where(detach_reset, 1.0, 1.0 - v_threshold * sg)
+            cs = cs + (gss[i].to(tl.float32) * sg,)
+            bs = bs + (tl.where(hard_reset, dv_dh_hard, dv_dh_soft),)
+            if NEED_DECAY_GRAD:
+                qs = qs + (tl.where(decay_input, x - (v - v_rest), v_rest - v),)
             v = v_next
         for i in tl.static_range(STEPS - 1, -1, -1):
             t = t0 + i
-            live = t < T
-            h = hs[i]
-            u = h - v_threshold
-            s = _fire(u, alpha, SURROGATE, SPIKING)
-            sg = _surrogate_grad(u, alpha, SURROGATE)
-            if DETACH_RESET:
-                dv_dh = 1.0 - s if HARD_RESET else 1.0
-            elif HARD_RESET:
-                dv_dh = (1.0 - s) + (v_rest - h) * sg
-            else:
-                dv_dh = 1.0 - v_threshold * sg
-            gs = tl.load(GRAD_SPIKES + t * n + offs, mask=mask & live, other=0.0).to(tl.float32)
-            gh = gs * sg + gv * dv_dh
-            gx = gh * k if (LEAKY and DECAY_INPUT) else gh
-            tl.store(GRAD_X + t * n + offs, gx.to(GRAD_X.dtype.element_ty), mask=mask & live)
-            if NEED_INV_TAU_GRAD and LEAKY:
-                grad_k += tl.where(live, gh * qs[i], 0.0)
-            gv = tl.where(live, gh * (1.0 - k) if LEAKY else gh, gv)
-    tl.store(GRAD_V_INIT + offs, gv.to(GRAD_V_INIT.dtype.element_ty), mask=mask)
-    if NEED_INV_TAU_GRAD:
-        tl.store(GRAD_INV_TAU + offs, grad_k, mask=mask)
+            gh = cs[i] + gv * bs[i]
+            leaked = _leak(gh, decay, inv_tau, divide)  # the part of gh that flows through the leak
+            gx = tl.where(leaky & decay_input, leaked, gh)
+            tl.store(GRAD_X + t * n + offs, gx.to(GRAD_X.dtype.element_ty), mask=mask & (t < T))
+            if NEED_DECAY_GRAD:
+                grad_decay += tl.where(t < T, gh * qs[i], 0.0)
+            gv = tl.where(t < T, tl.where(leaky, gh - leaked, gh), gv)
+    if need_grad_v_init:
+        tl.store(GRAD_V_INIT + offs, gv.to(GRAD_V_INIT.dtype.element_ty), mask=mask)
+    if NEED_DECAY_GRAD:
+        tl.store(GRAD_DECAY + offs, grad_decay, mask=mask)
 
 
-def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], inv_tau: torch.Tensor, surrogate: int) -> int:
+def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, surrogate: int) -> int:
     """Validates the arguments shared by both launchers; returns N, the number of neurons."""
     if x.dim() < 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be a [T, N] float32/float16/bfloat16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
     n = math.prod(x.shape[1:])
     if v_init is not None and v_init.numel() != n:
         raise ValueError(f"v_init must have {n} elements (one per neuron), got shape {tuple(v_init.shape)}")
-    if inv_tau.numel() != 1:
-        raise ValueError(f"inv_tau must be a 1-element tensor, got shape {tuple(inv_tau.shape)}")
+    if v_init is not None and v_init.device != x.device:
+        raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}")
+    if decay.numel() != 1 or not decay.is_floating_point():
+        raise ValueError(f"decay must be a 1-element float tensor, got {decay.dtype} of shape {tuple(decay.shape)}")
     if surrogate not in (SIGMOID, ATAN, TRIANGLE):
         raise ValueError(f"surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got {surrogate}")
     return n
 
 
-def _steps(T: int) -> Tuple[int, int]:
-    """(STEPS, BLOCK) of the backward: STEPS time steps of BLOCK neurons are held in registers."""
-    steps = max(1, min(T, _MAX_STEPS_IN_REGISTERS))
-    per_thread = max(1, min(4, 16 // steps))  # neurons per thread, about 16 held values of h per thread
-    return steps, 32 * _NUM_WARPS * per_thread
+def _per_thread(dtype: torch.dtype) -> int:
+    """Neurons per thread: 16 bytes of x per thread and row."""
+    return _BYTES_PER_THREAD // torch.empty((), dtype=dtype).element_size()
+
+
+def _block(dtype: torch.dtype) -> int:
+    return _per_thread(dtype) * 32 * _NUM_WARPS
+
+
+def _chunk(T: int, max_steps: int) -> int:
+    """Steps per chunk: the power of two >= T, at most max_steps (a power of two)."""
+    return min(triton.next_power_of_2(max(T, 1)), max_steps)
+
+
+def _device_guard(x: torch.Tensor):
+    """Launch on x's device, whatever device is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _decay_operand(decay: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return decay.reshape(1).to(device=x.device, dtype=torch.float32)
 
 
 def lif_forward(
-    x: torch.Tensor, v_init: Optional[torch.Tensor], inv_tau: torch.Tensor, leaky: bool, v_threshold: float,
-    v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float, spiking: bool,
+    x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, leaky: bool, decay_is_tau: bool,
+    v_threshold: float, v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float, spiking: bool,
+    need_v_last: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Multi-step neuron over x[T, N] -> (spikes [T, N] in x's dtype, v_last [N] in x's dtype)."""
-    N = _check(x, v_init, inv_tau, surrogate)
+    """Multi-step neuron over x[T, N] -> (spikes [T, N], v_last [N] if need_v_last else [0]), x's dtype.
+
+    decay holds tau (divided by) when decay_is_tau, else k = 1/tau (multiplied by); IF ignores it.
+    """
+    N = _check(x, v_init, decay, surrogate)
     x = x.contiguous()
     T = x.shape[0]
     spikes = torch.empty_like(x)
-    v_last = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+    v_last = torch.empty(x.shape[1:] if need_v_last else (0,), dtype=x.dtype, device=x.device)
     if N == 0:
         return spikes, v_last
     v_init = v_init.contiguous() if v_init is not None else None
-    grid = (triton.cdiv(N, _FWD_BLOCK),)
-    torch.library.wrap_triton(_lif_fwd_kernel)[grid](
-        x, v_init, inv_tau, spikes, v_last,
-        T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha),
-        HAS_V_INIT=v_init is not None, LEAKY=bool(leaky), HARD_RESET=v_reset is not None,
-        DECAY_INPUT=bool(decay_input), SURROGATE=int(surrogate), SPIKING=bool(spiking),
-        STEPS=_steps(T)[0], BLOCK=_FWD_BLOCK,
-        num_warps=_NUM_WARPS, enable_fp_fusion=False,
-    )
+    leaky = bool(leaky)
+    block = _block(x.dtype)
+    with _device_guard(x):
+        torch.library.wrap_triton(_lif_fwd_kernel)[(triton.cdiv(N, block),)](
+            x, v_init if v_init is not None else x, _decay_operand(decay, x), spikes,
+            v_last if need_v_last else spikes,
+            T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
+            leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), v_init is not None,
+            bool(need_v_last), SURROGATE=0 if spiking else int(surrogate), SPIKING=bool(spiking),
+            STEPS=_chunk(T, _FWD_MAX_STEPS), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS,
+            enable_fp_fusion=False,
+        )
     return spikes, v_last
 
 
 def lif_backward(
     grad_spikes: torch.Tensor, grad_v_last: Optional[torch.Tensor], x: torch.Tensor, v_init: Optional[torch.Tensor],
-    inv_tau: torch.Tensor, leaky: bool, v_threshold: float, v_reset: Optional[float], decay_input: bool,
-    surrogate: int, alpha: float, spiking: bool, detach_reset: bool, need_inv_tau_grad: bool,
+    decay: torch.Tensor, leaky: bool, decay_is_tau: bool, v_threshold: float, v_reset: Optional[float],
+    decay_input: bool, surrogate: int, alpha: float, spiking: bool, detach_reset: bool, need_decay_grad: bool,
+    need_grad_v_init: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Surrogate-gradient backward -> (grad_x [T, N], grad_v_init [N] in x's dtype, grad_inv_tau).
+    """Surrogate-gradient backward -> (grad_x [T, N], grad_v_init [N] or [0], grad_decay [N] or [0]).
 
-    grad_inv_tau is the per-neuron partial sum [N] fp32 of dL/d(1/tau) when need_inv_tau_grad (the
-    caller reduces it, deterministically), else an empty tensor.
+    grad_v_last None is zero (never read). grad_decay is the per-neuron partial sum (fp32) of dL/dk
+    when need_decay_grad (multiply mode only; the caller reduces it), else empty.
     """
-    N = _check(x, v_init, inv_tau, surrogate)
+    N = _check(x, v_init, decay, surrogate)
+    leaky = bool(leaky)
+    need_decay_grad = bool(need_decay_grad) and leaky
+    if need_decay_grad and decay_is_tau:
+        raise ValueError("need_decay_grad requires decay_is_tau=False (the gradient is taken with respect to k)")
+    if grad_spikes.shape != x.shape:
+        raise ValueError(f"grad_spikes must have x's shape {tuple(x.shape)}, got {tuple(grad_spikes.shape)}")
     x = x.contiguous()
-    grad_spikes = grad_spikes.contiguous()  # autograd may hand over expanded (stride-0) gradients
+    grad_spikes = grad_spikes.to(x.dtype).contiguous()  # autograd may hand over expanded (stride-0) gradients
     T = x.shape[0]
     grad_x = torch.empty_like(x)
-    grad_v_init = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-    shape_tau = x.shape[1:] if need_inv_tau_grad else (0,)
-    grad_inv_tau = torch.empty(shape_tau, dtype=torch.float32, device=x.device)
+    grad_v_init = torch.empty(x.shape[1:] if need_grad_v_init else (0,), dtype=x.dtype, device=x.device)
+    grad_decay = torch.empty(x.shape[1:] if need_decay_grad else (0,), dtype=torch.float32, device=x.device)
     if N == 0:
-        return grad_x, grad_v_init, grad_inv_tau
-    grad_v_last = grad_v_last.contiguous() if grad_v_last is not None else None
+        return grad_x, grad_v_init, grad_decay
+    if grad_v_last is not None:
+        grad_v_last = grad_v_last.to(x.dtype).contiguous()
     v_init = v_init.contiguous() if v_init is not None else None
-    steps, block = _steps(T)
-    torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
-        grad_spikes, grad_v_last, x, v_init, inv_tau, grad_x, grad_v_init, grad_inv_tau if need_inv_tau_grad else None,
-        T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha),
-        HAS_GRAD_V_LAST=grad_v_last is not None, HAS_V_INIT=v_init is not None, LEAKY=bool(leaky),
-        HARD_RESET=v_reset is not None, DECAY_INPUT=bool(decay_input), SURROGATE=int(surrogate),
-        SPIKING=bool(spiking), DETACH_RESET=bool(detach_reset), NEED_INV_TAU_GRAD=bool(need_inv_tau_grad),
-        STEPS=steps, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
-    )
-    return grad_x, grad_v_init, grad_inv_tau
+    steps = _chunk(T, _BWD_MAX_STEPS)
+    checkpoints = torch.empty((max(triton.cdiv(T, steps) - 2, 1), N if T > 2 * steps else 1),
+                              dtype=torch.float32, device=x.device)
+    block = _block(x.dtype)
+    with _device_guard(x):
+        torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
+            grad_spikes, grad_v_last if grad_v_last is not None else grad_spikes, x,
+            v_init if v_init is not None else x, _decay_operand(decay, x), grad_x,
+            grad_v_init if need_grad_v_init else grad_x, grad_decay if need_decay_grad else None, checkpoints,
+            T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
+            leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), bool(detach_reset),
+            grad_v_last is not None, v_init is not None, bool(need_grad_v_init),
+            SURROGATE=int(surrogate), SPIKING=bool(spiking), NEED_DECAY_GRAD=need_decay_grad, STEPS=steps,
+            BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
+        )
+    return grad_x, grad_v_init, grad_decay
