@@ -1,5 +1,6 @@
 """Multi-process training: two CPU processes with gloo, launched by torchrun, end to end on digits;
-one run folder written by rank 0, per-rank state carried through a resume."""
+one run folder written by rank 0, per-rank state carried through a resume; and the synthesis
+objective of 2 processes equal to that of 1 process holding the whole batch."""
 import json
 import os
 import socket
@@ -76,3 +77,76 @@ def test_two_gloo_processes_train_into_one_run_folder_and_resume(teacher_cache, 
 
     with pytest.raises(SystemExit, match="2 processes"):  # the per-rank state needs the same number of processes
         train.main(["--epochs", "5", "--out", out, "--resume", "--no-progress"])
+
+
+OBJECTIVE_SCRIPT = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+from stars_fast import models
+from stars_fast.synthesis import InversionObjective, StarsRegularizer
+from stars_fast.synthesis.deepinversion import l2_norm, total_variation
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+if world > 1:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+teacher = models.freeze(models.build_teacher("digits_cnn", 10, in_channels=1))
+student = models.build_student("digits_snn", 10, T=2, in_channels=1, backend="reference")
+for model in (teacher, student):  # running statistics away from 0 / 1, so every BN term matters
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+images_all, targets_all = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+share = 8 // world
+images = images_all[rank * share:(rank + 1) * share].clone().requires_grad_()
+targets = targets_all[rank * share:(rank + 1) * share]
+stars = StarsRegularizer(backend=sys.argv[2])
+objective = InversionObjective(teacher, student, bn=10, oh=1, adv=1, stars=stars, adversarial="jsdiv",
+                               student_bn=0.001, bn_momentum=0.9)
+results = {}
+with objective.round() as loss:
+    for step in range(2):  # the second batch (other images) has the momentum target of the first
+        batch = images * (1.0 + step)
+        out = loss(batch, targets)
+        total = out.loss + 1e-2 * total_variation(batch) + 1e-3 * l2_norm(batch)
+        grad, = torch.autograd.grad(total, images)
+        results[f"loss{step}"], results[f"grad{step}"] = total.detach(), grad
+        results[f"terms{step}"] = out.terms
+        objective.end_batch()
+torch.save(results, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_two_processes_optimize_the_one_process_objective(tmp_path, backend):
+    """BN moments, the batch means, RCA's Gram and TAR's quantiles over the whole batch: the loss and the
+    image gradients of 2 gloo processes (4 images each) equal those of 1 process holding all 8."""
+    script = tmp_path / "objective.py"
+    script.write_text(OBJECTIVE_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single = subprocess.run([sys.executable, str(script), str(one), backend], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), str(script), str(two), backend],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert pair.returncode == 0, pair.stdout[-4000:] + pair.stderr[-4000:]
+    full = torch.load(one / "rank0.pt", weights_only=True)
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for step in (0, 1):
+        for rank in ranks:  # every process holds the whole batch's loss, term by term
+            torch.testing.assert_close(rank[f"loss{step}"], full[f"loss{step}"], rtol=1e-5, atol=1e-5)
+            for name, value in full[f"terms{step}"].items():
+                torch.testing.assert_close(rank[f"terms{step}"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        grad = torch.cat([rank[f"grad{step}"] for rank in ranks])
+        scale = full[f"grad{step}"].abs().max()
+        torch.testing.assert_close(grad / scale, full[f"grad{step}"] / scale, rtol=0, atol=1e-5)
+    assert full["terms0"]["loss_rca"] > 0 and full["terms0"]["loss_tar"] > 0 and full["terms0"]["loss_adv"] != 0
+    assert full["loss1"] != full["loss0"]  # the momentum target changed the BN term

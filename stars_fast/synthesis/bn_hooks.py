@@ -30,12 +30,18 @@ Moments = Tuple[Tensor, Tensor]  # (mean [C], biased variance [C])
 
 def batch_moments(x: Tensor) -> Moments:
     """Per-channel mean and biased variance of x [B, C, H, W] over (B, H, W), over every process's
-    batch under torchrun (two passes: the global mean, then the squared deviations from it)."""
+    batch under torchrun. Around c, the batch mean held as a constant (no gradient):
+    mean = c + E[x - c], var = E[(x - c)^2] - E[x - c]^2 -- sums that are reduced before anything
+    else uses them (collectives.py's condition for exact gradients), without the cancellation of
+    E[x^2] - E[x]^2."""
     x = x.float()
-    count = all_reduce_sum(x.new_tensor(float(x.shape[0] * x.shape[2] * x.shape[3])))
-    mean = all_reduce_sum(x.sum(dim=(0, 2, 3))) / count
-    var = all_reduce_sum((x - mean.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))) / count
-    return mean, var
+    with torch.no_grad():
+        count = all_reduce_sum(x.new_tensor(float(x.shape[0] * x.shape[2] * x.shape[3])))
+        center = all_reduce_sum(x.sum(dim=(0, 2, 3))) / count
+    centered = x - center.view(1, -1, 1, 1)
+    sums = all_reduce_sum(torch.stack([centered.sum(dim=(0, 2, 3)), centered.square().sum(dim=(0, 2, 3))]))
+    shift, second = sums[0] / count, sums[1] / count
+    return center + shift, second - shift.square()
 
 
 class BNStatsHook:

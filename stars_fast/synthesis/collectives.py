@@ -9,8 +9,12 @@ collective needs no communication:
     y = sum_r x_r          (all_reduce_sum)   ->  grad x_r = grad y
     y = cat_r x_r          (all_gather_batch) ->  grad x_r = grad y[rows of rank r]
 
-(torch.distributed.nn's collectives instead sum the gradients over the processes, which counts a
-replicated loss N times.) Without a process group, or with one process, both are the identity.
+This holds when the reduced or gathered tensor is all that later computations use of x_r: a tensor
+that is reduced and then also combined with local data before a second reduction (a mean
+subtracted from x_r, say) gets a local gradient on each process, which the identity backward would
+not add up (bn_hooks.batch_moments is written to avoid that). torch.distributed.nn's collectives
+instead sum the gradients over the processes, which counts a replicated loss N times. Without a
+process group, or with one process, both are the identity.
 """
 from __future__ import annotations
 
