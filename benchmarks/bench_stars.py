@@ -1,69 +1,104 @@
-"""Fused STARS loss (forward + backward) vs the eager reference vs torch.compile of the reference,
-4 layers C = (64, 128, 256, 512), B in {64, 256}; and the pooling op vs x.mean(...)."""
+"""Fused STARS loss (stars_fast.stars_loss, forward + backward) vs what a user would run: the
+vectorized Gram-form implementation eager and under torch.compile; 4 layers C = (64, 128, 256,
+512), B in {64, 256}. `gemm-floor` times the GEMMs alone (u u^T per side, E u per side, per layer):
+the summary reports every variant as a multiple of it. Each baseline is checked against our op
+(loss and both gradients) on one call first. Also the pooling op vs x.mean(...)."""
 import functools
+import time
 
 import pytest
 import torch
 
 import stars_fast
-from stars_fast import reference
+from user_baselines import stars_gemm_floor, stars_gemm_operands, stars_loss_gram
 
 CHANNELS = (64, 128, 256, 512)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+VARIANTS = ["fused-cpu", "fused-triton", "fused-cuda", "gram-eager", "gram-compiled", "gemm-floor"]
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_reference():
-    return torch.compile(reference.stars_loss)
+def _compiled_gram():
+    return torch.compile(stars_loss_gram, dynamic=False)
 
 
-def _loss_variants(device):
-    usable = stars_fast.available_backends(device)
-    fused = ["triton", "cuda"] if device == "cuda" else ["cpu"]
-    variants = {f"fused-{b}": functools.partial(stars_fast.stars_loss, backend=b) for b in fused if not usable[b]}
-    variants["reference-eager"] = lambda zt, zs: reference.stars_loss(zt, zs)[0]
-    variants["reference-compile"] = lambda zt, zs: _compiled_reference()(zt, zs)[0]
-    return variants
+def _loss(variant, device):
+    """(z_teacher, z_student) -> total loss for the variant, and its role; skips what cannot run."""
+    if variant.startswith("fused-"):
+        backend = variant.removeprefix("fused-")
+        reason = stars_fast.available_backends(device).get(backend, f"not a backend for {device}")
+        if reason:
+            pytest.skip(f"{variant} cannot run on {device}: {reason}")
+        return functools.partial(stars_fast.stars_loss, backend=backend), "ours"
+    if variant == "gram-eager":
+        return stars_loss_gram, "eager"
+    return _compiled_gram(), "compiled"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+def _loss_and_grads(fn, zt, zs):
+    zt = [z.detach().requires_grad_(True) for z in zt]
+    zs = [z.detach().requires_grad_(True) for z in zs]
+    total = fn(zt, zs)
+    total.backward()
+    return total.detach(), [z.grad for z in zt + zs]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch", [64, 256])
-@pytest.mark.parametrize("variant", ["fused-triton", "fused-cuda", "fused-cpu", "reference-eager",
-                                     "reference-compile"])
-def test_stars_loss(benchmark, device, batch, variant):
-    fn = _loss_variants(device).get(variant)
-    if fn is None:
-        pytest.skip(f"{variant} is not available on {device}")
-    benchmark.group = f"stars_loss {device} fwd+bwd B={batch} C={CHANNELS}"
-    zt = [torch.randn(batch, c, device=device).requires_grad_(True) for c in CHANNELS]
-    zs = [torch.randn(batch, c, device=device).requires_grad_(True) for c in CHANNELS]
+@pytest.mark.parametrize("device", DEVICES)
+def test_stars_loss(measure, device, batch, variant):
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    group = f"stars_loss {device} fwd+bwd B={batch} C={CHANNELS}"
+    generator = torch.Generator(device).manual_seed(0)
+    zt = [torch.randn(batch, c, device=device, generator=generator) for c in CHANNELS]
+    zs = [torch.randn(batch, c, device=device, generator=generator) for c in CHANNELS]
+    rounds = 20
+    if variant == "gemm-floor":
+        operands = stars_gemm_operands(zt, zs)
+        measure(lambda: stars_gemm_floor(operands), group=group, variant="gemm-floor (GEMMs alone)",
+                role="gemm-floor", rounds=rounds, sync=sync)
+        return
+    fn, role = _loss(variant, device)
+    ours_total, ours_grads = _loss_and_grads(stars_fast.stars_loss, zt, zs)
+    start = time.perf_counter()
+    total, grads = _loss_and_grads(fn, zt, zs)
+    first_call_s = time.perf_counter() - start
+    torch.testing.assert_close(total, ours_total, rtol=1e-4, atol=1e-7,
+                               msg=lambda m: f"{variant}: loss differs from stars_fast.stars_loss: {m}")
+    for i, (g, ours) in enumerate(zip(grads, ours_grads)):
+        torch.testing.assert_close(g, ours, rtol=1e-3, atol=1e-7,
+                                   msg=lambda m: f"{variant}: gradient {i} differs from stars_fast.stars_loss: {m}")
+
+    leaves = [z.detach().requires_grad_(True) for z in zt + zs]
 
     def run():
-        fn(zt, zs).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        for z in leaves:
+            z.grad = None
+        fn(leaves[:len(zt)], leaves[len(zt):]).backward()
 
-    run()
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+    measure(run, group=group, variant=variant, role=role, rounds=rounds, sync=sync,
+            first_call_s=first_call_s if role == "compiled" else None)
 
 
+@pytest.mark.parametrize("variant", ["fused", "mean"])
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["fused", "reference-mean"])
-def test_pool_student_features(benchmark, device, variant):
+def test_pool_student_features(measure, device, variant):
     """Student pre-LIF feature [T=4, B=64, C=128, 16, 16] -> [B, C], forward + backward."""
-    backend = "auto"
-    if variant == "fused" and stars_fast.available_backends(device)["cpu" if device == "cpu" else "cuda"]:
-        pytest.skip("no fused backend built")
-    benchmark.group = f"pool_features {device} fwd+bwd [4, 64, 128, 16, 16]"
+    if variant == "fused":
+        backend = "cpu" if device == "cpu" else "cuda"
+        reason = stars_fast.available_backends(device)[backend]
+        if reason:
+            pytest.skip(f"no fused pooling on {device}: {reason}")
+        pool, role = stars_fast.pool_features, "ours"
+    else:
+        pool, role = (lambda x: x.mean(dim=(0, 3, 4))), "eager"
     f = torch.randn(4, 64, 128, 16, 16, device=device, requires_grad=True)
-    pool = functools.partial(stars_fast.pool_features, backend=backend) if variant == "fused" \
-        else (lambda x: x.mean(dim=(0, 3, 4)))
+    torch.testing.assert_close(pool(f), f.detach().mean(dim=(0, 3, 4)), rtol=1e-5, atol=1e-6)
 
     def run():
         f.grad = None
         pool(f).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    run()
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+    measure(run, group=f"pool_features {device} fwd+bwd [4, 64, 128, 16, 16]", variant=f"pool-{variant}",
+            role=role, rounds=20, bytes_moved=f.numel() * f.element_size(),
+            sync=torch.cuda.synchronize if device == "cuda" else None)

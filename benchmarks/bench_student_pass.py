@@ -26,13 +26,11 @@ def _frozen_student(backend, path):
 
 @pytest.mark.parametrize("path", ["folded-cl", "plain"])
 @pytest.mark.parametrize("variant", ["fused-cpu", "reference"])
-def test_student_synthesis_pass(benchmark, variant, path, cpu_threads):
+def test_student_synthesis_pass(measure, variant, path):
     backend = "cpu" if variant == "fused-cpu" else "reference"
     reason = stars_fast.available_backends("cpu")[backend]
     if reason:
         pytest.skip(f"backend {backend!r} unusable: {reason}")
-    benchmark.group = f"student pass s_resnet18 cpu B={BATCH} T={T} {SIZE}px fwd+taps+bwd-to-input, {path}"
-    benchmark.extra_info["threads"] = cpu_threads
     model = _frozen_student(backend, path)
     images = torch.randn(BATCH, 3, SIZE, SIZE)
 
@@ -41,4 +39,5 @@ def test_student_synthesis_pass(benchmark, variant, path, cpu_threads):
         logits, taps = model(x, return_taps=True)
         (logits.logsumexp(1).sum() + sum(t.square().sum() for t in taps)).backward()
 
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    measure(run, group=f"student pass s_resnet18 cpu B={BATCH} T={T} {SIZE}px fwd+taps+bwd-to-input, {path}",
+            variant=variant, role="ours" if variant == "fused-cpu" else "eager", rounds=3, warmup=1)

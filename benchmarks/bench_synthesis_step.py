@@ -1,10 +1,16 @@
-"""One DeepInversion synthesis step for ResNet-34 -> S-ResNet-18 (T=4) at B=32, 32x32, on the CPU:
-teacher and student forward, BN-statistics + one-hot + adversarial (+ STARS) losses, backward to
-the images. Fused CPU backend vs the reference backend, STARS on vs off, and the step with a
-neuron that costs next to nothing (the ceiling of what faster neuron kernels can give).
+"""One DeepInversion synthesis step for ResNet-34 -> S-ResNet-18 (T=4), 32x32: teacher and student
+forward, BN-statistics + one-hot + adversarial (+ STARS) losses, backward to the images. Every
+"auto" op (neurons, pooling, STARS) on the fused backend vs on the reference backend, STARS on vs
+off, and the step with a neuron that costs nothing (the ceiling of what faster neurons can give).
+CPU: B=32; GPU: B=256.
 
-Targets (issue 5): the step >= 1.5x faster fused than reference; the extra cost of STARS
-(on - off) on the fused backend at most half of what it is on the reference backend."""
+The reference backend is the package's plain-PyTorch path: its neuron is the plain loop, but its
+STARS loss is the pair-by-pair test oracle, so "STARS on, reference" is no user's baseline (the
+user baselines of the loss are in bench_stars.py); the ratios here say what the fused kernels
+change in the whole step, and the extra cost of STARS (on - off) per backend.
+"""
+import contextlib
+
 import pytest
 import torch
 
@@ -14,46 +20,67 @@ from stars_fast._backend import ENV_OVERRIDE
 from stars_fast.data import DATASETS
 from stars_fast.synthesis import DeepInversionSynthesizer, StarsRegularizer
 
-BATCH = 32
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BATCH = {"cpu": 32, "cuda": 256}
 
 
-def _require_backend(backend):
-    reason = stars_fast.available_backends("cpu")[backend]
-    if reason:
-        pytest.skip(f"backend {backend!r} unusable: {reason}")
-
-
-def _benchmark_step(benchmark, stars):
+@contextlib.contextmanager
+def synthesis_step(device: str, batch: int, stars: bool):
+    """Yields step() -> None: one synthesis step on fresh ResNet-34 / S-ResNet-18 (T=4) nets; the
+    round's set-up (BN hooks, student folding) happens once, on entry. Ops dispatch by "auto"."""
     torch.manual_seed(0)
     info = DATASETS["cifar10"]
-    teacher = models.freeze(models.build_teacher("resnet34", info.num_classes))
-    student = models.build_student("s_resnet18", info.num_classes, T=4)
+    teacher = models.freeze(models.build_teacher("resnet34", info.num_classes)).to(device)
+    student = models.build_student("s_resnet18", info.num_classes, T=4).to(device)
     synthesizer = DeepInversionSynthesizer(
-        teacher, student, info, batch_size=BATCH, iterations=1, lr_g=0.1, bn=10.0, oh=1.0, adv=1.0,
-        stars=StarsRegularizer() if stars == "stars-on" else None)
-    images = torch.randn(BATCH, 3, 32, 32, requires_grad=True)
-    targets = torch.randint(0, info.num_classes, (BATCH,))
+        teacher, student, info, batch_size=batch, iterations=1, lr_g=0.1, bn=10.0, oh=1.0, adv=1.0,
+        stars=StarsRegularizer() if stars else None, device=device)
+    images = torch.randn(batch, 3, 32, 32, device=device, requires_grad=True)
+    targets = torch.randint(0, info.num_classes, (batch,), device=device)
     optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.99))
-    benchmark.group = f"synthesis step resnet34->s_resnet18 B={BATCH} 32x32 cpu {stars}"
-    with synthesizer.objective.round() as objective:  # BN hooks, student folded: once per round, untimed
-        benchmark.pedantic(synthesizer.step, args=(images, targets, optimizer, objective),
-                           rounds=3, iterations=1, warmup_rounds=1)
+    with synthesizer.objective.round() as objective:
+        yield lambda: synthesizer.step(images, targets, optimizer, objective)
+
+
+def _require_backend(backend, device):
+    reason = stars_fast.available_backends(device)[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unusable on {device}: {reason}")
+
+
+def _fused_backend(device):
+    return "cpu" if device == "cpu" else "triton"
+
+
+def _benchmark(measure, device, stars, variant, role):
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    group = (f"synthesis step resnet34->s_resnet18 {device} B={BATCH[device]} T=4 32x32 "
+             f"{'stars-on' if stars else 'stars-off'}")
+    with synthesis_step(device, BATCH[device], stars) as step:
+        measure(step, group=group, variant=variant, role=role, rounds=3 if device == "cpu" else 10,
+                warmup=1 if device == "cpu" else 3, sync=sync)
 
 
 @pytest.mark.parametrize("stars", ["stars-on", "stars-off"])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_synthesis_step(benchmark, monkeypatch, cpu_threads, backend, stars):
-    _require_backend(backend)
-    monkeypatch.setenv(ENV_OVERRIDE, backend)  # every "auto" op (neurons, pooling, STARS) runs on `backend`
-    benchmark.extra_info["threads"] = cpu_threads
-    _benchmark_step(benchmark, stars)
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_synthesis_step(measure, monkeypatch, device, backend, stars):
+    chosen = _fused_backend(device) if backend == "fused" else "reference"
+    _require_backend(chosen, device)
+    monkeypatch.setenv(ENV_OVERRIDE, chosen)  # every "auto" op runs on `chosen`
+    if backend == "fused":
+        variant, role = f"fused ({chosen})", "ours"
+    else:  # "vs eager" in the summary: the plain loop neurons, and for STARS on the pair-by-pair oracle
+        variant, role = "reference" + (" (pair-by-pair STARS oracle)" if stars == "stars-on" else ""), "eager"
+    _benchmark(measure, device, stars == "stars-on", variant, role)
 
 
-def test_synthesis_step_free_neuron_ceiling(benchmark, monkeypatch, cpu_threads):
+@pytest.mark.parametrize("device", DEVICES)
+def test_synthesis_step_free_neuron_ceiling(measure, monkeypatch, device):
     """The ceiling of any neuron kernel: the step with every neuron replaced by the identity (no work
     at all), STARS off; reference / this = the best speedup a faster neuron could give."""
-    _require_backend("cpu")
-    monkeypatch.setenv(ENV_OVERRIDE, "cpu")
+    chosen = _fused_backend(device)
+    _require_backend(chosen, device)
+    monkeypatch.setenv(ENV_OVERRIDE, chosen)
     monkeypatch.setattr(neurons, "multistep_neuron", lambda x, *args, **kwargs: (x, None))
-    benchmark.extra_info["threads"] = cpu_threads
-    _benchmark_step(benchmark, "stars-off")
+    _benchmark(measure, device, False, f"identity neuron, fused ({chosen}) rest: ceiling", "ceiling")
