@@ -107,7 +107,10 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
         for group in optimizer.param_groups:  # learning rate where the cosine over the new length has it
             group["lr"] = scheduler.eta_min + (group["initial_lr"] - scheduler.eta_min) * (
                 1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
-        memory.load_state_dict(checkpoint["memory"])
+        try:
+            memory.load_state_dict(checkpoint["memory"])
+        except ValueError as exc:  # the memory's files were lost or cut short
+            raise SystemExit(f"cannot resume: {exc}") from None
         synthesizer.load_state_dict(checkpoint["synthesizer"][ctx.rank])
         _set_rng_state(checkpoint["rng"][ctx.rank], device)
         start_epoch, history, elapsed = checkpoint["epoch"], checkpoint["history"], checkpoint["elapsed_s"]

@@ -478,6 +478,10 @@ def test_corrupted_checkpoint_is_refused_before_resuming(teacher_cache, tmp_path
     torch.load(checkpoint, weights_only=True)
     with pytest.raises(SystemExit, match="fails its CRC check"):
         train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
+    models.save_checkpoint(torch.load(checkpoint, weights_only=True), checkpoint)  # intact again (CRCs rewritten)
+    os.truncate(os.path.join(out, "synthetic", "images.u8"), 100)  # but the memory lost images
+    with pytest.raises(SystemExit, match="cannot resume: .*incomplete"):
+        train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
 
 
 def test_stale_temporary_files_are_removed_on_start_and_resume(teacher_cache, tmp_path):
