@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from stars_fast import models, reference, train
-from stars_fast.data import DATASETS
+from stars_fast import label_embedding, models, reference, train
+from stars_fast.data import CIFAR10_CLASSES, DATASETS
 from stars_fast.presets import APPENDIX_A, PAPER_PAIRS, PAPER_PRESETS
 from stars_fast.synthesis import StarsRegularizer
 from stars_fast.models import fold_bn
@@ -437,6 +437,56 @@ def test_label_embedding_reads_nayers_pickle_and_refuses_a_malicious_one(tmp_pat
     with pytest.raises(ValueError):
         load_label_embedding(str(wrapped), 10)
     assert not marker.exists()
+
+
+def _tiny_clip_text_model(folder):
+    """A randomly initialized CLIP text encoder (transformers) with a byte-level tokenizer of no merges."""
+    transformers = pytest.importorskip("transformers")
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]  # GPT-2's byte map
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    config = transformers.CLIPTextConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, projection_dim=16,
+                                         num_hidden_layers=2, num_attention_heads=2, bos_token_id=len(tokens) - 2,
+                                         eos_token_id=len(tokens) - 1, pad_token_id=len(tokens) - 1)
+    return tokenizer, transformers.CLIPTextModelWithProjection(config).eval()
+
+
+def test_label_embedding_is_clips_text_feature_of_nayers_prompt(tmp_path, monkeypatch):
+    tokenizer, model = _tiny_clip_text_model(tmp_path)
+    encode = label_embedding.transformers_encoder(model, tokenizer)
+    names = ["aquarium_fish", "maple_tree", "cat", "bell-toad"]
+    got = label_embedding.label_embedding(names, encode)
+    assert got.shape == (4, 16) and got.dtype == torch.float32
+    for row, text in zip(got, ["a image of aquarium fish", "a image of maple tree", "a image of cat",
+                               "a image of bell toad"]):
+        ids = tokenizer([text], return_tensors="pt")["input_ids"]  # alone, unpadded: CLIP's encode_text by hand
+        with torch.no_grad():
+            hidden = model.text_model(input_ids=ids).last_hidden_state[0]  # after the final layer norm
+            want = model.text_projection(hidden[ids[0].tolist().index(tokenizer.eos_token_id)])
+        torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(label_embedding, "pretrained_encoder", lambda library, device: encode)
+    out = tmp_path / "cifar10_le.pt"
+    label_embedding.main(["--dataset", "cifar10", "--out", str(out)])
+    expected = label_embedding.label_embedding(list(CIFAR10_CLASSES), encode)
+    torch.testing.assert_close(load_label_embedding(str(out), 10), expected)
+    assert label_embedding.class_names("cifar100")[:3] == ["apple", "aquarium_fish", "baby"]
+
+
+def test_tiny_imagenet_names_are_whole_words_entries_in_label_order(tmp_path):
+    folder = tmp_path / "tiny-imagenet-200"
+    folder.mkdir()
+    (folder / "wnids.txt").write_text("n02\nn01\n")
+    (folder / "words.txt").write_text("n00\tunused\nn01\tgoldfish, Carassius auratus\nn02\ttailed frog, bell toad\n")
+    assert label_embedding.class_names("tiny-imagenet", str(tmp_path)) == ["goldfish, Carassius auratus",
+                                                                            "tailed frog, bell toad"]
+    with pytest.raises(ValueError, match="--data-root"):
+        label_embedding.class_names("tiny-imagenet")
+    (folder / "words.txt").write_text("n01\tgoldfish\n")
+    with pytest.raises(ValueError, match="no entry for 1 wnids"):
+        label_embedding.class_names("tiny-imagenet", str(tmp_path))
 
 
 # --------------------------------------------------------------------- the new flags reach the loss
