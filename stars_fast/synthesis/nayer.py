@@ -44,6 +44,7 @@ from .objective import BestSoFar, InversionObjective, Synthesizer
 from .stars_regularizer import StarsRegularizer
 
 RANDOM_EMBEDDING_DIM = 512
+NO_FLIP_DATASETS = ("tiny-imagenet",)  # NAYER's synthesis augmentation has no flip on (Tiny-)ImageNet
 RANDOM_EMBEDDING_SEED = 0
 
 
@@ -108,6 +109,7 @@ class NayerSynthesizer(Synthesizer):
         self.info, self.batch_size, self.iterations, self.lr_g = info, batch_size, iterations, lr_g
         self.g_life, self.g_loops, self.gwp_loops, self.warmup = g_life, g_loops, gwp_loops, warmup
         self.latent_size, self.ngf, self.device = latent_size, ngf, torch.device(device)
+        self.flip = info.flip and info.name not in NO_FLIP_DATASETS
         self.objective = InversionObjective(teacher, student, bn=bn, oh=oh, adv=adv, stars=stars, amp=amp,
                                             bn_momentum=bn_momentum)
         self.generator: Optional[NoisyLayerGenerator] = None
@@ -145,7 +147,7 @@ class NayerSynthesizer(Synthesizer):
                 best = BestSoFar()
                 for _ in range(self.iterations):
                     pixels = generator(targets)
-                    out = objective(normalize(random_crop_and_flip(pixels, self.info.crop_padding, self.info.flip),
+                    out = objective(normalize(random_crop_and_flip(pixels, self.info.crop_padding, self.flip),
                                               self.info), targets)
                     best.update(out.loss, pixels)
                     optimizer.zero_grad(set_to_none=True)
