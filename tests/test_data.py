@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stars_fast.data import DATASETS, DatasetFormatError, DatasetNotFoundError, denormalize, load_dataset, normalize
+from stars_fast.data import (DATASETS, DatasetFormatError, DatasetNotFoundError, class_names, denormalize, load_dataset,
+                             normalize)
 
 
 def test_digits_split_is_deterministic_disjoint_and_normalized():
@@ -178,3 +179,17 @@ def test_unknown_tiny_imagenet_wnid_is_a_one_line_error(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"line 2: unknown wnid 'n99'.*wnids\.txt") as caught:
         load_dataset("tiny-imagenet", "test", str(tmp_path))
     assert "\n" not in str(caught.value)
+
+
+def test_class_names_in_label_order(tmp_path):
+    assert class_names("digits") == [str(d) for d in range(10)]
+    assert class_names("cifar10")[0] == "airplane" and class_names("cifar10")[9] == "truck"
+    names = class_names("cifar100")
+    assert len(names) == 100 == len(set(names)) and names == sorted(names)  # CIFAR-100's meta order is alphabetical
+    assert names[0] == "apple" and names[99] == "worm"
+    assert class_names("tiny-imagenet")[:2] == ["class 0", "class 1"]  # no data folder
+    root = tmp_path / "tiny-imagenet-200"
+    root.mkdir()
+    (root / "wnids.txt").write_text("n02\nn01\nn03\n")
+    (root / "words.txt").write_text("n01\tgoldfish, Carassius auratus\nn02\tEuropean fire salamander\nn99\tother\n")
+    assert class_names("tiny-imagenet", str(tmp_path)) == ["goldfish", "European fire salamander", "n03"]
