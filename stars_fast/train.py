@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
         return None
     export_dir = explicit.pop("export_synthetic", None)  # what this invocation does, not the run's configuration
     from . import distributed
+    from .data import DatasetFormatError, DatasetNotFoundError
     from .loop import NonFiniteError, train
     from .run_folder import RunFolder
 
@@ -126,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
         except BaseException as exc:
             folder.close()
             folder.remove_if_unfinished()
-            if isinstance(exc, NonFiniteError):
+            if isinstance(exc, (NonFiniteError, DatasetNotFoundError, DatasetFormatError)):  # one-line errors
                 raise SystemExit(str(exc)) from None
             raise
 

@@ -201,3 +201,25 @@ def test_train_teacher_bad_arguments_are_one_line_errors(tmp_path, extra, match)
 def test_analyze_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="not a run folder"):
         analyze.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "tiny-imagenet"])
+def test_train_with_a_malformed_dataset_is_a_one_line_error(tmp_path, dataset):
+    """A garbage CIFAR batch / an unknown Tiny-ImageNet wnid: SystemExit with the file and the reason, no run folder."""
+    data = tmp_path / "data"
+    if dataset == "cifar10":
+        (data / "cifar-10-batches-py").mkdir(parents=True)
+        (data / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
+        match, teacher, student = "test_batch is not a python-pickle CIFAR batch", "resnet20", "s_resnet20"
+    else:
+        (data / "tiny-imagenet-200" / "val").mkdir(parents=True)
+        (data / "tiny-imagenet-200" / "wnids.txt").write_text("n01\n")
+        (data / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("v.JPEG\tn77\t0\t0\t1\t1\n")
+        match, teacher, student = "unknown wnid 'n77'", "resnet18", "s_resnet18"
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"never read: the test split is loaded first")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=match) as caught:
+        train.main(["--dataset", dataset, "--data-root", str(data), "--teacher", teacher, "--student", student,
+                    "--teacher-ckpt", str(ckpt), "--out", str(out), "--no-progress"])
+    assert "\n" not in str(caught.value) and not out.exists()
