@@ -35,13 +35,14 @@ With b bytes per element, per neuron (S = 4 backward steps per chunk, see below)
 
 The backward cannot hold all T steps in registers at 16 B per thread without spilling (nor compile
 in reasonable time: Triton's coalescing pass grows with the cube of an unrolled chunk), so it works
-in chunks of S time steps. A first pass runs the forward over chunks 0..C-2, storing the state v
-at the start of each chunk 1..C-2 (fp32, a scratch [C - 2, N]). Then, chunk by chunk from the last,
-it loads the chunk's x and grad_spikes (all loads issued before any store), recomputes the
-coefficients of gh = cs[t] + gv bs[t] (cs = grad_spikes sg, bs = dv/dh) into a compile-time tuple
-(the loop is unrolled, so the tuple lives in registers), and runs the reverse scan over them,
-storing grad_x: no load waits on a store. No T x N scratch, and h is exact for fp16/bf16 I/O (a
-scratch h in grad_x's dtype would lose bits and could flip a spike).
+in chunks of S = 4 time steps, for every T (a partial last chunk is masked). A first pass runs the
+forward over chunks 0..C-2, storing the state v at the start of each chunk 1..C-2 (fp32, a scratch
+[C - 2, N]). Then, chunk by chunk from the last, it loads the chunk's x and grad_spikes (all loads
+issued before any store), recomputes the coefficients of gh = cs[t] + gv bs[t] (cs = grad_spikes
+sg, bs = dv/dh) into a compile-time tuple (the loop is unrolled, so the tuple lives in registers),
+and runs the reverse scan over them, storing grad_x: no load waits on a store. No T x N scratch,
+and h is exact for fp16/bf16 I/O (a scratch h in grad_x's dtype would lose bits and could flip a
+spike). The forward loads chunks of 4 (T <= 4) or 8 steps of x before storing their spikes.
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
@@ -64,7 +65,7 @@ SIGMOID, ATAN, TRIANGLE = 0, 1, 2
 _NUM_WARPS = 4
 _BYTES_PER_THREAD = 16  # one 128-bit access per thread per [N] row
 _FWD_MAX_STEPS = 8  # x of a forward chunk, loaded before its spikes are stored
-_BWD_MAX_STEPS = 4  # h coefficients of a backward chunk held in registers
+_BWD_MAX_STEPS = 4  # steps of a backward chunk held in registers (every T; masked past T)
 # An explicit register limit: without one, ptxas may pick fewer registers (an occupancy target) and
 # spill a few long-lived values; with it, every variant compiles spill-free (the compile gate checks).
 _MAX_REGISTERS = 255
@@ -304,9 +305,11 @@ def _block(dtype: torch.dtype) -> int:
     return _per_thread(dtype) * 32 * _NUM_WARPS
 
 
-def _chunk(T: int, max_steps: int) -> int:
-    """Steps per chunk: the power of two >= T, at most max_steps (a power of two)."""
-    return min(triton.next_power_of_2(max(T, 1)), max_steps)
+def _fwd_steps(T: int) -> int:
+    """Forward steps per chunk: 4 up to T = 4 (the common T), else 8 (more loads in flight). Few
+    distinct values keep the compiled variants few; the masked steps of a partial chunk cost
+    arithmetic only, no memory traffic."""
+    return 4 if T <= 4 else _FWD_MAX_STEPS
 
 
 def _device_guard(x: torch.Tensor):
@@ -344,7 +347,7 @@ def lif_forward(
             T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
             leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), v_init is not None,
             bool(need_v_last), SURROGATE=0 if spiking else int(surrogate), SPIKING=bool(spiking),
-            STEPS=_chunk(T, _FWD_MAX_STEPS), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS,
+            STEPS=_fwd_steps(T), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS,
             enable_fp_fusion=False,
         )
     return spikes, v_last
@@ -379,7 +382,7 @@ def lif_backward(
     if grad_v_last is not None:
         grad_v_last = grad_v_last.to(x.dtype).contiguous()
     v_init = v_init.contiguous() if v_init is not None else None
-    steps = _chunk(T, _BWD_MAX_STEPS)
+    steps = _BWD_MAX_STEPS
     checkpoints = torch.empty((max(triton.cdiv(T, steps) - 2, 1), N if T > 2 * steps else 1),
                               dtype=torch.float32, device=x.device)
     block = _block(x.dtype)

@@ -1,0 +1,350 @@
+"""Compile gate: every Triton launch the public ops make, compiled for sm_80 and sm_90 without a GPU.
+
+1. Record. The public ops (stars_fast.multistep_lif, ops.lif.multistep_neuron, stars_fast.stars_loss,
+   stars_fast.pool_features, all with backend="triton") run forward and backward under
+   TRITON_INTERPRET=1 over a grid of the options used in practice, with the interpreter's launch
+   hooked: each launch is recorded (kernel, arguments) and not executed. Its specialization is what
+   Triton's JIT would compute on a GPU: the argument types (Triton signature), the 16-byte
+   divisibility of pointers and integers, the constexpr values and the compile options (num_warps,
+   ...), from Triton's own binder with a CUDA backend. The distinct launches are the gate's set;
+   nothing is hard-coded, so a kernel added to kernels/ is picked up when a public op launches it.
+2. Compile. Each distinct launch is compiled with triton.compile(ASTSource(...)) for
+   GPUTarget("cuda", 80, 32) and GPUTarget("cuda", 90, 32) in worker processes without
+   TRITON_INTERPRET; the ptxas -v log of Triton's own ptxas run (the bundled ptxas, sm_80 / sm_90a,
+   the same flags) gives registers and spill bytes, the PTX the count of 128-bit global accesses.
+   Results are cached by (kernel module source hash, kernel, signature, constexprs, options, target,
+   Triton version) in $STARS_FAST_COMPILE_GATE_CACHE (default ~/.cache/stars_fast/compile_gate).
+
+Run `python tests/compile_gate.py` for the table; tests/test_compile_gate.py fails on any compile
+error or spill.
+
+Covering design of the LIF grid: every option combination (LIF/IF/PLIF x hard/soft reset x
+decay_input x detach_reset x 3 surrogates x spiking x v_init x return_v) at T = 33, which uses the
+largest chunk of both kernels (and the checkpointed backward), and every T = 1..33 and 40 at the
+default options; each in fp32, fp16 and bf16, with N a multiple of 16 (vectorized) and not.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
+
+TARGETS = (80, 90)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "stars_fast" / "compile_gate"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One distinct specialization of a kernel, as Triton's JIT would compile it."""
+
+    module: str
+    name: str
+    signature: Tuple[Tuple[str, str], ...]
+    constexprs: Tuple[Tuple[Tuple[int, ...], object], ...]
+    attrs: Tuple[Tuple[Tuple[int, ...], str], ...]
+    options: Tuple[Tuple[str, object], ...]
+    source_hash: str
+
+    def key(self, capability: int) -> str:
+        import triton
+
+        text = repr((self.module, self.name, self.signature, self.constexprs, self.attrs, self.options,
+                     self.source_hash, capability, triton.__version__))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def describe(self) -> str:
+        """The key specialization: pointer dtypes, 16-divisible integer arguments, constexprs."""
+        names = [n for n, _ in self.signature]
+        dtypes = sorted({t[1:] for _, t in self.signature for t in _flat(t) if t.startswith("*")})
+        aligned = [names[path[0]] for path, attr in self.attrs
+                   if "tt.divisibility" in attr and not any(t.startswith("*") for t in _flat(self.signature[path[0]][1]))]
+        consts = [f"{names[path[0]]}={value}" for path, value in self.constexprs if value is not None]
+        return f"{'/'.join(dtypes)} | {' '.join(consts)} | 16|{','.join(aligned) or '-'}"
+
+
+def _flat(t):
+    """The type strings of a (possibly nested tuple) Triton signature entry."""
+    return [t] if isinstance(t, str) else [s for x in t for s in _flat(x)]
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+def _specialize(interpreted, args, kwargs, backend, jit_cache) -> Launch:
+    """The Launch that Triton's JIT would compile for this call on a CUDA device."""
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = interpreted.fn
+    jit = jit_cache.get(fn)
+    if jit is None:
+        jit = JITFunction(fn, **interpreted.kwargs)
+        jit_cache[fn] = (jit, create_function_from_signature(jit.signature, jit.params, backend))
+        jit = jit_cache[fn]
+    jit_fn, binder = jit
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
+    source = pathlib.Path(inspect.getsourcefile(fn)).read_bytes()
+    compile_options = tuple(sorted((k, v) for k, v in kwargs.items() if k in options.__dict__))
+    return Launch(fn.__module__, fn.__qualname__, tuple(signature.items()),
+                  tuple(sorted(constexprs.items())), tuple(sorted((k, repr(v)) for k, v in attrs.items())),
+                  compile_options, hashlib.sha256(source).hexdigest()[:16])
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, interpreter launches are recorded into the yielded dict (Launch -> count)
+    instead of run. Needs TRITON_INTERPRET=1 set before the kernels were defined."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.interpreter import InterpretedFunction
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    jit_cache: Dict = {}
+    launches: Dict[Launch, int] = {}
+    original = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launch = _specialize(self, args, kwargs, backend, jit_cache)
+        launches[launch] = launches.get(launch, 0) + 1
+
+    InterpretedFunction.run = record
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = original
+
+
+def _dtype(name):
+    import torch
+
+    return getattr(torch, name)
+
+
+def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
+    """(name, run) pairs: forward and backward of the neuron op with backend="triton"."""
+    import torch
+
+    import stars_fast
+    from stars_fast.ops import lif
+
+    def run(T, dtype, n_aligned, neuron, v_reset, decay_input, detach_reset, surrogate, spiking, with_v_init,
+            return_v):
+        shape = (T, 2, 16, 4) if n_aligned else (T, 37)  # N = 128 (16-divisible) or 37
+        x = torch.randn(shape, dtype=_dtype(dtype), requires_grad=True)
+        v_init = torch.randn(shape[1:], dtype=x.dtype, requires_grad=True) if with_v_init else None
+        common = dict(v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate,
+                      spiking=spiking, v_init=v_init, backend="triton")
+        if neuron == "plif":
+            w = torch.zeros((), requires_grad=True)
+            spikes, v = lif.multistep_neuron(x, torch.sigmoid(w), **common)
+            if not return_v:
+                v = None
+        else:
+            out = stars_fast.multistep_lif(x, neuron=neuron, tau=2.5, return_v=return_v, **common)
+            spikes, v = out if return_v else (out, None)
+        loss = spikes.float().sum() + (v.float().sum() if v is not None else 0.0)
+        loss.backward()
+
+    scenarios = []
+    for dtype, aligned in itertools.product(DTYPE_NAMES, (True, False)):
+        for opts in itertools.product(("lif", "if", "plif"), (0.0, None), (True, False), (False, True),
+                                      ("sigmoid", "atan", "triangle"), (True, False), (False, True), (False, True)):
+            scenarios.append((f"lif T=33 {dtype} aligned={aligned} {opts}",
+                              lambda d=dtype, a=aligned, o=opts: run(33, d, a, *o)))
+        for T in list(range(1, 34)) + [40]:
+            scenarios.append((f"lif T={T} {dtype} aligned={aligned} default",
+                              lambda d=dtype, a=aligned, t=T: run(t, d, a, "lif", 0.0, True, False, "sigmoid", True,
+                                                                 False, False)))
+    return scenarios
+
+
+def stars_scenarios() -> List[Tuple[str, Callable[[], None]]]:
+    """stars_loss forward+backward at the training sizes, and pool_features."""
+    import torch
+
+    import stars_fast
+
+    def loss(B, channels, dtype, normalize, thresholds):
+        zt = [torch.randn(B, c, dtype=_dtype(dtype), requires_grad=True) for c in channels]
+        zs = [torch.randn(B, c, dtype=_dtype(dtype), requires_grad=True) for c in reversed(channels)]
+        total = stars_fast.stars_loss(zt, zs, normalize=normalize, thresholds=thresholds, backend="triton")
+        total = total[0] if isinstance(total, tuple) else total
+        total.backward()
+
+    def pool(shape, dtype):
+        f = torch.randn(shape, dtype=_dtype(dtype), requires_grad=True)
+        stars_fast.pool_features(f, backend="triton").float().sum().backward()
+
+    scenarios = []
+    for B, dtype, normalize, thresholds in itertools.product(
+            (2, 33, 256), DTYPE_NAMES, (None, "teacher"), (None, (-0.5, 0.5, 1.0))):
+        for channels in ((64, 128, 256, 512), (2048,)):
+            scenarios.append((f"stars B={B} C={channels} {dtype} normalize={normalize} thresholds={thresholds}",
+                              lambda *a: loss(*a), (B, channels, dtype, normalize, thresholds)))
+    for shape, dtype in itertools.product(((256, 512, 4, 4), (4, 256, 512, 2, 2), (2, 64, 32, 32),
+                                           (4, 33, 2048, 1, 1), (2, 3, 7, 7)), DTYPE_NAMES):
+        scenarios.append((f"pool {shape} {dtype}", lambda *a: pool(*a), (shape, dtype)))
+    return [(name, (lambda f=f, a=a: f(*a))) for name, f, a in scenarios]
+
+
+def record_all(scenarios) -> Tuple[Dict[Launch, int], List[str]]:
+    """The distinct launches of all scenarios, and the scenarios that raised (name: error)."""
+    failures = []
+    with recording() as launches:
+        for name, run in scenarios:
+            try:
+                run()
+            except Exception as e:  # a public op that cannot run is a gate failure, reported by name
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+    return launches, failures
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+_PTXAS_LOG = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+
+
+def _worker_init():
+    """Workers compile for real: no interpreter, and a private Triton cache so ptxas always runs."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_gate_triton_")
+
+
+def _global_accesses(ptx: str) -> Dict[str, int]:
+    return {"v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
+            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", ptx)),
+            "scalar_loads": len(re.findall(r"ld\.global(?:\.(?!v[248]\b)\w+)*\.[bfsu](?:8|16|32|64) ", ptx))}
+
+
+def compile_launch(launch: Launch, capability: int) -> dict:
+    """Compile one launch for sm_<capability> -> {registers, spill_stores, spill_loads, ...} or {error}."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.time()
+    try:
+        fn = getattr(importlib.import_module(launch.module), launch.name)
+        source = ASTSource(fn, dict(launch.signature), dict(launch.constexprs),
+                           {path: eval(attr) for path, attr in launch.attrs})  # lists of ints and strings
+        knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(launch.options))
+        match = _PTXAS_LOG.search(log.getvalue())
+        if match is None:
+            raise RuntimeError(f"no ptxas -v report in the compile log:\n{log.getvalue()[-2000:]}")
+        stores, loads, registers = map(int, match.groups())
+        return dict(registers=registers, spill_stores=stores, spill_loads=loads,
+                    seconds=round(time.time() - start, 2), **_global_accesses(kernel.asm["ptx"]))
+    except Exception as e:  # reported per launch: the gate fails on it
+        return dict(error=f"{type(e).__name__}: {str(e)[-3000:]}", seconds=round(time.time() - start, 2))
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("STARS_FAST_COMPILE_GATE_CACHE", DEFAULT_CACHE))
+
+
+def _write_atomic(path: pathlib.Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f)
+    os.replace(f.name, path)
+
+
+def compile_all(launches, workers: int = 2) -> Dict[Tuple[Launch, int], dict]:
+    """Every launch for every target, from the cache or compiled in a pool of `workers` processes."""
+    cache = _cache_dir()
+    results, todo = {}, []
+    for launch in launches:
+        for capability in TARGETS:
+            path = cache / f"{launch.key(capability)}.json"
+            if path.exists():
+                results[launch, capability] = json.loads(path.read_text())
+            else:
+                todo.append((launch, capability))
+    if todo:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = {pool.submit(compile_launch, *job): job for job in todo}
+            for future in concurrent.futures.as_completed(futures):
+                launch, capability = futures[future]
+                result = future.result()
+                results[launch, capability] = result
+                _write_atomic(cache / f"{launch.key(capability)}.json", result)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+def table(launches, results) -> str:
+    """One row per launch (registers sm_80 / sm_90, spill bytes), then the worst per kernel."""
+    rows = ["kernel                | specialization (dtypes | constexprs | 16-divisible ints)"
+            " | regs sm_80 | regs sm_90 | spill B | v4 ld/st"]
+    worst: Dict[str, List] = {}
+    for launch in sorted(launches, key=lambda l: (l.name, l.describe())):
+        cells, spills = [], 0
+        for capability in TARGETS:
+            r = results[launch, capability]
+            if "error" in r:
+                cells.append("ERROR")
+                continue
+            cells.append(str(r["registers"]))
+            spills += r["spill_stores"] + r["spill_loads"]
+            w = worst.setdefault(launch.name, [0, {c: 0 for c in TARGETS}, 0])
+            w[1][capability] = max(w[1][capability], r["registers"])
+            w[2] += r["spill_stores"] + r["spill_loads"]
+        worst.setdefault(launch.name, [0, {c: 0 for c in TARGETS}, 0])[0] += 1
+        r90 = results[launch, 90]
+        vec = f"{r90.get('v4_loads', '-')}/{r90.get('v4_stores', '-')}"
+        rows.append(f"{launch.name:21s} | {launch.describe()} | {cells[0]:>10s} | {cells[1]:>10s} | {spills:7d} | {vec}")
+    rows.append("")
+    rows.append("kernel                | launches | worst regs sm_80 | worst regs sm_90 | spill bytes")
+    for name, (count, regs, spills) in sorted(worst.items()):
+        rows.append(f"{name:21s} | {count:8d} | {regs[80]:16d} | {regs[90]:16d} | {spills:11d}")
+    return "\n".join(rows)
+
+
+def run_gate(workers: int = 2):
+    """Record, compile, tabulate -> (launches, results, scenario failures, timings)."""
+    t0 = time.time()
+    launches, failures = record_all(lif_scenarios() + stars_scenarios())
+    t1 = time.time()
+    results = compile_all(launches, workers)
+    return launches, results, failures, dict(record_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))
+
+
+def main():
+    os.environ["TRITON_INTERPRET"] = "1"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if importlib.util.find_spec("stars_fast") is None:
+        sys.path.insert(0, str(root))
+    launches, results, failures, timing = run_gate()
+    print(table(launches, results))
+    print(f"{len(launches)} distinct launches, {len(results)} compiles; {timing}")
+    for failure in failures:
+        print("scenario failed:", failure)
+    for (launch, capability), r in results.items():
+        if "error" in r:
+            print(f"compile error sm_{capability} {launch.name} {launch.describe()}: {r['error'][:2000]}")
+
+
+if __name__ == "__main__":
+    main()
