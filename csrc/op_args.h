@@ -121,38 +121,51 @@ inline void check_quantiles_input(const at::Tensor& z, at::ArrayRef<double> q) {
   for (double qi : q) TORCH_CHECK(qi >= 0.0 && qi <= 1.0, "quantiles: q values must be in [0, 1], got ", qi);
 }
 
-// One entry per layer in every list; per layer teacher [B, Ct] and student [B, Cs] features with
-// B >= 2, non-empty 1-D thresholds; everything on z_teacher[0]'s device. Returns whether any
-// feature is float64 (the op then computes its loss in float64).
-inline bool check_stars_inputs(at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds,
-                               at::ArrayRef<double> shift, at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca,
+// One entry per layer in z_student, coef_rca and coef_tar; per layer teacher [B, Ct] and student
+// [B, Cs] features with one B >= 2 for every layer and side; the TAR thresholds (fixed values,
+// finite) or quantiles (in [0, 1]) non-empty; delta, eps > 0 and every coefficient finite;
+// everything on z_teacher[0]'s device. The Python op (stars_fast/ops/stars.py) checks all of this
+// first; these are the second line. Returns whether any feature is float64 (the op then computes
+// its loss in float64).
+inline bool check_stars_inputs(at::TensorList z_teacher, at::TensorList z_student, at::ArrayRef<double> quantiles,
+                               std::optional<at::ArrayRef<double>> thresholds, at::ArrayRef<double> coef_rca,
                                at::ArrayRef<double> coef_tar, double delta, double eps) {
   const size_t L = z_teacher.size();
   TORCH_CHECK(L > 0, "stars_loss_fused: needs at least one layer");
-  TORCH_CHECK(z_student.size() == L && thresholds.size() == L && shift.size() == L && scale.size() == L &&
-                  coef_rca.size() == L && coef_tar.size() == L,
+  TORCH_CHECK(z_student.size() == L && coef_rca.size() == L && coef_tar.size() == L,
               "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
-              ", z_student ", z_student.size(), ", thresholds ", thresholds.size(), ", shift ", shift.size(),
-              ", scale ", scale.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
-  TORCH_CHECK(delta > 0, "stars_loss_fused: delta must be > 0, got ", delta);
-  TORCH_CHECK(eps > 0, "stars_loss_fused: eps must be > 0, got ", eps);
+              ", z_student ", z_student.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
+  TORCH_CHECK(std::isfinite(delta) && delta > 0, "stars_loss_fused: delta must be a finite number > 0, got ", delta);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "stars_loss_fused: eps must be a finite number > 0, got ", eps);
+  for (size_t l = 0; l < L; ++l) {
+    TORCH_CHECK(std::isfinite(coef_rca[l]) && std::isfinite(coef_tar[l]), "stars_loss_fused: layer ", l,
+                ": coefficients must be finite, got ", coef_rca[l], " and ", coef_tar[l]);
+  }
+  if (thresholds.has_value()) {
+    TORCH_CHECK(!thresholds->empty(), "stars_loss_fused: thresholds must be non-empty");
+    for (double t : *thresholds) TORCH_CHECK(std::isfinite(t), "stars_loss_fused: thresholds must be finite, got ", t);
+  } else {
+    TORCH_CHECK(!quantiles.empty(), "stars_loss_fused: quantiles must be non-empty");
+    for (double q : quantiles) {
+      TORCH_CHECK(q >= 0.0 && q <= 1.0, "stars_loss_fused: quantiles must be in [0, 1], got ", q);
+    }
+  }
   TORCH_CHECK(z_teacher[0].defined(), "stars_loss_fused: z_teacher[0] is undefined");
   const c10::Device device = z_teacher[0].device();
+  const int64_t B = z_teacher[0].dim() > 0 ? z_teacher[0].size(0) : 0;
   bool any_fp64 = false;
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &zt = z_teacher[l], &zs = z_student[l];
     check_float(zt, device, "stars_loss_fused", "z_teacher[l]");
     check_float(zs, device, "stars_loss_fused", "z_student[l]");
-    check_float(thresholds[l], device, "stars_loss_fused", "thresholds[l]");
     TORCH_CHECK(zt.dim() == 2 && zs.dim() == 2, "stars_loss_fused: layer ", l,
                 ": features must be 2-D [B, C], got teacher ", zt.sizes(), " and student ", zs.sizes());
     TORCH_CHECK(zt.size(0) == zs.size(0), "stars_loss_fused: layer ", l, ": teacher batch ", zt.size(0),
                 " != student batch ", zs.size(0));
-    TORCH_CHECK(zt.size(0) >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ",
-                zt.size(0));
+    TORCH_CHECK(zt.size(0) == B, "stars_loss_fused: every layer must have the same batch size; layer 0 has ", B,
+                ", layer ", l, " has ", zt.size(0));
+    TORCH_CHECK(B >= 2, "stars_loss_fused: layer ", l, ": RCA needs a batch of at least 2, got ", B);
     TORCH_CHECK(zt.size(1) > 0 && zs.size(1) > 0, "stars_loss_fused: layer ", l, ": features have no channels");
-    TORCH_CHECK(thresholds[l].dim() == 1 && thresholds[l].numel() > 0, "stars_loss_fused: layer ", l,
-                ": thresholds must be a non-empty 1-D tensor, got shape ", thresholds[l].sizes());
     any_fp64 = any_fp64 || zt.scalar_type() == at::kDouble || zs.scalar_type() == at::kDouble;
   }
   return any_fp64;

@@ -27,13 +27,15 @@ TORCH_LIBRARY(stars_fast, m) {
       "bool leaky, float v_threshold, float? v_reset, bool decay_input, int surrogate, float alpha, "
       "bool spiking, bool detach_reset, bool need_inv_tau_grad) "
       "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_inv_tau)");
-  // Fused STARS loss over L layers: z_teacher[l] [B, C_l], z_student[l] [B, C'_l], thresholds[l] [M_l]
-  // (fp32, already in normalized coordinates), per-layer shift/scale (z <- (z - shift) * scale before
-  // thresholding), coef_rca/coef_tar = lambda * w_l / sum(w). Returns parts [L, 2] fp32 (raw l_rca,
-  // l_tar per layer), total (0-dim fp32) and the gradients of total for both inputs (inputs' dtypes).
+  // Fused STARS loss over L layers: z_teacher[l] [B, C_l], z_student[l] [B, C'_l] (one B for all).
+  // Per layer, normalize: zn = (z - mean(zT)) / max(std_pop(zT), eps) on both sides (else zn = z);
+  // theta = thresholds (shared by all layers, in zn coordinates) if given, else the linear
+  // quantiles of zn_T at `quantiles`; coef_rca/coef_tar = lambda * w_l / sum(w). Returns total
+  // (0-dim), parts [L, 2] (raw l_rca, l_tar per layer), both fp32 (fp64 if any input is fp64), and
+  // the gradients of total for both inputs (inputs' dtypes).
   m.def(
-      "stars_loss_fused(Tensor[] z_teacher, Tensor[] z_student, Tensor[] thresholds, float[] shift, "
-      "float[] scale, float[] coef_rca, float[] coef_tar, float delta, float eps) "
+      "stars_loss_fused(Tensor[] z_teacher, Tensor[] z_student, float[] quantiles, float[]? thresholds, "
+      "bool normalize, float[] coef_rca, float[] coef_tar, float delta, float eps) "
       "-> (Tensor total, Tensor parts, Tensor[] grad_teacher, Tensor[] grad_student)");
   // Linear-interpolated quantiles of z.flatten() (as torch.quantile), by exact selection.
   m.def("quantiles(Tensor z, float[] q) -> Tensor");

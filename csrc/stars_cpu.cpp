@@ -2,20 +2,39 @@
 //
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                  (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() by exact selection
-//   stars_loss_fused   per layer l, with u = z / max(||z||, eps) row-wise and z' = (z - shift) * scale:
+//   stars_loss_fused   per layer l, with u = z / max(||z||, eps) row-wise, zn = (z - shift) scale
+//                      (shift = mean(zT), scale = 1 / max(std_pop(zT), eps) when normalize, else 0, 1)
+//                      and theta_m the fixed thresholds or the quantiles of zn_T:
 //       RCA  D = U_S U_S^T - U_T U_T^T,  l_rca = sum_{i != j} D_ij^2 / (B (B - 1))         (Eq. 14)
-//       TAR  p^m = mean_{b,c} sigmoid((z' - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
+//       TAR  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
 //       total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar, and d total / d z for both sides.
+//
+// Passes of stars_loss_fused over all layers at once (each a parallel loop over row blocks of every
+// layer, handed out dynamically): (1) teacher rows: norms, u_T, row moments; (2) per layer: the
+// normalization constants and theta by selection; (3) student rows: norms, u_S, and the soft
+// exceedance sums of both sides; then per layer the GEMMs D = U_S U_S^T - U_T U_T^T (at::mm +
+// addmm) and E U for the gradient; (4) every row's gradient (the sigmoids recomputed, not stored).
+// The sigmoids use Sleef's 1-ulp vectorized exp (ATen's Vectorized<float>::exp) under AVX2.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <array>
 #include <limits>
-#include <type_traits>
 #include <numeric>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define STARS_HAVE_AVX2_KERNELS 1
+// exp of 8 floats, 1 ulp: what ATen's AVX2 Vectorized<float>::exp calls (exported by libtorch_cpu).
+extern "C" __attribute__((target("avx2,fma"))) __m256 Sleef_expf8_u10(__m256);
+#endif
 
 namespace stars_fast {
 namespace {
@@ -56,23 +75,22 @@ at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantiles: as torch.quantile(z.flatten(), q, interpolation='linear'): rank = q (n - 1) and
+// Quantiles as torch.quantile(z.flatten(), q, interpolation='linear'): rank = q (n - 1) and
 // result = lerp(z_(floor rank), z_(ceil rank), rank - floor rank), z_(r) the r-th smallest value.
-// Exact selection without a sort: a histogram of the top 16 bits of order-preserving integer keys
-// tells which bucket holds each wanted order statistic; only those buckets' values are gathered, and
+// Exact selection without a sort: a histogram of the top 12 bits of order-preserving keys of the
+// values rounded to float (a monotone map, so buckets are ordered for float64 data too) tells which
+// bucket holds each wanted order statistic; only those buckets' values are gathered, and
 // std::nth_element picks the statistics among them (on a shrinking tail for ascending ranks).
 
-constexpr int kBucketBits = 16;
+constexpr int kBucketBits = 12;
 constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
 
 template <typename acc_t>
 STARS_INLINE int64_t bucket_of(acc_t x) {
-  using key_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
-  constexpr int kBits = 8 * sizeof(key_t);
-  const key_t bits = bit_cast<key_t>(x);
+  const uint32_t bits = bit_cast<uint32_t>(static_cast<float>(x));
   // Negative values: all bits flipped; positive: sign bit set. Unsigned order = float order.
-  const key_t key = (bits >> (kBits - 1)) != 0 ? ~bits : bits | (key_t(1) << (kBits - 1));
-  return static_cast<int64_t>(key >> (kBits - kBucketBits));
+  const uint32_t key = (bits >> 31) != 0 ? ~bits : bits | (uint32_t(1) << 31);
+  return static_cast<int64_t>(key >> (32 - kBucketBits));
 }
 
 template <typename acc_t>
@@ -80,9 +98,11 @@ acc_t torch_lerp(acc_t a, acc_t b, acc_t w) {
   return w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w);
 }
 
-// v[0, n) without NaN -> res[i] = quantile q[i]
+// res[i] = quantile q[i] of f(v[0, n)) for the monotone non-decreasing f(x) = (x - shift) * scale
+// (shift 0, scale 1: the values themselves), v without NaN. The order statistics of f(v) are f of
+// those of v, so the selection runs on v.
 template <typename acc_t>
-void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t* res) {
+void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t shift, acc_t scale, acc_t* res) {
   const int64_t M = static_cast<int64_t>(q.size());
   std::vector<int64_t> lo(M), hi(M), ranks;
   std::vector<acc_t> frac(M);
@@ -128,7 +148,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t* 
       std::nth_element(base + placed[s] + 1, base + local, base + (start[b + 1] - start[b]));
       placed[s] = local;
     }
-    value[k] = base[local];
+    value[k] = (base[local] - shift) * scale;
   }
   const auto value_at = [&](int64_t r) { return value[std::lower_bound(ranks.begin(), ranks.end(), r) - ranks.begin()]; };
   for (int64_t i = 0; i < M; ++i) res[i] = torch_lerp(value_at(lo[i]), value_at(hi[i]), frac[i]);
@@ -146,211 +166,412 @@ at::Tensor quantiles_cpu(const at::Tensor& z, at::ArrayRef<double> q) {
     if (std::any_of(v, v + values.numel(), [](scalar_t a) { return std::isnan(a); })) {
       std::fill(res, res + M, std::numeric_limits<scalar_t>::quiet_NaN());  // as torch.quantile
     } else {
-      select_quantiles(v, values.numel(), q, res);
+      select_quantiles(v, values.numel(), q, scalar_t(0), scalar_t(1), res);
     }
   });
   return out.to(z.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
-// stars_loss_fused
+// stars_loss_fused: row kernels. Each handles one row of C values; the TAR ones take the layer's
+// constants zn = (z - shift) scale and x_m = (zn - theta_m) inv_delta, M <= kMaxM thresholds.
 
-// TAR soft exceedances of one side: sig[m, e] = sigmoid(((z_e - shift) scale - theta_m) / delta) for
-// e in [0, n), and p[m] = mean_e sig[m, e], summed in fixed chunks (deterministic whatever the
-// number of threads).
+constexpr int64_t kMaxM = 64;
+
 template <typename acc_t>
-void soft_exceedance(const acc_t* z, int64_t n, acc_t shift, acc_t scale, const std::vector<acc_t>& theta,
-                     acc_t inv_delta, acc_t* sig, std::vector<double>& p) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t M = static_cast<int64_t>(theta.size()), chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(chunks * M);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    run_vectorized([&]() __attribute__((always_inline)) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t e0 = c * kChunk, e1 = std::min(n, e0 + kChunk);
-        for (int64_t m = 0; m < M; ++m) {
-          const acc_t th = theta[m];
-          acc_t* __restrict s = sig + m * n;
-          for (int64_t e = e0; e < e1; ++e) s[e] = sigmoid_acc(((z[e] - shift) * scale - th) * inv_delta);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t e = e0; e < e1; ++e) sum += s[e];
-          partial[c * M + m] = sum;
-        }
-      }
-    });
-  });
-  p.assign(M, 0.0);
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t m = 0; m < M; ++m) p[m] += partial[c * M + m];
-  }
-  for (double& pm : p) pm /= static_cast<double>(n);
-}
-
-// Gradient of one side, row i of z [B, C]:
-//   RCA  g = dl_rca/du_i (a row of E U), dz = (g - u (u . g)) / ||z_i|| (or g / eps when ||z_i|| < eps)
-//   TAR  dz += tar_coef * sum_m w_m sig_m (1 - sig_m)      (tar_coef carries scale / (delta B C))
-//   out = rca_coef * dz_rca + dz_tar
-template <typename acc_t>
-void side_gradient(const acc_t* u, int64_t ldu, const acc_t* g, int64_t ldg, const acc_t* norm, acc_t eps,
-                   const acc_t* sig, const std::vector<acc_t>& w, acc_t rca_coef, acc_t tar_coef, int64_t B,
-                   int64_t C, acc_t* out) {
-  const int64_t M = static_cast<int64_t>(w.size()), n = B * C;
-  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / C), [&](int64_t b0, int64_t b1) {
-    run_vectorized([&]() __attribute__((always_inline)) {
-      for (int64_t i = b0; i < b1; ++i) {
-        const acc_t* __restrict ui = u + i * ldu;
-        const acc_t* __restrict gi = g + i * ldg;
-        acc_t* __restrict oi = out + i * C;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < C; ++c) dot += ui[c] * gi[c];
-        const bool clamped = norm[i] < eps;
-        const acc_t proj = clamped ? acc_t(0) : dot;
-        const acc_t inv_norm = acc_t(1) / (clamped ? eps : norm[i]);
-        for (int64_t c = 0; c < C; ++c) oi[c] = rca_coef * ((gi[c] - ui[c] * proj) * inv_norm);
-        for (int64_t m = 0; m < M; ++m) {
-          const acc_t wm = tar_coef * w[m];
-          const acc_t* __restrict sm = sig + m * n + i * C;
-          for (int64_t c = 0; c < C; ++c) oi[c] += wm * (sm[c] * (acc_t(1) - sm[c]));
-        }
-      }
-    });
-  });
-}
-
-// Row norms of z [B, C] and u = z / max(norm, eps) written into columns [col, col + C) of A (and of
-// A_neg with the sign `sign`).
-template <typename acc_t>
-void normalize_rows(const acc_t* z, int64_t B, int64_t C, acc_t eps, acc_t* norm, acc_t* A, acc_t* A_neg, int64_t K,
-                    int64_t col, acc_t sign) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / C), [&](int64_t b0, int64_t b1) {
-    run_vectorized([&]() __attribute__((always_inline)) {
-      for (int64_t i = b0; i < b1; ++i) {
-        const acc_t* __restrict zi = z + i * C;
-        acc_t* __restrict ai = A + i * K + col;
-        acc_t* __restrict ni = A_neg + i * K + col;
-        acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-        for (int64_t c = 0; c < C; ++c) sq += zi[c] * zi[c];
-        norm[i] = std::sqrt(sq);
-        const acc_t denom = norm[i] > eps ? norm[i] : eps;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t uc = zi[c] / denom;
-          ai[c] = uc;
-          ni[c] = sign * uc;
-        }
-      }
-    });
-  });
-}
-
-struct LayerResult {
-  double rca, tar;
-  at::Tensor grad_teacher, grad_student;
+struct TarConsts {
+  acc_t shift, scale, inv_delta;
+  int64_t M;
+  std::array<acc_t, kMaxM> theta;
 };
 
 template <typename acc_t>
-LayerResult stars_layer(const at::Tensor& zt_in, const at::Tensor& zs_in, const at::Tensor& theta_in, double shift,
-                        double scale, double coef_rca, double coef_tar, double delta, double eps_d) {
-  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor zt = zt_in.to(acc).contiguous(), zs = zs_in.to(acc).contiguous();
-  const int64_t B = zt.size(0), Ct = zt.size(1), Cs = zs.size(1), K = Cs + Ct;
-  const acc_t eps = static_cast<acc_t>(eps_d);
-  const auto opts = zt.options();
+STARS_INLINE acc_t sigmoid_scalar(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
 
-  // RCA: A = [U_S | U_T], A_neg = [U_S | -U_T], so D = A A_neg^T = U_S U_S^T - U_T U_T^T.
-  at::Tensor A = empty_output({B, K}, opts), A_neg = empty_output({B, K}, opts), norms = at::empty({2, B}, opts);
-  acc_t* norm_s = norms.data_ptr<acc_t>();
-  acc_t* norm_t = norm_s + B;
-  normalize_rows(zs.const_data_ptr<acc_t>(), B, Cs, eps, norm_s, A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), K, 0,
-                 acc_t(1));
-  normalize_rows(zt.const_data_ptr<acc_t>(), B, Ct, eps, norm_t, A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), K, Cs,
-                 acc_t(-1));
-  at::Tensor E = at::mm(A, A_neg.t());
-  // l_rca = sum_{i != j} D_ij^2 / (B (B - 1));  E = 4 D (1 - I) / (B (B - 1)) = dl_rca / dG_S (times 2).
+// sums[m] += sum_c sigmoid(x_m(z_c))
+template <typename acc_t>
+void soft_sums_row(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double* sums) {
+  for (int64_t m = 0; m < k.M; ++m) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < C; ++c) s += sigmoid_scalar(((z[c] - k.shift) * k.scale - k.theta[m]) * k.inv_delta);
+    sums[m] += s;
+  }
+}
+
+// RCA part of row i's gradient: dz = (g - u (u . g)) / ||z|| (g / eps, no projection, when ||z|| < eps),
+// times coef: returns the projection (u . g or 0) and sets rca_scale = coef / max(||z||, eps).
+template <typename acc_t>
+STARS_INLINE acc_t rca_projection(acc_t dot, acc_t norm, acc_t eps, acc_t coef, acc_t& rca_scale) {
+  const bool clamped = norm < eps;
+  rca_scale = coef / (clamped ? eps : norm);
+  return clamped ? acc_t(0) : dot;
+}
+
+// out_c = rca_scale (g_c - u_c proj) + sum_m w_m s_m (1 - s_m), s_m = sigmoid(x_m(z_c))
+template <typename acc_t>
+void gradient_tail(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t proj, acc_t rca_scale,
+                   const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t o = rca_scale * (g[c] - u[c] * proj);
+    const acc_t zn = (z[c] - k.shift) * k.scale;
+    for (int64_t m = 0; m < k.M; ++m) {
+      const acc_t s = sigmoid_scalar((zn - k.theta[m]) * k.inv_delta);
+      o += w[m] * (s * (acc_t(1) - s));
+    }
+    out[c] = o;
+  }
+}
+
+// d total / d z of one row: RCA (coef_rca, signed: + student, - teacher) and TAR (weights w).
+template <typename acc_t>
+void gradient_row(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps, acc_t coef,
+                  const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
+  acc_t dot = 0;
+  for (int64_t c = 0; c < C; ++c) dot += u[c] * g[c];
+  acc_t rca_scale;
+  const acc_t proj = rca_projection(dot, norm, eps, coef, rca_scale);
+  gradient_tail(z, u, g, C, proj, rca_scale, k, w, out);
+}
+
+#ifdef STARS_HAVE_AVX2_KERNELS
+__attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) void soft_sums_row_avx2(const float* z, int64_t C, const TarConsts<float>& k,
+                                                             double* sums) {
+  const int64_t C8 = C / 8 * 8;
+  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
+  const __m256 inv_delta = _mm256_set1_ps(k.inv_delta);
+  for (int64_t m = 0; m < k.M; ++m) {
+    const __m256 theta = _mm256_set1_ps(k.theta[m]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C8; c += 8) {
+      const __m256 zn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale);
+      acc = _mm256_add_ps(acc, sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, theta), inv_delta)));
+    }
+    float s = hsum8(acc);
+    for (int64_t c = C8; c < C; ++c) s += sigmoid_scalar(((z[c] - k.shift) * k.scale - k.theta[m]) * k.inv_delta);
+    sums[m] += s;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* u, const float* g, int64_t C,
+                                                            float norm, float eps, float coef,
+                                                            const TarConsts<float>& k, const float* w, float* out) {
+  const int64_t C8 = C / 8 * 8;
+  __m256 vdot = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C8; c += 8) {
+    vdot = _mm256_add_ps(vdot, _mm256_mul_ps(_mm256_loadu_ps(u + c), _mm256_loadu_ps(g + c)));
+  }
+  float dot = hsum8(vdot);
+  for (int64_t c = C8; c < C; ++c) dot += u[c] * g[c];
+  float rca_scale;
+  const float proj = rca_projection(dot, norm, eps, coef, rca_scale);
+  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
+  const __m256 inv_delta = _mm256_set1_ps(k.inv_delta), one = _mm256_set1_ps(1.0f);
+  const __m256 vproj = _mm256_set1_ps(proj), vrca = _mm256_set1_ps(rca_scale);
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 uc = _mm256_loadu_ps(u + c), gc = _mm256_loadu_ps(g + c);
+    __m256 o = _mm256_mul_ps(vrca, _mm256_sub_ps(gc, _mm256_mul_ps(uc, vproj)));
+    const __m256 zn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale);
+    for (int64_t m = 0; m < k.M; ++m) {
+      const __m256 s = sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta[m])), inv_delta));
+      o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w[m]), _mm256_mul_ps(s, _mm256_sub_ps(one, s))));
+    }
+    _mm256_storeu_ps(out + c, o);
+  }
+  gradient_tail(z + C8, u + C8, g + C8, C - C8, proj, rca_scale, k, w, out + C8);
+}
+#endif
+
+template <typename acc_t>
+STARS_INLINE bool use_avx2() {
+#ifdef STARS_HAVE_AVX2_KERNELS
+  return std::is_same_v<acc_t, float> && cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+template <typename acc_t>
+void soft_sums(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double* sums) {
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>()) return soft_sums_row_avx2(z, C, k, sums);
+  }
+#endif
+  soft_sums_row(z, C, k, sums);
+}
+
+template <typename acc_t>
+void gradient(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps, acc_t coef,
+              const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>()) return gradient_row_avx2(z, u, g, C, norm, eps, coef, k, w, out);
+  }
+#endif
+  gradient_row(z, u, g, C, norm, eps, coef, k, w, out);
+}
+
+// Row i of z [B, C]: norm = ||z_i||, u_i = z_i / max(norm, eps); with `moments`, also the row's sum,
+// its sum of squared deviations from the row mean, and its NaN count (the teacher's statistics).
+template <typename acc_t>
+void normalize_row(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm, bool moments,
+                   double* row_sum, double* row_m2, int64_t* row_nan) {
+  run_vectorized([&]() __attribute__((always_inline)) {
+    acc_t sq = 0, sum = 0;
+#pragma omp simd reduction(+ : sq, sum)
+    for (int64_t c = 0; c < C; ++c) {
+      sq += z[c] * z[c];
+      sum += z[c];
+    }
+    norm = std::sqrt(sq);
+    const acc_t denom = norm > eps ? norm : eps;
+    for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
+    if (moments) {
+      const acc_t mean = sum / static_cast<acc_t>(C);
+      acc_t m2 = 0;
+      int64_t nan = 0;
+#pragma omp simd reduction(+ : m2, nan)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = z[c] - mean;
+        m2 += d * d;
+        nan += z[c] != z[c];
+      }
+      *row_sum = sum;
+      *row_m2 = m2;
+      *row_nan = nan;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// stars_loss_fused: the op.
+
+template <typename acc_t>
+struct StarsLayer {
+  at::Tensor zt, zs;        // [B, Ct], [B, Cs] acc_t contiguous
+  int64_t Ct = 0, Cs = 0;
+  at::Tensor ut, us;        // u rows
+  std::vector<acc_t> norm_t, norm_s;
+  std::vector<double> row_sum, row_m2;
+  std::vector<int64_t> row_nan;
+  TarConsts<acc_t> tar{};
+  at::Tensor D, gt, gs;     // D then E [B, B]; E U_T, E U_S
+  double rca = 0, l_tar = 0;
+  std::array<acc_t, kMaxM> w_s{}, w_t{};  // per-threshold TAR gradient weights of each side
+};
+
+// Row blocks of every layer, handed out dynamically to the intra-op threads; fn(layer, row_begin,
+// row_end, task) with task the block's index (for per-block partial results, deterministic).
+struct RowTask {
+  int64_t layer, begin, end;
+};
+
+template <typename Fn>
+void for_each_row_block(const std::vector<RowTask>& tasks, const Fn& fn) {
+  parallel_chunks(static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(tasks[t].layer, tasks[t].begin, tasks[t].end, t);
+  });
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stars_loss_impl(
+    at::TensorList z_teacher, at::TensorList z_student, at::ArrayRef<double> quantiles,
+    std::optional<at::ArrayRef<double>> thresholds, bool normalize, at::ArrayRef<double> coef_rca,
+    at::ArrayRef<double> coef_tar, double delta, double eps_d) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t L = static_cast<int64_t>(z_teacher.size()), B = z_teacher[0].size(0);
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const at::ArrayRef<double> values = thresholds.has_value() ? *thresholds : quantiles;
+  const int64_t M = static_cast<int64_t>(values.size());
+  // The kernels compute in acc_t whatever autocast says (as the reference, whose ops autocast leaves alone).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  std::vector<StarsLayer<acc_t>> layers(L);
+  std::vector<RowTask> tasks;
+  for (int64_t l = 0; l < L; ++l) {
+    StarsLayer<acc_t>& y = layers[l];
+    y.zt = z_teacher[l].to(acc).contiguous();
+    y.zs = z_student[l].to(acc).contiguous();
+    y.Ct = y.zt.size(1);
+    y.Cs = y.zs.size(1);
+    y.ut = at::empty({B, y.Ct}, y.zt.options());
+    y.us = at::empty({B, y.Cs}, y.zt.options());
+    y.norm_t.resize(B);
+    y.norm_s.resize(B);
+    y.row_sum.resize(B);
+    y.row_m2.resize(B);
+    y.row_nan.resize(B);
+    const int64_t rows = std::max<int64_t>(1, 8192 / (y.Ct + y.Cs));  // ~32 KiB of features a block
+    for (int64_t r = 0; r < B; r += rows) tasks.push_back({l, r, std::min(B, r + rows)});
+  }
+
+  // (1) teacher rows: norms, u_T, moments.
+  for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
+    StarsLayer<acc_t>& y = layers[l];
+    const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
+    acc_t* ut = y.ut.template data_ptr<acc_t>();
+    for (int64_t i = r0; i < r1; ++i) {
+      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * y.Ct, y.norm_t[i], true, &y.row_sum[i], &y.row_m2[i],
+                    &y.row_nan[i]);
+    }
+  });
+
+  // (2) per layer: shift, scale (population moments merged from the rows' in a fixed order) and theta.
+  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      StarsLayer<acc_t>& y = layers[l];
+      TarConsts<acc_t>& k = y.tar;
+      k.M = M;
+      k.inv_delta = static_cast<acc_t>(1.0 / delta);
+      const int64_t n = B * y.Ct;
+      const bool has_nan = std::accumulate(y.row_nan.begin(), y.row_nan.end(), int64_t(0)) > 0;
+      k.shift = 0;
+      k.scale = 1;
+      if (normalize) {
+        const double mean = std::accumulate(y.row_sum.begin(), y.row_sum.end(), 0.0) / static_cast<double>(n);
+        double m2 = 0;
+        for (int64_t i = 0; i < B; ++i) {
+          const double d = y.row_sum[i] / static_cast<double>(y.Ct) - mean;
+          m2 += y.row_m2[i] + static_cast<double>(y.Ct) * d * d;
+        }
+        const acc_t std_pop = static_cast<acc_t>(std::sqrt(m2 / static_cast<double>(n)));
+        k.shift = static_cast<acc_t>(mean);
+        k.scale = acc_t(1) / (std_pop > eps ? std_pop : eps);
+        if (has_nan) k.shift = k.scale = std::numeric_limits<acc_t>::quiet_NaN();
+      }
+      if (thresholds.has_value()) {
+        for (int64_t m = 0; m < M; ++m) k.theta[m] = static_cast<acc_t>(values[m]);
+      } else if (has_nan) {
+        std::fill(k.theta.begin(), k.theta.begin() + M, std::numeric_limits<acc_t>::quiet_NaN());
+      } else {
+        select_quantiles(y.zt.template const_data_ptr<acc_t>(), n, quantiles, k.shift, k.scale, k.theta.data());
+      }
+    }
+  });
+
+  // (3) student rows: norms, u_S; soft exceedance sums of both sides, per block [task][side][m].
+  std::vector<double> soft(tasks.size() * 2 * M, 0.0);
+  for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t t) {
+    StarsLayer<acc_t>& y = layers[l];
+    const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
+    const acc_t* zs = y.zs.template const_data_ptr<acc_t>();
+    acc_t* us = y.us.template data_ptr<acc_t>();
+    std::array<double, 2 * kMaxM> sums{};
+    for (int64_t i = r0; i < r1; ++i) {
+      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * y.Cs, y.norm_s[i], false, nullptr, nullptr, nullptr);
+      soft_sums(zt + i * y.Ct, y.Ct, y.tar, sums.data());
+      soft_sums(zs + i * y.Cs, y.Cs, y.tar, sums.data() + M);
+    }
+    std::copy(sums.begin(), sums.begin() + 2 * M, soft.begin() + t * 2 * M);
+  });
+
+  // RCA: D = U_S U_S^T - U_T U_T^T, then E = 4 D (1 - I) / (B (B - 1)) = d l_rca / d G_S (G_S = U_S U_S^T,
+  // both factors) and d l_rca / dU_S = E U_S, d l_rca / dU_T = -E U_T.
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
-  const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
-  std::vector<double> row_sq(B);
-  acc_t* e = E.data_ptr<acc_t>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) {
-      acc_t* ei = e + i * B;
+  for (StarsLayer<acc_t>& y : layers) {
+    y.D = at::mm(y.us, y.us.t());
+    y.D.addmm_(y.ut, y.ut.t(), 1, -1);
+  }
+  std::vector<double> row_sq(L * B);
+  at::parallel_for(0, L * B, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t l = r / B, i = r % B;
+      acc_t* ei = layers[l].D.template data_ptr<acc_t>() + i * B;
+      const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
       ei[i] = 0;
       double sq = 0;
       for (int64_t j = 0; j < B; ++j) {
         sq += static_cast<double>(ei[j]) * static_cast<double>(ei[j]);
         ei[j] *= e_scale;
       }
-      row_sq[i] = sq;
+      row_sq[r] = sq;
     }
   });
-  const double rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
-  // [dl/dU_S | dl/dU_T] = E A_neg = [E U_S | -E U_T]
-  at::Tensor G = empty_output({B, K}, opts);
-  at::mm_out(G, E, A_neg);
-
-  // TAR
-  const at::Tensor theta_t = theta_in.to(at::kDouble).contiguous();
-  const double* th = theta_t.const_data_ptr<double>();
-  const int64_t M = theta_t.numel();
-  std::vector<acc_t> theta(th, th + M);
-  const acc_t shift_a = static_cast<acc_t>(shift), scale_a = static_cast<acc_t>(scale);
-  const acc_t inv_delta = static_cast<acc_t>(1.0 / delta);
-  at::Tensor sig_t = empty_output({M, B * Ct}, opts), sig_s = empty_output({M, B * Cs}, opts);
-  std::vector<double> p_t, p_s;
-  soft_exceedance(zt.const_data_ptr<acc_t>(), B * Ct, shift_a, scale_a, theta, inv_delta, sig_t.data_ptr<acc_t>(),
-                  p_t);
-  soft_exceedance(zs.const_data_ptr<acc_t>(), B * Cs, shift_a, scale_a, theta, inv_delta, sig_s.data_ptr<acc_t>(),
-                  p_s);
-  double tar = 0;
-  std::vector<acc_t> w(M);  // d l_tar / d p_S^m = 2 (p_S^m - p_T^m) / M
-  for (int64_t m = 0; m < M; ++m) {
-    const double d = p_s[m] - p_t[m];
-    tar += d * d;
-    w[m] = static_cast<acc_t>(2.0 * d / static_cast<double>(M));
+  for (int64_t l = 0; l < L; ++l) {
+    StarsLayer<acc_t>& y = layers[l];
+    y.rca = std::accumulate(row_sq.begin() + l * B, row_sq.begin() + (l + 1) * B, 0.0) / pairs;
+    y.gs = at::mm(y.D, y.us);
+    y.gt = at::mm(y.D, y.ut);
   }
-  tar /= static_cast<double>(M);
 
-  // d total / d z: chain factor scale / delta of z' and sigmoid, and 1 / (B C) of the mean.
-  at::Tensor grad_t = empty_output({B, Ct}, opts), grad_s = empty_output({B, Cs}, opts);
-  const acc_t* a = A.const_data_ptr<acc_t>();
-  const acc_t* g = G.const_data_ptr<acc_t>();
-  const double tar_chain = coef_tar * scale / delta;
-  side_gradient(a, K, g, K, norm_s, eps, sig_s.const_data_ptr<acc_t>(), w, static_cast<acc_t>(coef_rca),
-                static_cast<acc_t>(tar_chain / static_cast<double>(B * Cs)), B, Cs, grad_s.data_ptr<acc_t>());
-  side_gradient(a + Cs, K, g + Cs, K, norm_t, eps, sig_t.const_data_ptr<acc_t>(), w, static_cast<acc_t>(coef_rca),
-                static_cast<acc_t>(-tar_chain / static_cast<double>(B * Ct)), B, Ct, grad_t.data_ptr<acc_t>());
-  return {rca, tar, grad_t.to(zt_in.scalar_type()), grad_s.to(zs_in.scalar_type())};
+  // TAR: p^m of both sides (the blocks' sums in task order), l_tar and its gradient weights:
+  // d l_tar / d p_S^m = 2 (p_S^m - p_T^m) / M, times d p^m / d z = sigma' scale / (delta B C).
+  std::vector<std::array<double, 2 * kMaxM>> p(L);
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    for (int64_t j = 0; j < 2 * M; ++j) p[tasks[t].layer][j] += soft[t * 2 * M + j];
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    StarsLayer<acc_t>& y = layers[l];
+    const double chain = coef_tar[l] * static_cast<double>(y.tar.scale) / delta;
+    double tar = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const double d = p[l][M + m] / static_cast<double>(B * y.Cs) - p[l][m] / static_cast<double>(B * y.Ct);
+      tar += d * d;
+      const double w = 2.0 * d / static_cast<double>(M) * chain;
+      y.w_s[m] = static_cast<acc_t>(w / static_cast<double>(B * y.Cs));
+      y.w_t[m] = static_cast<acc_t>(-w / static_cast<double>(B * y.Ct));
+    }
+    y.l_tar = tar / static_cast<double>(M);
+  }
+
+  // (4) gradients of every row, both sides.
+  std::vector<at::Tensor> grad_t(L), grad_s(L);
+  for (int64_t l = 0; l < L; ++l) {
+    grad_t[l] = at::empty({B, layers[l].Ct}, layers[l].zt.options());
+    grad_s[l] = at::empty({B, layers[l].Cs}, layers[l].zt.options());
+  }
+  for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
+    const StarsLayer<acc_t>& y = layers[l];
+    const acc_t coef = static_cast<acc_t>(coef_rca[l]);
+    for (int64_t i = r0; i < r1; ++i) {
+      gradient(y.zs.template const_data_ptr<acc_t>() + i * y.Cs, y.us.template const_data_ptr<acc_t>() + i * y.Cs,
+               y.gs.template const_data_ptr<acc_t>() + i * y.Cs, y.Cs, y.norm_s[i], eps, coef, y.tar, y.w_s.data(),
+               grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
+      gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, y.ut.template const_data_ptr<acc_t>() + i * y.Ct,
+               y.gt.template const_data_ptr<acc_t>() + i * y.Ct, y.Ct, y.norm_t[i], eps, -coef, y.tar, y.w_t.data(),
+               grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
+    }
+  });
+
+  std::vector<double> parts(2 * L);
+  double total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    parts[2 * l] = layers[l].rca;
+    parts[2 * l + 1] = layers[l].l_tar;
+    total += coef_rca[l] * layers[l].rca + coef_tar[l] * layers[l].l_tar;
+    grad_t[l] = grad_t[l].to(z_teacher[l].scalar_type());
+    grad_s[l] = grad_s[l].to(z_student[l].scalar_type());
+  }
+  at::Tensor parts_t = at::tensor(parts, at::kDouble).view({L, 2}).to(acc);
+  return {at::scalar_tensor(total, acc), parts_t, grad_t, grad_s};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stars_loss_fused_cpu(
-    at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
-    at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
-    double eps) {
-  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, thresholds, shift, scale, coef_rca, coef_tar, delta, eps);
-  const size_t L = z_teacher.size();
-  // total and parts: float64 when any input is float64 (so that float64 gradcheck sees an exact
-  // loss), else float32.
-  const at::ScalarType out_dtype = any_fp64 ? at::kDouble : at::kFloat;
-  std::vector<double> parts(2 * L);
-  std::vector<at::Tensor> grad_teacher(L), grad_student(L);
-  double total = 0;
-  for (size_t l = 0; l < L; ++l) {
-    const bool fp64 = z_teacher[l].scalar_type() == at::kDouble || z_student[l].scalar_type() == at::kDouble;
-    const LayerResult r =
-        fp64 ? stars_layer<double>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
-                                   coef_tar[l], delta, eps)
-             : stars_layer<float>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
-                                  coef_tar[l], delta, eps);
-    parts[2 * l] = r.rca;
-    parts[2 * l + 1] = r.tar;
-    total += coef_rca[l] * r.rca + coef_tar[l] * r.tar;
-    grad_teacher[l] = r.grad_teacher;
-    grad_student[l] = r.grad_student;
-  }
-  at::Tensor parts_t = at::tensor(parts, at::kDouble).view({static_cast<int64_t>(L), 2}).to(out_dtype);
-  return {at::scalar_tensor(total, out_dtype), parts_t, grad_teacher, grad_student};
+    at::TensorList z_teacher, at::TensorList z_student, at::ArrayRef<double> quantiles,
+    std::optional<at::ArrayRef<double>> thresholds, bool normalize, at::ArrayRef<double> coef_rca,
+    at::ArrayRef<double> coef_tar, double delta, double eps) {
+  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, quantiles, thresholds, coef_rca, coef_tar, delta, eps);
+  TORCH_CHECK((thresholds.has_value() ? thresholds->size() : quantiles.size()) <= static_cast<size_t>(kMaxM),
+              "stars_loss_fused: at most ", kMaxM, " thresholds on the CPU");
+  // float64 throughout when any input is float64 (so that float64 gradcheck sees an exact loss).
+  return any_fp64 ? stars_loss_impl<double>(z_teacher, z_student, quantiles, thresholds, normalize, coef_rca,
+                                            coef_tar, delta, eps)
+                  : stars_loss_impl<float>(z_teacher, z_student, quantiles, thresholds, normalize, coef_rca,
+                                           coef_tar, delta, eps);
 }
 
 }  // namespace

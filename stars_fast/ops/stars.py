@@ -1,10 +1,22 @@
 """STARS loss (RCA + TAR, paper Eqs. 12-17; shared/DESIGN.md section 2.2) and feature pooling.
 
-The fused backends compute the loss and the gradients for both inputs in one forward pass; the
-backward only scales the stored gradients by grad_output (the loss is the last node of the graph).
+The fused backends ("cpu": torch.ops.stars_fast.stars_loss_fused; "triton":
+stars_fast.kernels.stars.stars_loss_fused, same signature) compute the loss and the gradients for
+both inputs in one call, normalization statistics and quantile thresholds included; the backward is
+one fused scale of the stored gradients by grad_output (the loss is the last node of the graph).
+
+Policies shared by every backend:
+- Arguments are checked once, here (_check_stars_args), before any backend runs; the C++ and
+  Triton launchers repeat the checks as a second line.
+- Second derivatives: the fused backends give first derivatives only. The gradient they return
+  under create_graph=True carries a node that raises a RuntimeError when it is differentiated
+  (never a silent zero); backend="reference" gives true second derivatives.
+- Autocast: the loss is computed in the features' own dtypes (fp32 accumulation) whatever autocast
+  says, as the reference, none of whose ops autocast casts; the fused op runs with autocast off.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,29 +27,18 @@ from .. import _backend, reference
 
 DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
 
+_NO_SECOND_ORDER = (
+    "stars_loss: the fused backends ('cpu', 'triton', 'cuda') compute first derivatives only; the gradient "
+    "of a gradient of this loss (double backward after create_graph=True) is not implemented. Use "
+    "backend='reference' for second derivatives.")
 
-def _layer_thresholds(zt: Tensor, normalize: bool, quantiles: Sequence[float],
-                      thresholds: Optional[Sequence[float]], eps: float, backend: str):
-    """Teacher-anchored constants of one layer: (theta [M] fp32, shift, scale).
 
-    normalize: z <- (z - mean(zT)) * 1/std(zT) (population std) before thresholding.
-    theta: fixed values, or linear-interpolated quantiles of the (normalized) teacher by selection.
-    """
-    zt = zt.detach()
-    shift, scale = 0.0, 1.0
-    if normalize:
-        shift = zt.mean().item()
-        scale = 1.0 / max(zt.std(correction=0).item(), eps)
-    # Thresholds in the accumulation dtype: fp64 for fp64 features, fp32 otherwise.
-    theta_dtype = torch.float64 if zt.dtype == torch.float64 else torch.float32
-    if thresholds is not None:
-        return torch.tensor(list(thresholds), dtype=theta_dtype, device=zt.device), shift, scale
-    zn = ((zt - shift) * scale if normalize else zt).to(theta_dtype)
-    if backend == "cpu":
-        theta = torch.ops.stars_fast.quantiles(zn, list(quantiles))
-    else:
-        theta = torch.quantile(zn.flatten(), torch.tensor(list(quantiles), dtype=theta_dtype, device=zt.device))
-    return theta.to(theta_dtype), shift, scale
+def _fused_impl(backend: str):
+    if backend == "triton":
+        from ..kernels import stars as triton_stars
+
+        return triton_stars.stars_loss_fused
+    return torch.ops.stars_fast.stars_loss_fused
 
 
 @torch.library.custom_op("stars_fast::stars_loss", mutates_args=())
@@ -46,19 +47,10 @@ def _stars_loss_op(z_teacher: List[Tensor], z_student: List[Tensor], quantiles: 
                    normalize: bool, eps: float, backend: str
                    ) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
     """(total, parts [L, 2] = raw (l_rca, l_tar) per layer, d total/d z_teacher, d total/d z_student)."""
-    z_teacher = [z.contiguous() for z in z_teacher]
-    z_student = [z.contiguous() for z in z_student]
-    consts = [_layer_thresholds(zt, normalize, quantiles, thresholds, eps, backend) for zt in z_teacher]
-    thetas = [c[0] for c in consts]
-    shifts = [c[1] for c in consts]
-    scales = [c[2] for c in consts]
-    if backend == "triton":
-        from ..kernels import stars as triton_stars
-
-        fused = triton_stars.stars_loss_fused
-    else:
-        fused = torch.ops.stars_fast.stars_loss_fused
-    return fused(z_teacher, z_student, thetas, shifts, scales, coef_rca, coef_tar, delta, eps)
+    with torch.autocast(z_teacher[0].device.type, enabled=False):
+        total, parts, grad_t, grad_s = _fused_impl(backend)(
+            z_teacher, z_student, quantiles, thresholds, normalize, coef_rca, coef_tar, delta, eps)
+    return total, parts, list(grad_t), list(grad_s)
 
 
 @_stars_loss_op.register_fake
@@ -70,21 +62,45 @@ def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, no
     return total, parts, [torch.empty_like(z) for z in z_teacher], [torch.empty_like(z) for z in z_student]
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the fused op's gradients; differentiating them again raises _NO_SECOND_ORDER."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return grads
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        raise RuntimeError(_NO_SECOND_ORDER)
+
+
 def _stars_setup_context(ctx, inputs, output):
     ctx.num_layers = len(inputs[0])
     ctx.save_for_backward(*output[2], *output[3])
 
 
 def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_student_unused):
-    grads = ctx.saved_tensors
-    scaled = [g * grad_total.to(g.dtype) for g in grads]
-    return scaled[:ctx.num_layers], scaled[ctx.num_layers:], None, None, None, None, None, None, None, None
+    """d L/d z = grad_total * (stored d total/d z): one fused multiply of all the stored gradients."""
+    scaled = torch._foreach_mul(list(ctx.saved_tensors), grad_total)
+    if torch.is_grad_enabled():  # create_graph=True: let a second differentiation fail loudly
+        scaled = _FirstOrderOnly.apply(*(g.detach().requires_grad_() for g in scaled))
+    n = ctx.num_layers
+    return list(scaled[:n]), list(scaled[n:]), None, None, None, None, None, None, None, None
 
 
 _stars_loss_op.register_autograd(_stars_backward, setup_context=_stars_setup_context)
 
 
-def _check_stars_inputs(z_teacher, z_student, quantiles, thresholds, delta, weights, normalize):
+def _finite(name: str, value) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weights, lambda_rca, lambda_tar,
+                      normalize, eps):
+    """Every argument check of stars_loss, for every backend (the fused launchers repeat them)."""
     if isinstance(z_teacher, Tensor) or isinstance(z_student, Tensor):
         raise TypeError("z_teacher and z_student must be lists of tensors, one [B, C_l] entry per layer")
     if len(z_teacher) != len(z_student):
@@ -104,20 +120,28 @@ def _check_stars_inputs(z_teacher, z_student, quantiles, thresholds, delta, weig
             raise ValueError(f"layer {layer}: teacher batch {zt.shape[0]} != student batch {zs.shape[0]}")
         if zt.shape[0] < 2:
             raise ValueError(f"layer {layer}: RCA needs a batch of at least 2 samples, got {zt.shape[0]}")
-        if zt.device != zs.device:
-            raise ValueError(f"layer {layer}: teacher on {zt.device} but student on {zs.device}")
+        if zt.shape[0] != z_teacher[0].shape[0]:
+            raise ValueError(f"every layer must have the same batch size B: layer 0 has {z_teacher[0].shape[0]}, "
+                             f"layer {layer} has {zt.shape[0]}")
+        if zt.device != z_teacher[0].device or zs.device != z_teacher[0].device:
+            raise ValueError(f"layer {layer}: features on {zt.device} (teacher) and {zs.device} (student); "
+                             f"every feature must be on {z_teacher[0].device}")
     if thresholds is None:
         if len(quantiles) == 0 or not all(0.0 <= q <= 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {quantiles}")
     elif len(thresholds) == 0 or not all(math.isfinite(t) for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of finite values, got {thresholds}")
-    if not delta > 0:
-        raise ValueError(f"delta must be > 0, got {delta}")
+    if not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta must be a finite number > 0, got {delta}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    _finite("lambda_rca", lambda_rca)
+    _finite("lambda_tar", lambda_tar)
     if weights is not None:
         if len(weights) != len(z_teacher):
             raise ValueError(f"{len(weights)} weights for {len(z_teacher)} layers")
-        if any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"weights must be finite, non-negative and of positive sum, got {weights}")
     if normalize not in (None, "teacher"):
         raise ValueError(f"normalize must be None or 'teacher', got {normalize!r}")
 
@@ -140,13 +164,16 @@ def stars_loss(
     """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17).
 
     z_teacher[l]: pooled teacher pre-ReLU features [B, C_l]; z_student[l]: pooled student pre-LIF
-    features [B, C'_l]. Gradients flow to both. With return_parts, also (L_RCA, L_TAR); on the fused
-    backends these two are detached diagnostics (backpropagate through the total).
+    features [B, C'_l] (one B for every layer). Gradients flow to both. With return_parts, also
+    (L_RCA, L_TAR); on the fused backends these two are detached diagnostics (backpropagate through
+    the total).
     """
-    _check_stars_inputs(z_teacher, z_student, quantiles, thresholds, delta, weights, normalize)
+    _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weights, lambda_rca, lambda_tar,
+                      normalize, eps)
     quantiles = [float(q) for q in quantiles]
     thresholds = None if thresholds is None else [float(t) for t in thresholds]
-    chosen = _backend.resolve(backend, z_teacher[0].device)
+    dtype = functools.reduce(torch.promote_types, [z.dtype for z in list(z_teacher) + list(z_student)])
+    chosen = _backend.resolve(backend, z_teacher[0].device, dtype=dtype)
     if chosen == "reference":
         total, rca, tar = reference.stars_loss(
             z_teacher, z_student, quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
@@ -158,7 +185,7 @@ def stars_loss(
     coef_tar = [lambda_tar * w / w_sum for w in weights]
     total, parts, _, _ = _stars_loss_op(list(z_teacher), list(z_student), quantiles, thresholds, float(delta),
                                         coef_rca, coef_tar, normalize == "teacher", float(eps), chosen)
-    total = total.to(torch.promote_types(z_teacher[0].dtype, z_student[0].dtype))
+    total = total.to(dtype)
     if not return_parts:
         return total
     layer_weights = parts.new_tensor(weights) / w_sum
@@ -226,7 +253,7 @@ def pool_features(f: Tensor, backend: str = "auto") -> Tensor:
                          f"{getattr(f, 'shape', type(f).__name__)}")
     if not f.is_floating_point():
         raise TypeError(f"pool_features needs a floating-point tensor, got {f.dtype}")
-    chosen = _backend.resolve(backend, f.device)
+    chosen = _backend.resolve(backend, f.device, dtype=f.dtype)
     if chosen == "reference" or f.numel() == 0:
         return reference.pool_features(f)
     return _pool_op(f, chosen)
