@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, default=1000, metavar="N",
                         help="test (and synthetic) images used, a fixed random subset (default: 1000)")
     parser.add_argument("--batch-size", type=int, default=200, help="batch size of the forward passes (default: 200)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     return parser
 
 
@@ -333,9 +333,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     import torch
 
     from . import models
+    from .atomic import atomic_write_bytes
     from .data import DATASETS, DatasetFormatError, DatasetNotFoundError, class_names, load_dataset, normalize
     from .synthesis.memory import open_synthetic
     from .teacher_cache import load_run_teacher
+    from .train import resolve_device
 
     with open(os.path.join(run, "summary.json")) as f:
         summary = json.load(f)
@@ -351,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         _fail(f"cannot tell the run's dataset ({name!r}): pass --dataset")
     info = DATASETS[name]
     data_root = args.data_root or config.get("data_root")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if name == "digits":
         torch.set_num_threads(1)  # tiny tensors: one thread is faster than several on a shared CPU (as train)
 
@@ -423,10 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     plot_tail_masses(masses, mass_labels, figures["tail_masses"])
     analysis["figures"] = {key: os.path.basename(path) for key, path in figures.items()}
 
-    from .atomic import atomic_write_bytes
-
     atomic_write_bytes(os.path.join(run, "analysis.json"), (json.dumps(analysis, indent=1) + "\n").encode())
-    for key, path in figures.items():
+    for path in figures.values():
         print(f"wrote {path}")
     print(f"wrote {os.path.join(run, 'analysis.json')}")
     return analysis

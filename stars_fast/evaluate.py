@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="simulation time steps of a spiking student (default: the T it was trained with); "
                              "not Fast-Datafree's KD temperature")
     parser.add_argument("--batch-size", type=int, default=256, help="test batch size (default: 256)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     return parser
 
 
@@ -83,12 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    import torch
-
     from .data import DATASETS, DatasetFormatError, DatasetNotFoundError, load_dataset
     from .models import load_student
+    from .train import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         model, meta = load_student(args.ckpt, map_location="cpu")
     except FileNotFoundError:

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -68,9 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     from . import models
     from .data import DATASETS, DatasetFormatError, DatasetNotFoundError, load_dataset
     from .distill import evaluate, train_supervised
+    from .train import resolve_device
 
     info = DATASETS[args.dataset]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.dataset == "digits":
         torch.set_num_threads(1)  # 8x8 images: one thread beats several on a shared CPU (as train does)
     try:

@@ -223,3 +223,14 @@ def test_train_with_a_malformed_dataset_is_a_one_line_error(tmp_path, dataset):
         train.main(["--dataset", dataset, "--data-root", str(data), "--teacher", teacher, "--student", student,
                     "--teacher-ckpt", str(ckpt), "--out", str(out), "--no-progress"])
     assert "\n" not in str(caught.value) and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", [evaluate, train_teacher, analyze])
+def test_device_cuda_without_a_gpu_is_a_one_line_error(pipeline, command):
+    argv = {evaluate: ["--ckpt", pipeline["teacher"]],
+            train_teacher: ["--teacher", "digits_cnn", "--dataset", "digits", "--epochs", "1", "--out",
+                            os.path.join(pipeline["run"], "unused.pth")],
+            analyze: [pipeline["run"]]}[command]
+    with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
+        command.main(argv + ["--device", "cuda"])
