@@ -3,7 +3,7 @@
 A pickle names the callables that rebuild its objects (`find_class`), and a plain `pickle.load`
 imports and calls whatever it names, so any file can run a command when it is read. The unpickler
 here resolves only the names in an allow-list -- builtin containers and scalars, numpy arrays,
-dtypes and scalars, and (with ``tensors=True``) the two helpers a torch tensor is pickled with
+dtypes and scalars, and (with ``tensors=True``) the helpers a torch tensor is pickled with
 (`torch._utils._rebuild_tensor_v2` / `_rebuild_parameter`, and the storage, which `pickle.dump`
 writes as `torch.save` bytes that are read back here with ``torch.load(weights_only=True)``).
 Every other name raises `pickle.UnpicklingError` naming it, before anything is called.
