@@ -229,22 +229,9 @@ def test_quantiles_nan_and_bad_inputs():
 # STARS loss
 
 
-def _fused_inputs(z_teacher, quantiles, weights, lambda_rca, lambda_tar, normalize, eps=1e-12):
-    """The op's per-layer constants, built the way the reference defines them."""
-    thetas, shifts, scales = [], [], []
-    for zt in z_teacher:
-        shift, scale = 0.0, 1.0
-        if normalize:
-            shift = zt.mean().item()
-            scale = 1.0 / max(zt.std(correction=0).item(), eps)
-        zn = (zt - shift) * scale
-        thetas.append(torch.quantile(zn.flatten(), torch.tensor(quantiles, dtype=zt.dtype)))
-        shifts.append(shift)
-        scales.append(scale)
-    w = [1.0] * len(z_teacher) if weights is None else weights
-    coef_rca = [lambda_rca * wi / sum(w) for wi in w]
-    coef_tar = [lambda_tar * wi / sum(w) for wi in w]
-    return thetas, shifts, scales, coef_rca, coef_tar
+def _coefs(n_layers, weights, lambda_rca, lambda_tar):
+    w = [1.0] * n_layers if weights is None else weights
+    return [lambda_rca * wi / sum(w) for wi in w], [lambda_tar * wi / sum(w) for wi in w]
 
 
 STARS_CASES = [  # (B, teacher channels, student channels, quantiles, weights, normalize)
@@ -253,21 +240,22 @@ STARS_CASES = [  # (B, teacher channels, student channels, quantiles, weights, n
     (33, [5, 9, 7], [6, 9, 4], [0.5, 0.8, 0.95], None, False),
     (33, [8, 16, 12, 10], [12, 16, 8, 10], [0.6, 0.7, 0.8, 0.9, 0.95], [1.0, 1.0, 2.0, 0.5], True),
     (256, [24, 48], [32, 48], [0.7, 0.9, 0.95, 0.99], None, True),
+    (64, [64, 517], [9, 130], [0.0, 0.25, 1.0], None, True),  # AVX2 tails (C % 8 != 0), extreme quantiles
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", range(len(STARS_CASES)))
 def test_stars_loss_matches_reference(case, dtype):
+    """The op computes the normalization moments and the quantile thresholds itself."""
     B, ct, cs, quantiles, weights, normalize = STARS_CASES[case]
     gen = torch.Generator().manual_seed(case)
     z_teacher = [(torch.randn(B, c, generator=gen, dtype=dtype) * 1.5 + 0.3) for c in ct]
     z_student = [(torch.randn(B, c, generator=gen, dtype=dtype) + 0.1 * i) for i, c in enumerate(cs)]
     z_student[0][0] = 0.0  # a row of zeros: the eps clamp of the norm, no NaN
     lambda_rca, lambda_tar = 1.0, 0.7
-    thetas, shifts, scales, coef_rca, coef_tar = _fused_inputs(z_teacher, quantiles, weights, lambda_rca, lambda_tar,
-                                                               normalize)
-    total, parts, grad_t, grad_s = ops.stars_loss_fused(z_teacher, z_student, thetas, shifts, scales, coef_rca,
+    coef_rca, coef_tar = _coefs(len(ct), weights, lambda_rca, lambda_tar)
+    total, parts, grad_t, grad_s = ops.stars_loss_fused(z_teacher, z_student, quantiles, None, normalize, coef_rca,
                                                         coef_tar, 0.5, 1e-12)
 
     zt_ref = [z.clone().requires_grad_(True) for z in z_teacher]
@@ -298,8 +286,7 @@ def test_stars_loss_fixed_thresholds_and_half_inputs():
     zt = [torch.randn(16, 8, generator=gen)]
     zs = [torch.randn(16, 12, generator=gen)]
     thresholds = [-0.5, 0.0, 1.0]
-    total, _, grad_t, grad_s = ops.stars_loss_fused(zt, zs, [torch.tensor(thresholds)], [0.0], [1.0], [1.0], [1.0],
-                                                    0.5, 1e-12)
+    total, _, grad_t, grad_s = ops.stars_loss_fused(zt, zs, [], thresholds, False, [1.0], [1.0], 0.5, 1e-12)
     zt_ref = [z.clone().requires_grad_(True) for z in zt]
     zs_ref = [z.clone().requires_grad_(True) for z in zs]
     ref_total, _, _ = R.stars_loss(zt_ref, zs_ref, thresholds=thresholds)
@@ -308,8 +295,8 @@ def test_stars_loss_fixed_thresholds_and_half_inputs():
     for got, ref in zip(grad_t + grad_s, ref_grads):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
     # bf16 features are computed in float32; the gradients come back in bf16
-    total_h, _, grad_th, _ = ops.stars_loss_fused([z.bfloat16() for z in zt], [z.bfloat16() for z in zs],
-                                                  [torch.tensor(thresholds)], [0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    total_h, _, grad_th, _ = ops.stars_loss_fused([z.bfloat16() for z in zt], [z.bfloat16() for z in zs], [],
+                                                  thresholds, False, [1.0], [1.0], 0.5, 1e-12)
     assert grad_th[0].dtype == torch.bfloat16
     assert math.isclose(total_h.item(), total.item(), rel_tol=5e-2)
 
@@ -318,28 +305,58 @@ def test_stars_loss_nan_propagates():
     zt = [torch.randn(4, 3)]
     zs = [torch.randn(4, 3)]
     zs[0][1, 2] = float("nan")
-    total, _, _, _ = ops.stars_loss_fused(zt, zs, [torch.tensor([0.0])], [0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    total, _, _, _ = ops.stars_loss_fused(zt, zs, [], [0.0], False, [1.0], [1.0], 0.5, 1e-12)
     assert torch.isnan(total)
+    zs[0][1, 2] = 0.0
+    zt[0][0, 0] = float("nan")  # NaN quantiles and moments, as torch.quantile / torch.std
+    total, parts, _, _ = ops.stars_loss_fused(zt, zs, [0.5], None, True, [1.0], [1.0], 0.5, 1e-12)
+    assert torch.isnan(total) and torch.isnan(parts).all()
+
+
+def test_stars_loss_under_autocast():
+    """Called directly under CPU autocast, the op still computes in fp32 (its GEMMs bypass autocast)."""
+    gen = torch.Generator().manual_seed(6)
+    zt = [torch.randn(8, 16, generator=gen)]
+    zs = [torch.randn(8, 12, generator=gen)]
+    expected = ops.stars_loss_fused(zt, zs, [0.5, 0.9], None, True, [1.0], [1.0], 0.5, 1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.stars_loss_fused(zt, zs, [0.5, 0.9], None, True, [1.0], [1.0], 0.5, 1e-12)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[2][0].dtype == torch.float32
 
 
 def test_stars_loss_bad_inputs():
-    th = [torch.tensor([0.0, 1.0])]
     one = [1.0]
 
-    def call(zt, zs, thetas=th, shift=[0.0], scale=one, c_rca=one, c_tar=one):
-        return ops.stars_loss_fused(zt, zs, thetas, shift, scale, c_rca, c_tar, 0.5, 1e-12)
+    def call(zt, zs, quantiles=[0.5], thresholds=None, c_rca=one, c_tar=one, delta=0.5, eps=1e-12):
+        return ops.stars_loss_fused(zt, zs, quantiles, thresholds, True, c_rca, c_tar, delta, eps)
 
+    z = [torch.randn(4, 4)]
     with pytest.raises(RuntimeError, match="at least 2"):
         call([torch.randn(1, 4)], [torch.randn(1, 4)])
     with pytest.raises(RuntimeError, match="teacher batch 4 != student batch 5"):
-        call([torch.randn(4, 4)], [torch.randn(5, 4)])
+        call(z, [torch.randn(5, 4)])
+    with pytest.raises(RuntimeError, match="same batch size"):
+        call(z + [torch.randn(5, 4)], z + [torch.randn(5, 4)], c_rca=[1.0, 1.0], c_tar=[1.0, 1.0])
     with pytest.raises(RuntimeError, match="one entry per layer"):
-        call([torch.randn(4, 4)] * 2, [torch.randn(4, 4)])
+        call([torch.randn(4, 4)] * 2, z)
     with pytest.raises(RuntimeError, match="one entry per layer"):
-        call([torch.randn(4, 4)], [torch.randn(4, 4)], c_tar=[1.0, 1.0])
+        call(z, z, c_tar=[1.0, 1.0])
     with pytest.raises(RuntimeError, match="2-D"):
-        call([torch.randn(4, 4, 1)], [torch.randn(4, 4)])
+        call([torch.randn(4, 4, 1)], z)
     with pytest.raises(RuntimeError, match="float32, float64"):
-        call([torch.ones(4, 4, dtype=torch.int64)], [torch.randn(4, 4)])
-    with pytest.raises(RuntimeError, match="non-empty 1-D"):
-        call([torch.randn(4, 4)], [torch.randn(4, 4)], thetas=[torch.empty(0)])
+        call([torch.ones(4, 4, dtype=torch.int64)], z)
+    with pytest.raises(RuntimeError, match="quantiles must be non-empty"):
+        call(z, z, quantiles=[])
+    with pytest.raises(RuntimeError, match=r"in \[0, 1\]"):
+        call(z, z, quantiles=[1.5])
+    with pytest.raises(RuntimeError, match="thresholds must be finite"):
+        call(z, z, thresholds=[float("nan")])
+    for eps in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="eps must be"):
+            call(z, z, eps=eps)
+    for delta in (0.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="delta must be"):
+            call(z, z, delta=delta)
+    with pytest.raises(RuntimeError, match="coefficients must be finite"):
+        call(z, z, c_rca=[float("inf")])
