@@ -2,46 +2,67 @@
 
 Per layer l, teacher features zt [B, C] and student features zs [B, C'] (pooled, raw):
 
+    normalize  shift = mean(zt), scale = 1 / max(std_pop(zt), eps), zn = (z - shift) scale (else zn = z)
+    theta_m    fixed thresholds, or torch.quantile(zn_t.flatten(), q_m) ('linear'), by selection
     RCA  u = z / max(||z||, eps) row-wise,  G = u u^T,  D = G_S - G_T
          l_rca = sum_{i != j} D_ij^2 / (B (B - 1))
-    TAR  zn = (z - shift) * scale,  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta)
-         l_tar = mean_m (p_S^m - p_T^m)^2
+    TAR  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
     total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar
 
 and the gradients of total for both inputs, computed in the same pass (the loss is the last node
-of the graph, so a backward only has to scale them by grad_output). With E = 2 D (1 - I) / (B (B - 1)):
+of the graph, so a backward only scales them by grad_output). With E = 2 D (1 - I) / (B (B - 1)):
 
     RCA  g_i = dl/du_i = 2 sum_j E_ij u_j (student; minus for the teacher),
-         dz_i = (g_i - u_i (u_i . g_i)) / ||z_i||   (g_i / eps when ||z_i|| < eps),
+         dz_i = (g_i - u_i (u_i . g_i)) / max(||z_i||, eps)   (no projection when ||z_i|| < eps),
          with u_i . g_i = 2 sum_j E_ij G_ij, so no second pass over the channels is needed
     TAR  dz_bc = +-(2 / M) sum_m (p_S^m - p_T^m) sigma'_m(bc) * scale / (delta B C)
 
-Launches: two for up to _SLOTS layers, so forward + backward is 3 with the caller's scaling of the
-gradients by grad_output. Each kernel takes _SLOTS layers as separate arguments and program_id(0)
-picks one (the lists are not concatenated, which would cost a copy launch per list). More
-layers run as further launch pairs, each adding its layers' loss to the total.
+Overflow safety: every row is scaled by a power of two 2^-e (2^e <= max_c |z_c| < 2^(e+1)) before
+the Gram and its norm are formed, which is exact, so features at 1e30 keep a finite loss; the
+teacher's moments are taken the same way on the whole layer.
 
-  1. _stars_stats_kernel, grid (layers, row blocks of BI rows): the Gram rows
-     G[i, :] of both sides (an fp32 tl.dot over channel tiles), D and E for those rows, their
-     share of l_rca, the row norms and u_i . g_i, and the rows' partial sums of the TAR
-     exceedances. All of this goes to small fp32 scratch buffers.
-  2. _stars_grad_kernel, same grid: adds up the exceedance partials into p^m (fixed order, so
-     the result is deterministic), then writes dz = coef_rca dz_rca + coef_tar dz_tar for its
-     rows of both inputs (g = E u for the rows is another tl.dot). Program (0, 0) also reduces
-     the partials into parts [L, 2] and total.
+Exact quantiles without a sort: the fp32 values map to uint32 keys of the same order (negatives
+bit-flipped, the sign bit set on the rest); the k-th smallest key is found by radix selection,
+RADIX_BITS bits per pass from the top (a tl.histogram of the digit among the keys that share the
+prefix found so far), and the next larger key by one min pass. (v_lo - shift) scale is then the
+k-th smallest zn exactly (the affine map is monotone), and torch.quantile's lerp follows. NaN in
+the teacher makes every theta NaN, as torch.quantile does.
 
-Both run their dots with input_precision="ieee" (exact fp32, no TF32).
+Launch plan (all on the device: no .item(), no host sync, no host-to-device copy; quantiles or
+fixed thresholds travel as a tuple of fp32 kernel scalars). Each launch takes up to _SLOTS layers
+as separate arguments and program_id(0) picks one (no concatenation copies); more layers run as
+further launch pairs, each adding its layers to the total.
+
+  1. _stars_stats_kernel, grid (layers, M): program (l, m) computes layer l's shift and scale
+     (every program of the layer the same way, so they agree bit for bit), theta_m by selection,
+     and p_T^m, p_S^m. It writes them to a small fp32 buffer; program (0, 0) zeroes the
+     completion counter of launch 2.
+  2. _stars_grad_kernel, grid (layers, row blocks of BI rows): the Gram rows of both sides for its
+     rows i against all rows j, in [BI, BJ] chunks (fp32 tl.dot, input_precision="ieee": no TF32),
+     E and u_i . g_i for those rows (E goes to a scratch buffer private to the program), its share
+     of l_rca, then dz = coef_rca dz_rca + coef_tar dz_tar for its rows of both inputs. The last
+     program to finish (an atomic counter) adds the per-block partials in a fixed order into
+     parts [L, 2] and total, so the result does not depend on which program is last.
+  3. the backward: one torch._foreach_mul of the stored gradients by grad_output (ops/stars.py).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import contextlib
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 _SLOTS = 4  # layers per launch pair
-_BI = 16  # rows per program (the M of tl.dot, at least 16)
+_BI = 16  # rows i per program of the gradient launch (the M of tl.dot, at least 16)
+_BJ = 16  # rows j per chunk of the Gram
+_BK = 16  # channels per tile
+_BLOCK = 1024  # elements per step of the statistics passes
+_RADIX_BITS = 4  # bits resolved per selection pass (16-bin histograms, 8 passes)
+_STATS_WARPS = 8  # 8 elements of each [BLOCK] tensor per thread: about 40 registers, no spills
+_GRAD_WARPS = 8  # with the tiles above: about 128 registers per thread on sm_80 / sm_90, no spills
+_CONSTS = 2  # shift, scale, then theta[M] per layer in the constants buffer
 
 
 @triton.jit
@@ -51,185 +72,318 @@ def _pick(slot, a0, a1, a2, a3):
 
 
 @triton.jit
-def _gram_rows(Z, C, B, i, j, TH, M, shift, scale, delta, BK: tl.constexpr, MP: tl.constexpr):
-    """Raw Gram rows Z[i] Z[j]^T, squared norms of rows j and i, and the TAR partials of rows i.
+def _pick_value(values, m):
+    """values[m] for a tuple of scalars and a runtime index m."""
+    out = values[0]
+    for s in tl.static_range(1, len(values)):
+        out = tl.where(m == s, values[s], out)
+    return out
 
-    The TAR partial of threshold m is sum_{b in i, c} sigmoid(((z_bc - shift) * scale - theta_m) / delta).
-    """
-    m = tl.arange(0, MP)
-    rows_i = i[:, None].to(tl.int64) * C
-    rows_j = j[:, None].to(tl.int64) * C
-    gram = tl.zeros([i.shape[0], j.shape[0]], tl.float32)
-    sq_j = tl.zeros([j.shape[0]], tl.float32)
-    sq_i = tl.zeros([i.shape[0]], tl.float32)
-    tar = tl.zeros([MP], tl.float32)
-    for k0 in range(0, C, BK):
-        cols = k0 + tl.arange(0, BK)
-        in_i = (i[:, None] < B) & (cols[None, :] < C)
-        zi = tl.load(Z + rows_i + cols[None, :], mask=in_i, other=0.0).to(tl.float32)
-        zj = tl.load(Z + rows_j + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C), other=0.0).to(tl.float32)
-        gram += tl.dot(zi, tl.trans(zj), input_precision="ieee")
-        sq_j += tl.sum(zj * zj, axis=1)
-        sq_i += tl.sum(zi * zi, axis=1)
-        zn = (zi - shift) * scale
-        for mm in range(M):
-            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
-            tar = tl.where(m == mm, tar + tl.sum(tl.where(in_i, sig, 0.0)), tar)
-    return gram, sq_j, sq_i, tar
+
+@triton.jit
+def _pow2_scales(amax):
+    """(2^-e, 2^e) with 2^e <= amax < 2^(e+1) (e clamped so that both stay normal floats): z 2^-e is exact."""
+    biased = ((amax.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    biased = tl.minimum(tl.maximum(biased, 1), 253)
+    return ((254 - biased) << 23).to(tl.float32, bitcast=True), (biased << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ordered_key(x):
+    """uint32 key with the order of the fp32 x: negatives bit-flipped, sign bit set on the rest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def _key_value(key):
+    """The fp32 value of an _ordered_key."""
+    return tl.where((key >> 31) == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _teacher_moments(Z, n, eps, BLOCK: tl.constexpr):
+    """(mean, 1 / max(std_pop, eps)) of Z[0:n], summed on z 2^-e (exact scaling, no overflow)."""
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n, BLOCK):
+        idx = s + offs.to(tl.int64)
+        x = tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    p, inv_p = _pow2_scales(tl.max(amax, axis=0))
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n, BLOCK):
+        idx = s + offs.to(tl.int64)
+        acc += tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32) * p
+    mean_p = tl.sum(acc, axis=0) / n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n, BLOCK):
+        idx = s + offs.to(tl.int64)
+        d = tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32) * p - mean_p
+        acc += tl.where(idx < n, d * d, 0.0)
+    std = tl.sqrt(tl.sum(acc, axis=0) / n) * inv_p
+    return mean_p * inv_p, 1.0 / tl.maximum(std, eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _select_key(Z, n, k, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Radix selection: (key of the k-th smallest of Z[0:n], its rank among the equal keys, their count)."""
+    NBINS: tl.constexpr = 1 << RADIX_BITS
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, NBINS)
+    prefix = tl.full([], 0, tl.uint32)
+    rank = k
+    equal = k * 0
+    for p in range(0, 32 // RADIX_BITS):
+        shift = 32 - (p + 1) * RADIX_BITS
+        hist = tl.zeros([NBINS], tl.int32)
+        for s in range(0, n, BLOCK):
+            idx = s + offs.to(tl.int64)
+            key = _ordered_key(tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32))
+            # keys that share the digits found so far (all of them in the first pass)
+            match = (idx < n) & ((p == 0) | ((key >> (shift + RADIX_BITS)) == prefix))
+            hist += tl.histogram(((key >> shift) & (NBINS - 1)).to(tl.int32), NBINS, mask=match)
+        digit = tl.sum((tl.cumsum(hist, axis=0) <= rank).to(tl.int32), axis=0)  # first bin holding rank
+        rank -= tl.sum(tl.where(bins < digit, hist, 0), axis=0)
+        equal = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        prefix = (prefix << RADIX_BITS) | digit.to(tl.uint32)
+    return prefix, rank, equal
+
+
+@triton.jit
+def _quantile(Z, n, q, shift, scale, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """torch.quantile(((Z[0:n] - shift) * scale), q) ('linear'): as torch, the rank q (n - 1) in fp64, the
+    weight rank - floor(rank) in fp32, and lerp of the two neighbouring order statistics."""
+    rank = q.to(tl.float64) * (n - 1).to(tl.float64)
+    lo = rank.to(tl.int32)
+    w = (rank - lo.to(tl.float64)).to(tl.float32)
+    key_lo, rank_in_equal, equal = _select_key(Z, n, lo, BLOCK, RADIX_BITS)
+    offs = tl.arange(0, BLOCK)
+    succ = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)
+    nan = tl.zeros([BLOCK], tl.int32)
+    for s in range(0, n, BLOCK):
+        idx = s + offs.to(tl.int64)
+        x = tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32)
+        key = _ordered_key(x)
+        succ = tl.minimum(succ, tl.where((idx < n) & (key > key_lo), key, 0xFFFFFFFF))
+        nan += (x != x).to(tl.int32)
+    # the element of rank lo + 1: another copy of v_lo, or the next larger key (unused when w == 0)
+    key_hi = tl.where(rank_in_equal + 1 < equal, key_lo, tl.min(succ, axis=0))
+    below = (_key_value(key_lo) - shift) * scale
+    above = (_key_value(key_hi) - shift) * scale
+    above = tl.where(w == 0.0, below, above)
+    theta = tl.where(w < 0.5, below + w * (above - below), above - (above - below) * (1.0 - w))
+    return tl.where(tl.sum(nan, axis=0) > 0, float("nan"), theta)
+
+
+@triton.jit
+def _exceedance(Z, n, theta, shift, scale, delta, BLOCK: tl.constexpr):
+    """p = mean_{Z[0:n]} sigmoid(((z - shift) * scale - theta) / delta)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, n, BLOCK):
+        idx = s + offs.to(tl.int64)
+        zn = (tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32) - shift) * scale
+        acc += tl.where(idx < n, 1.0 / (1.0 + tl.exp((theta - zn) / delta)), 0.0)
+    return tl.sum(acc, axis=0) / n
 
 
 @triton.jit
 def _stars_stats_kernel(
-    zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, th0, th1, th2, th3,
-    ct0, ct1, ct2, ct3, cs0, cs1, cs2, cs3, nm0, nm1, nm2, nm3,
-    shift0, shift1, shift2, shift3, scale0, scale1, scale2, scale3,
-    E, ROW_STATS, RCA_PART, TAR_PART, B, delta, eps,
-    BI: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
+    zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, nt0, nt1, nt2, nt3, ns0, ns1, ns2, ns3,
+    VALUES, CONSTS, TAR, COUNTER, delta, eps,
+    NORMALIZE: tl.constexpr, FIXED: tl.constexpr, CSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
 ):
-    """Pass 1 for rows i of one layer: E[i, :], norms, u_i . g_i, l_rca and TAR partial sums.
+    """Program (layer, m): shift, scale, theta_m and p_S^m, p_T^m of one layer.
 
-    ROW_STATS[layer] holds, per row: max(||z_S||, eps), max(||z_T||, eps), u_S.g_S and u_T.g_T
-    (0 where ||z|| < eps, since the gradient then has no projection term).
+    VALUES: fixed thresholds (FIXED) or quantiles, one per m. CONSTS[layer] = shift, scale,
+    theta[0:M]; TAR[layer, m] = p_S^m, p_T^m.
     """
     slot = tl.program_id(0)
-    blk = tl.program_id(1)
-    i = blk * BI + tl.arange(0, BI)
-    j = tl.arange(0, BP)
-    shift = _pick(slot, shift0, shift1, shift2, shift3)
-    scale = _pick(slot, scale0, scale1, scale2, scale3)
-    th = _pick(slot, th0, th1, th2, th3)
-    n_m = _pick(slot, nm0, nm1, nm2, nm3)
-    gram_t, sqj_t, sqi_t, tar_t = _gram_rows(_pick(slot, zt0, zt1, zt2, zt3), _pick(slot, ct0, ct1, ct2, ct3), B,
-                                             i, j, th, n_m, shift, scale, delta, BK, MP)
-    gram_s, sqj_s, sqi_s, tar_s = _gram_rows(_pick(slot, zs0, zs1, zs2, zs3), _pick(slot, cs0, cs1, cs2, cs3), B,
-                                             i, j, th, n_m, shift, scale, delta, BK, MP)
-    norm_it = tl.sqrt(sqi_t)
-    norm_is = tl.sqrt(sqi_s)
-    m_it = tl.maximum(norm_it, eps, propagate_nan=tl.PropagateNan.ALL)
-    m_is = tl.maximum(norm_is, eps, propagate_nan=tl.PropagateNan.ALL)
-    m_jt = tl.maximum(tl.sqrt(sqj_t), eps, propagate_nan=tl.PropagateNan.ALL)
-    m_js = tl.maximum(tl.sqrt(sqj_s), eps, propagate_nan=tl.PropagateNan.ALL)
-    cos_t = gram_t / (m_it[:, None] * m_jt[None, :])
-    cos_s = gram_s / (m_is[:, None] * m_js[None, :])
-    off_diag = (i[:, None] < B) & (j[None, :] < B) & (i[:, None] != j[None, :])
-    d = tl.where(off_diag, cos_s - cos_t, 0.0)
-    c = 1.0 / (B * (B - 1.0))
-    e = 2.0 * c * d
-    dot_s = tl.where(norm_is >= eps, 2.0 * tl.sum(e * cos_s, axis=1), 0.0)
-    dot_t = tl.where(norm_it >= eps, -2.0 * tl.sum(e * cos_t, axis=1), 0.0)
-
-    layer = slot.to(tl.int64)
-    tl.store(E + (layer * BP + i[:, None]) * BP + j[None, :], e, mask=(i[:, None] < B))
-    stats = ROW_STATS + layer * 4 * BP + i
-    tl.store(stats, m_is, mask=i < B)
-    tl.store(stats + BP, m_it, mask=i < B)
-    tl.store(stats + 2 * BP, dot_s, mask=i < B)
-    tl.store(stats + 3 * BP, dot_t, mask=i < B)
-    n_blk = tl.num_programs(1)
-    tl.store(RCA_PART + slot * n_blk + blk, c * tl.sum(tl.sum(d * d, axis=1), axis=0))
-    m = tl.arange(0, MP)
-    tar_part = TAR_PART + ((slot * n_blk + blk) * 2) * MP + m
-    tl.store(tar_part, tar_s)
-    tl.store(tar_part + MP, tar_t)
+    m = tl.program_id(1)
+    zt = _pick(slot, zt0, zt1, zt2, zt3)
+    zs = _pick(slot, zs0, zs1, zs2, zs3)
+    n_t = _pick(slot, nt0, nt1, nt2, nt3)
+    n_s = _pick(slot, ns0, ns1, ns2, ns3)
+    shift = 0.0
+    scale = 1.0
+    if NORMALIZE:
+        shift, scale = _teacher_moments(zt, n_t, eps, BLOCK)
+    value = _pick_value(VALUES, m)
+    if FIXED:
+        theta = value
+    else:
+        theta = _quantile(zt, n_t, value, shift, scale, BLOCK, RADIX_BITS)
+    p_s = _exceedance(zs, n_s, theta, shift, scale, delta, BLOCK)
+    p_t = _exceedance(zt, n_t, theta, shift, scale, delta, BLOCK)
+    consts = CONSTS + slot * CSTRIDE
+    tl.store(consts + 2 + m, theta)
+    tar = TAR + (slot * tl.num_programs(1) + m) * 2
+    tl.store(tar, p_s)
+    tl.store(tar + 1, p_t)
+    if m == 0:
+        tl.store(consts, shift)
+        tl.store(consts + 1, scale)
+        if slot == 0:
+            tl.store(COUNTER, 0)
 
 
 @triton.jit
-def _exceedance(TAR_PART, slot, side: tl.constexpr, count, NB, NBP: tl.constexpr, MP: tl.constexpr):
-    """p^m of one side of one layer: its row-block partials added in a fixed order, over count = B C."""
-    blk = tl.arange(0, NBP)
-    m = tl.arange(0, MP)
-    ptrs = TAR_PART + ((slot * NB + blk[:, None]) * 2 + side) * MP + m[None, :]
-    return tl.sum(tl.load(ptrs, mask=blk[:, None] < NB, other=0.0), axis=0) / count
+def _row_scales(Z, C, B, rows, eps, BK: tl.constexpr):
+    """Per row r: p = 2^-e (z p exact, |z p| < 2), 1 / max(||z||, eps) and a = 1/||z p|| (so u = z p a).
 
-
-@triton.jit
-def _write_grad(Z, G, C, B, i, j, e, m_j, m_i, dot_i, sign, coef_rca, tar_coef, diff, TH, M, shift, scale, delta,
-                BK: tl.constexpr, MP: tl.constexpr):
-    """G[i, :] = coef_rca dz_rca + dz_tar for rows i of one side (sign +1 student, -1 teacher).
-
-    dz_rca = (g - u_i (u_i . g)) / m_i with g = sum_j (2 sign E_ij / m_j) z_j;
-    dz_tar = tar_coef sum_m diff_m sigma'_m (tar_coef already holds coef_tar, the sign and the chain factor).
+    A row with ||z|| < eps has a = 2^e / eps (u = z / eps).
     """
-    m = tl.arange(0, MP)
-    w = e * (2.0 * sign / m_j)[None, :]
-    rows_i = i[:, None].to(tl.int64) * C
-    rows_j = j[:, None].to(tl.int64) * C
+    base = rows[:, None].to(tl.int64) * C
+    amax = tl.zeros([rows.shape[0], BK], tl.float32)
     for k0 in range(0, C, BK):
         cols = k0 + tl.arange(0, BK)
+        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
+    p, inv_p = _pow2_scales(tl.max(amax, axis=1))
+    sq = tl.zeros([rows.shape[0], BK], tl.float32)
+    for k0 in range(0, C, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
+        s = x.to(tl.float32) * p[:, None]
+        sq += s * s
+    norm_p = tl.sqrt(tl.sum(sq, axis=1))
+    clamped = norm_p * inv_p < eps
+    a = 1.0 / tl.where(clamped, eps * p, norm_p)
+    inv_norm = a * p
+    return p, inv_norm, a, clamped
+
+
+@triton.jit
+def _gram_chunk(Z, C, B, i, j, p_i, p_j, BK: tl.constexpr):
+    """(z_i p_i) . (z_j p_j) for rows i x j (fp32 tl.dot, no TF32)."""
+    base_i = i[:, None].to(tl.int64) * C
+    base_j = j[:, None].to(tl.int64) * C
+    gram = tl.zeros([i.shape[0], j.shape[0]], tl.float32)
+    for k0 in range(0, C, BK):
+        cols = k0 + tl.arange(0, BK)
+        zi = tl.load(Z + base_i + cols[None, :], mask=(i[:, None] < B) & (cols[None, :] < C), other=0.0)
+        zj = tl.load(Z + base_j + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C), other=0.0)
+        gram += tl.dot(zi.to(tl.float32) * p_i[:, None], tl.trans(zj.to(tl.float32) * p_j[:, None]),
+                       input_precision="ieee")
+    return gram
+
+
+@triton.jit
+def _write_grad(Z, G, C, B, i, W, P, inv_norm_i, dot_i, coef_rca, tar_coef, CONSTS, TAR, n_m, shift, scale, delta,
+                BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """G[i, :] = coef_rca (g - u_i (u_i . g)) / max(||z_i||, eps) + tar_coef sum_m diff_m sigma'_m.
+
+    g = sum_j W[i, j] (z_j P[j]) with W = 2 sign E a_j (a scratch row block of this program).
+    """
+    base_i = i[:, None].to(tl.int64) * C
+    for k0 in range(0, C, BK):
+        cols = k0 + tl.arange(0, BK)
+        g = tl.zeros([BI, BK], tl.float32)
+        for j0 in range(0, B, BJ):
+            j = j0 + tl.arange(0, BJ)
+            w = tl.load(W + tl.arange(0, BI)[:, None] * B + j[None, :], mask=(i[:, None] < B) & (j[None, :] < B),
+                        other=0.0)
+            zj = tl.load(Z + j[:, None].to(tl.int64) * C + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C),
+                         other=0.0).to(tl.float32)
+            g += tl.dot(w, zj * tl.load(P + j, mask=j < B, other=0.0)[:, None], input_precision="ieee")
         in_i = (i[:, None] < B) & (cols[None, :] < C)
-        zi = tl.load(Z + rows_i + cols[None, :], mask=in_i, other=0.0).to(tl.float32)
-        zj = tl.load(Z + rows_j + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C), other=0.0).to(tl.float32)
-        g = tl.dot(w, zj, input_precision="ieee")
-        d_rca = (g - zi / m_i[:, None] * dot_i[:, None]) / m_i[:, None]
+        zi = tl.load(Z + base_i + cols[None, :], mask=in_i, other=0.0).to(tl.float32)
+        d_rca = (g - zi * inv_norm_i[:, None] * dot_i[:, None]) * inv_norm_i[:, None]
         zn = (zi - shift) * scale
-        d_tar = tl.zeros(zi.shape, tl.float32)
-        for mm in range(M):
-            sig = 1.0 / (1.0 + tl.exp((tl.load(TH + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
-            d_tar += tl.sum(tl.where(m == mm, diff, 0.0)) * (sig * (1.0 - sig))
+        d_tar = tl.zeros([BI, BK], tl.float32)
+        for mm in range(n_m):
+            diff = tl.load(TAR + 2 * mm) - tl.load(TAR + 2 * mm + 1)
+            sig = 1.0 / (1.0 + tl.exp((tl.load(CONSTS + 2 + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
+            d_tar += diff * (sig * (1.0 - sig))
         grad = coef_rca * d_rca + tar_coef * d_tar
-        tl.store(G + rows_i + cols[None, :], grad.to(G.dtype.element_ty), mask=in_i)
+        tl.store(G + base_i + cols[None, :], grad.to(G.dtype.element_ty), mask=in_i)
 
 
 @triton.jit
 def _stars_grad_kernel(
-    zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, th0, th1, th2, th3,
-    gt0, gt1, gt2, gt3, gs0, gs1, gs2, gs3,
-    ct0, ct1, ct2, ct3, cs0, cs1, cs2, cs3, nm0, nm1, nm2, nm3,
-    shift0, shift1, shift2, shift3, scale0, scale1, scale2, scale3,
-    cr0, cr1, cr2, cr3, ctar0, ctar1, ctar2, ctar3,
-    E, ROW_STATS, RCA_PART, TAR_PART, PARTS, TOTAL, first_layer, num_layers, B, delta,
-    ACCUMULATE: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
-    NBP: tl.constexpr,
+    zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, gt0, gt1, gt2, gt3, gs0, gs1, gs2, gs3,
+    ct0, ct1, ct2, ct3, cs0, cs1, cs2, cs3, cr0, cr1, cr2, cr3, ctar0, ctar1, ctar2, ctar3,
+    CONSTS, TAR, W, P, RCA_PART, COUNTER, PARTS, TOTAL, first_layer, num_layers, B, n_m, delta, eps,
+    ACCUMULATE: tl.constexpr, CSTRIDE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    MP: tl.constexpr, NBP: tl.constexpr,
 ):
-    """Pass 2 for rows i of one layer: both gradients; program (0, 0) also writes parts and total.
+    """Rows i of one layer: l_rca partial and both gradients; the last program also writes parts and total.
 
     This launch covers layers first_layer .. first_layer + num_layers - 1 of PARTS [L, 2]. With
     ACCUMULATE, TOTAL already holds the loss of the layers of earlier launches, and this launch adds
-    its layers to it.
+    its layers to it. W [slots, row blocks, 2, BI, B] and P [slots, row blocks, 2, B] are scratch rows
+    private to each program.
     """
     slot = tl.program_id(0)
     blk = tl.program_id(1)
     nb = tl.num_programs(1)
     i = blk * BI + tl.arange(0, BI)
-    j = tl.arange(0, BP)
-    m = tl.arange(0, MP)
+    zt = _pick(slot, zt0, zt1, zt2, zt3)
+    zs = _pick(slot, zs0, zs1, zs2, zs3)
     c_t = _pick(slot, ct0, ct1, ct2, ct3)
     c_s = _pick(slot, cs0, cs1, cs2, cs3)
-    n_m = _pick(slot, nm0, nm1, nm2, nm3)
-    shift = _pick(slot, shift0, shift1, shift2, shift3)
-    scale = _pick(slot, scale0, scale1, scale2, scale3)
+    consts = CONSTS + slot * CSTRIDE
+    tar = TAR + slot * n_m * 2
+
+    p_is, inv_norm_is, a_is, clamped_is = _row_scales(zs, c_s, B, i, eps, BK)
+    p_it, inv_norm_it, a_it, clamped_it = _row_scales(zt, c_t, B, i, eps, BK)
+    prog = (slot * nb + blk).to(tl.int64)
+    w_s = W + prog * 2 * BI * B
+    w_t = w_s + BI * B
+    p_s = P + prog * 2 * B
+    p_t = p_s + B
+    c = 1.0 / (B * (B - 1.0))
+    dot_s = tl.zeros([BI], tl.float32)
+    dot_t = tl.zeros([BI], tl.float32)
+    rca = tl.zeros([BI], tl.float32)
+    for j0 in range(0, B, BJ):
+        j = j0 + tl.arange(0, BJ)
+        p_js, _, a_js, _ = _row_scales(zs, c_s, B, j, eps, BK)
+        p_jt, _, a_jt, _ = _row_scales(zt, c_t, B, j, eps, BK)
+        cos_s = _gram_chunk(zs, c_s, B, i, j, p_is, p_js, BK) * a_is[:, None] * a_js[None, :]
+        cos_t = _gram_chunk(zt, c_t, B, i, j, p_it, p_jt, BK) * a_it[:, None] * a_jt[None, :]
+        off_diag = (i[:, None] < B) & (j[None, :] < B) & (i[:, None] != j[None, :])
+        d = tl.where(off_diag, cos_s - cos_t, 0.0)
+        e = 2.0 * c * d
+        rca += tl.sum(d * d, axis=1)
+        dot_s += tl.sum(e * cos_s, axis=1)
+        dot_t += tl.sum(e * cos_t, axis=1)
+        rows = tl.arange(0, BI)[:, None] * B + j[None, :]
+        tl.store(w_s + rows, 2.0 * e * a_js[None, :], mask=j[None, :] < B)
+        tl.store(w_t + rows, -2.0 * e * a_jt[None, :], mask=j[None, :] < B)
+        tl.store(p_s + j, p_js, mask=j < B)
+        tl.store(p_t + j, p_jt, mask=j < B)
+    tl.debug_barrier()  # the scratch rows are read back by other threads of this program
+
+    tar_scale = _pick(slot, ctar0, ctar1, ctar2, ctar3) * 2.0 * tl.load(consts + 1) / (n_m * delta * B)
     coef_rca = _pick(slot, cr0, cr1, cr2, cr3)
-    coef_tar = _pick(slot, ctar0, ctar1, ctar2, ctar3)
-    th = _pick(slot, th0, th1, th2, th3)
-    diff = _exceedance(TAR_PART, slot, 0, B * c_s, nb, NBP, MP) - _exceedance(TAR_PART, slot, 1, B * c_t, nb, NBP, MP)
-    diff = tl.where(m < n_m, diff, 0.0)
-    tar_coef = coef_tar * 2.0 * scale / (n_m * delta * B)
+    shift = tl.load(consts)
+    scale = tl.load(consts + 1)
+    _write_grad(zs, _pick(slot, gs0, gs1, gs2, gs3), c_s, B, i, w_s, p_s, inv_norm_is,
+                tl.where(clamped_is, 0.0, 2.0 * dot_s), coef_rca, tar_scale / c_s, consts, tar, n_m, shift, scale,
+                delta, BI, BJ, BK)
+    _write_grad(zt, _pick(slot, gt0, gt1, gt2, gt3), c_t, B, i, w_t, p_t, inv_norm_it,
+                tl.where(clamped_it, 0.0, -2.0 * dot_t), coef_rca, -tar_scale / c_t, consts, tar, n_m, shift, scale,
+                delta, BI, BJ, BK)
 
-    layer = slot.to(tl.int64)
-    e = tl.load(E + (layer * BP + i[:, None]) * BP + j[None, :], mask=i[:, None] < B, other=0.0)
-    stats = ROW_STATS + layer * 4 * BP
-    _write_grad(_pick(slot, zs0, zs1, zs2, zs3), _pick(slot, gs0, gs1, gs2, gs3), c_s, B, i, j, e,
-                tl.load(stats + j, mask=j < B, other=1.0), tl.load(stats + i, mask=i < B, other=1.0),
-                tl.load(stats + 2 * BP + i, mask=i < B, other=0.0), 1.0, coef_rca, tar_coef / c_s, diff, th, n_m,
-                shift, scale, delta, BK, MP)
-    _write_grad(_pick(slot, zt0, zt1, zt2, zt3), _pick(slot, gt0, gt1, gt2, gt3), c_t, B, i, j, e,
-                tl.load(stats + BP + j, mask=j < B, other=1.0), tl.load(stats + BP + i, mask=i < B, other=1.0),
-                tl.load(stats + 3 * BP + i, mask=i < B, other=0.0), -1.0, coef_rca, -tar_coef / c_t, diff, th, n_m,
-                shift, scale, delta, BK, MP)
-
-    if (slot == 0) & (blk == 0):
+    tl.store(RCA_PART + slot * nb + blk, c * tl.sum(rca, axis=0))
+    tl.debug_barrier()
+    finished = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+    if finished == num_layers * nb - 1:  # the last program: every partial is written
         total = tl.load(TOTAL) if ACCUMULATE else 0.0
         blks = tl.arange(0, NBP)
+        m = tl.arange(0, MP)
         for s in tl.static_range(4):  # the _SLOTS layers of this launch
             if s < num_layers:
-                rca = tl.sum(tl.load(RCA_PART + s * nb + blks, mask=blks < nb, other=0.0), axis=0)
-                n_m_s = _pick(s, nm0, nm1, nm2, nm3)
-                d = _exceedance(TAR_PART, s, 0, B * _pick(s, cs0, cs1, cs2, cs3), nb, NBP, MP) \
-                    - _exceedance(TAR_PART, s, 1, B * _pick(s, ct0, ct1, ct2, ct3), nb, NBP, MP)
-                tar = tl.sum(tl.where(m < n_m_s, d * d, 0.0), axis=0) / n_m_s
-                tl.store(PARTS + 2 * (first_layer + s), rca)
-                tl.store(PARTS + 2 * (first_layer + s) + 1, tar)
-                total += _pick(s, cr0, cr1, cr2, cr3) * rca + _pick(s, ctar0, ctar1, ctar2, ctar3) * tar
+                rca_s = tl.sum(tl.load(RCA_PART + s * nb + blks, mask=blks < nb, other=0.0, cache_modifier=".cg"))
+                tar_s = TAR + s * n_m * 2 + 2 * m
+                diff = tl.load(tar_s, mask=m < n_m, other=0.0) - tl.load(tar_s + 1, mask=m < n_m, other=0.0)
+                tar_loss = tl.sum(diff * diff, axis=0) / n_m
+                tl.store(PARTS + 2 * (first_layer + s), rca_s)
+                tl.store(PARTS + 2 * (first_layer + s) + 1, tar_loss)
+                total += _pick(s, cr0, cr1, cr2, cr3) * rca_s + _pick(s, ctar0, ctar1, ctar2, ctar3) * tar_loss
         tl.store(TOTAL, total)
 
 
@@ -248,6 +402,11 @@ def _pool_mean_kernel(X, OUT, T, R, S, count, BLOCK_R: tl.constexpr, BLOCK_S: tl
     tl.store(OUT + r, (tl.sum(acc, axis=1) / count).to(OUT.dtype.element_ty), mask=r < R)
 
 
+def _device_guard(x: torch.Tensor):
+    """Launch on x's device, whatever device is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def pool_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of x[T, R, S] over T and S -> [R] in x's dtype, accumulated in fp32 (Eq. 12 pooling)."""
     if x.dim() != 3 or not x.is_floating_point():
@@ -261,34 +420,36 @@ def pool_mean(x: torch.Tensor) -> torch.Tensor:
         return out
     block_s = min(triton.next_power_of_2(max(S, 1)), 256)
     block_r = max(1, 2048 // block_s)
-    torch.library.wrap_triton(_pool_mean_kernel)[(triton.cdiv(R, block_r),)](
-        x, out, T, R, S, float(T * S), BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
+    with _device_guard(x):
+        torch.library.wrap_triton(_pool_mean_kernel)[(triton.cdiv(R, block_r),)](
+            x, out, T, R, S, float(T * S), BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
     return out
 
 
-def _check_layers(z_teacher, z_student, thresholds, per_layer_floats) -> int:
-    """Validates the layer lists; returns the common batch size B."""
+def _check_layers(z_teacher, z_student, values, per_layer_floats) -> int:
+    """Validates the layer lists and the quantiles / thresholds; returns the common batch size B."""
     n = len(z_teacher)
     if n == 0:
         raise ValueError("stars_loss_fused needs at least one layer")
-    if len(z_student) != n or len(thresholds) != n or any(len(f) != n for f in per_layer_floats):
-        raise ValueError("z_teacher, z_student, thresholds, shift, scale, coef_rca and coef_tar must all have "
-                         f"one entry per layer, got lengths {[len(z_teacher), len(z_student), len(thresholds)]}"
-                         f" and {[len(f) for f in per_layer_floats]}")
+    if len(z_student) != n or any(len(f) != n for f in per_layer_floats):
+        raise ValueError("z_teacher, z_student, coef_rca and coef_tar must all have one entry per layer, got lengths "
+                         f"{[len(z_teacher), len(z_student)] + [len(f) for f in per_layer_floats]}")
     for side, zs in (("z_teacher", z_teacher), ("z_student", z_student)):
         if any(z.dim() != 2 or z.shape[1] == 0 for z in zs):
             raise ValueError(f"{side} entries must be [B, C] with C >= 1, got {[tuple(z.shape) for z in zs]}")
         if len({z.dtype for z in zs}) != 1 or zs[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{side} entries must share one dtype among float32/float16/bfloat16, got "
                              f"{[z.dtype for z in zs]}")
+    if len({z.device for z in list(z_teacher) + list(z_student)}) != 1:
+        raise ValueError("all features must be on one device")
     batch = {z.shape[0] for z in list(z_teacher) + list(z_student)}
     if len(batch) != 1:
         raise ValueError(f"all features must have the same batch size B, got {sorted(batch)}")
     b = batch.pop()
     if b < 2:
         raise ValueError(f"RCA needs a batch of at least 2 samples, got B = {b}")
-    if any(th.numel() == 0 for th in thresholds):
-        raise ValueError("every layer needs at least one TAR threshold")
+    if len(values) == 0:
+        raise ValueError("every layer needs at least one TAR threshold (quantiles or thresholds)")
     return b
 
 
@@ -298,57 +459,63 @@ def _slots(values: Sequence, first: int, pad=None) -> list:
     return chunk + [pad() if pad else chunk[0] for _ in range(_SLOTS - len(chunk))]
 
 
+def _launch_stats(z_args, zt, zs, first, layers, values, fixed, normalize, delta, eps, consts, tar, counter):
+    """Launch 1 for layers first .. first + layers - 1: consts[slot] = shift, scale, theta[M]; tar[slot, m] = p_S, p_T."""
+    torch.library.wrap_triton(_stars_stats_kernel)[(layers, len(values))](
+        *z_args, *_slots([z.numel() for z in zt], first), *_slots([z.numel() for z in zs], first),
+        tuple(values), consts, tar, counter, float(delta), float(eps),
+        NORMALIZE=bool(normalize), FIXED=bool(fixed), CSTRIDE=consts.shape[1], BLOCK=_BLOCK,
+        RADIX_BITS=_RADIX_BITS, num_warps=_STATS_WARPS)
+
+
 def stars_loss_fused(
-    z_teacher: Sequence[torch.Tensor], z_student: Sequence[torch.Tensor], thresholds: Sequence[torch.Tensor],
-    shift: Sequence[float], scale: Sequence[float], coef_rca: Sequence[float], coef_tar: Sequence[float],
+    z_teacher: Sequence[torch.Tensor], z_student: Sequence[torch.Tensor], quantiles: Sequence[float],
+    thresholds: Optional[Sequence[float]], normalize: bool, coef_rca: Sequence[float], coef_tar: Sequence[float],
     delta: float, eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Fused STARS loss over L layers -> (total 0-dim fp32, parts [L, 2] fp32 of raw (l_rca, l_tar),
     grad of total for each z_teacher[l], for each z_student[l]), grads in the inputs' dtypes.
 
-    thresholds[l] [M_l] are in normalized coordinates, where zn = (z - shift[l]) * scale[l];
-    coef_rca[l] / coef_tar[l] = lambda * w_l / sum(w).
+    theta: `thresholds` (shared by all layers, in normalized coordinates) if given, else the
+    quantiles of each layer's (normalized) teacher; coef_rca[l] / coef_tar[l] = lambda * w_l / sum(w).
     """
-    b = _check_layers(z_teacher, z_student, thresholds, (shift, scale, coef_rca, coef_tar))
-    device = z_teacher[0].device
+    values = [float(v) for v in (quantiles if thresholds is None else thresholds)]
+    b = _check_layers(z_teacher, z_student, values, (coef_rca, coef_tar))
+    if not (delta > 0 and eps > 0):
+        raise ValueError(f"delta and eps must be > 0, got delta={delta}, eps={eps}")
     zt = [z.contiguous() for z in z_teacher]
     zs = [z.contiguous() for z in z_student]
-    th = [t.reshape(-1).to(device=device, dtype=torch.float32).contiguous() for t in thresholds]
+    device = zt[0].device
+    n_layers, n_m = len(zt), len(values)
     grad_t = [torch.empty_like(z) for z in zt]
     grad_s = [torch.empty_like(z) for z in zs]
-    n_layers = len(zt)
     total = torch.empty((), dtype=torch.float32, device=device)
     parts = torch.empty(n_layers, 2, dtype=torch.float32, device=device)
 
-    bp = max(16, triton.next_power_of_2(b))
-    bk = max(16, min(64, 4096 // bp, triton.next_power_of_2(max(z.shape[1] for z in zt + zs))))
-    mp = max(2, triton.next_power_of_2(max(t.numel() for t in th)))
     nb = triton.cdiv(b, _BI)
-    num_warps = max(4, min(16, bp // 32))  # about 16 values of each [BI, BP] tensor per thread
+    cstride = _CONSTS + n_m
     f32 = dict(dtype=torch.float32, device=device)
-    e = torch.empty(_SLOTS, bp, bp, **f32)
-    row_stats = torch.empty(_SLOTS, 4, bp, **f32)
+    consts = torch.empty(_SLOTS, cstride, **f32)
+    tar = torch.empty(_SLOTS, n_m, 2, **f32)
+    scratch_w = torch.empty(_SLOTS, nb, 2, _BI, b, **f32)
+    scratch_p = torch.empty(_SLOTS, nb, 2, b, **f32)
     rca_part = torch.empty(_SLOTS, nb, **f32)
-    tar_part = torch.empty(_SLOTS, nb, 2, mp, **f32)
-    for first in range(0, n_layers, _SLOTS):
-        layers = min(_SLOTS, n_layers - first)
-        per_layer = dict(
-            zt=_slots(zt, first), zs=_slots(zs, first), th=_slots(th, first),
-            ct=_slots([z.shape[1] for z in zt], first), cs=_slots([z.shape[1] for z in zs], first),
-            nm=_slots([t.numel() for t in th], first), shift=_slots([float(v) for v in shift], first),
-            scale=_slots([float(v) for v in scale], first))
-        stats_args = [a for key in ("zt", "zs", "th", "ct", "cs", "nm", "shift", "scale") for a in per_layer[key]]
-        torch.library.wrap_triton(_stars_stats_kernel)[(layers, nb)](
-            *stats_args, e, row_stats, rca_part, tar_part, b, float(delta), float(eps),
-            BI=_BI, BP=bp, BK=bk, MP=mp, num_warps=num_warps)
-        grad_args = [a for key in ("zt", "zs", "th") for a in per_layer[key]]
-        # Outputs are padded with distinct dummies, never with a real output: a kernel argument
-        # passed twice and stored to would confuse torch.compile's functionalization of the launch.
-        grad_args += _slots(grad_t, first, pad=lambda: zt[0].new_empty(1))
-        grad_args += _slots(grad_s, first, pad=lambda: zs[0].new_empty(1))
-        grad_args += [a for key in ("ct", "cs", "nm", "shift", "scale") for a in per_layer[key]]
-        grad_args += _slots([float(v) for v in coef_rca], first) + _slots([float(v) for v in coef_tar], first)
-        torch.library.wrap_triton(_stars_grad_kernel)[(layers, nb)](
-            *grad_args, e, row_stats, rca_part, tar_part, parts, total, first, layers, b, float(delta),
-            ACCUMULATE=first > 0, BI=_BI, BP=bp, BK=bk, MP=mp, NBP=triton.next_power_of_2(nb), num_warps=num_warps)
+    counter = torch.empty(1, dtype=torch.int32, device=device)
+    with _device_guard(zt[0]):
+        for first in range(0, n_layers, _SLOTS):
+            layers = min(_SLOTS, n_layers - first)
+            z_args = _slots(zt, first) + _slots(zs, first)
+            _launch_stats(z_args, zt, zs, first, layers, values, thresholds is not None, normalize, delta, eps,
+                          consts, tar, counter)
+            # Outputs are padded with distinct dummies, never with a real output: a kernel argument
+            # passed twice and stored to would confuse torch.compile's functionalization of the launch.
+            grads = _slots(grad_t, first, pad=lambda: zt[0].new_empty(1))
+            grads += _slots(grad_s, first, pad=lambda: zs[0].new_empty(1))
+            channels = _slots([z.shape[1] for z in zt], first) + _slots([z.shape[1] for z in zs], first)
+            coefs = _slots([float(v) for v in coef_rca], first) + _slots([float(v) for v in coef_tar], first)
+            torch.library.wrap_triton(_stars_grad_kernel)[(layers, nb)](
+                *z_args, *grads, *channels, *coefs, consts, tar, scratch_w, scratch_p, rca_part, counter, parts,
+                total, first, layers, b, n_m, float(delta), float(eps),
+                ACCUMULATE=first > 0, CSTRIDE=cstride, BI=_BI, BJ=_BJ, BK=_BK, MP=triton.next_power_of_2(n_m),
+                NBP=triton.next_power_of_2(nb), num_warps=_GRAD_WARPS)
     return total, parts, grad_t, grad_s

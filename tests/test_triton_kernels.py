@@ -323,23 +323,10 @@ def _stars_features(batch, c_teacher, c_student, seed=0):
     return zt, zs
 
 
-def _stars_constants(zt, quantiles, normalize):
-    """The fused op's per-layer (thresholds, shift, scale), computed as the op layer does:
-    thresholds are torch.quantile of the normalized teacher."""
-    thresholds, shift, scale = [], [], []
-    for z in zt:
-        mu, sd = (z.mean(), z.std(correction=0)) if normalize else (torch.tensor(0.0), torch.tensor(1.0))
-        shift.append(mu.item())
-        scale.append(1.0 / sd.item())
-        zn = (z - mu) / sd
-        thresholds.append(torch.quantile(zn.flatten(), torch.tensor(quantiles, dtype=torch.float64)).float())
-    return thresholds, shift, scale
-
-
-def _fused_stars(zt, zs, thresholds, shift, scale, coef_rca, coef_tar):
+def _fused_stars(zt, zs, quantiles, thresholds, normalize, coef_rca, coef_tar):
     """kernels.stars_loss_fused on the kernels' device (delta 0.5, eps 1e-12), results on the CPU."""
     total, parts, grad_t, grad_s = kernels.stars_loss_fused(
-        _dev(*zt), _dev(*zs), _dev(*thresholds), shift, scale, coef_rca, coef_tar, 0.5, 1e-12)
+        _dev(*zt), _dev(*zs), quantiles, thresholds, normalize, coef_rca, coef_tar, 0.5, 1e-12)
     return total.cpu(), parts.cpu(), _cpu(*grad_t), _cpu(*grad_s)
 
 
@@ -352,56 +339,138 @@ def _reference_stars(zt, zs, **kwargs):
     return total.detach(), [z.grad for z in zt], [z.grad for z in zs]
 
 
+# Tolerances against the float64 reference, by input dtype: (rtol of the loss, rtol of the gradients
+# relative to their largest entry). fp32: the kernels accumulate in fp32; half inputs: bounded by
+# twice the reference's own error in that dtype instead (_assert_within_reference_error).
+STARS_FP32_TOL = dict(loss=1e-5, grad=2e-5)
+
 STARS_CASES = [  # (B, teacher channels, student channels, quantiles, normalize, weights, (lambda_rca, lambda_tar))
     pytest.param(2, [5], [3], (0.6, 0.9), False, None, (1.0, 1.0), id="B2-1layer"),
     pytest.param(33, [20, 48], [40, 9], (0.6, 0.7, 0.8, 0.9, 0.95), True, [1.0, 2.0], (1.0, 1.0), id="B33-2layers"),
     pytest.param(33, [16, 7, 24], [24, 30, 5], (0.5, 0.75, 0.95), False, [0.5, 1.0, 2.0], (0.3, 2.0),
                  id="B33-3layers"),
-    pytest.param(17, [6, 5, 4, 3, 8], [3, 4, 5, 6, 2], (0.7, 0.9), True, None, (1.0, 1.0), id="B17-5layers-2launches"),
+    pytest.param(17, [6, 5, 4, 3, 8], [3, 4, 5, 6, 2], (0.0, 0.7, 1.0), True, None, (1.0, 1.0),
+                 id="B17-5layers-2launches"),
 ]
+
+
+def _coefs(weights, lambdas, n):
+    w = weights or [1.0] * n
+    return [lambdas[0] * wl / sum(w) for wl in w], [lambdas[1] * wl / sum(w) for wl in w]
 
 
 @pytest.mark.parametrize("batch, c_teacher, c_student, quantiles, normalize, weights, lambdas", STARS_CASES)
 def test_stars_loss_matches_reference(batch, c_teacher, c_student, quantiles, normalize, weights, lambdas):
+    """Quantile thresholds and normalization computed by the kernels, against the float64 reference."""
     zt, zs = _stars_features(batch, c_teacher, c_student)
-    thresholds, shift, scale = _stars_constants(zt, quantiles, normalize)
-    w = weights or [1.0] * len(zt)
-    coef_rca = [lambdas[0] * wl / sum(w) for wl in w]
-    coef_tar = [lambdas[1] * wl / sum(w) for wl in w]
+    coef_rca, coef_tar = _coefs(weights, lambdas, len(zt))
     total, parts, grad_t, grad_s = _fused_stars(
-        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, coef_rca, coef_tar)
+        [z.float() for z in zt], [z.float() for z in zs], quantiles, None, normalize, coef_rca, coef_tar)
     assert total.shape == () and total.dtype == torch.float32 and parts.shape == (len(zt), 2)
 
     common = dict(quantiles=quantiles, normalize="teacher" if normalize else None)
-    want, want_t, want_s = _reference_stars(zt, zs, weights=weights, lambda_rca=lambdas[0], lambda_tar=lambdas[1],
-                                            **common)
-    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    # the reference on the same fp32-rounded features, evaluated in float64
+    zt64, zs64 = [z.float().double() for z in zt], [z.float().double() for z in zs]
+    want, want_t, want_s = _reference_stars(zt64, zs64, weights=weights, lambda_rca=lambdas[0],
+                                            lambda_tar=lambdas[1], **common)
+    tol = STARS_FP32_TOL
+    torch.testing.assert_close(total.double(), want, rtol=tol["loss"], atol=1e-7)
     for layer in range(len(zt)):
-        _, rca, tar = reference.stars_loss([zt[layer]], [zs[layer]], **common)
-        torch.testing.assert_close(parts[layer].double(), torch.stack([rca, tar]), rtol=1e-5, atol=1e-7)
+        _, rca, tar = reference.stars_loss([zt64[layer]], [zs64[layer]], **common)
+        torch.testing.assert_close(parts[layer].double(), torch.stack([rca, tar]), rtol=tol["loss"], atol=1e-7)
     for g, w_ in zip(grad_t + grad_s, want_t + want_s):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g.double(), w_, rtol=1e-4, atol=1e-5 * w_.abs().max().item())
+        torch.testing.assert_close(g.double(), w_, rtol=tol["grad"], atol=tol["grad"] * w_.abs().max().item())
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_stars_thresholds_are_torch_quantile(normalize):
+    """Launch 1 alone: shift/scale are the teacher's mean and 1/std, and theta is torch.quantile of
+    (z - shift) * scale computed with those constants: bit for bit at integer ranks, to 1 ulp otherwise
+    (torch's lerp may fuse its multiply-add). Ties and a negative/positive mix exercise the radix keys."""
+    stars = sys.modules["stars_fast.kernels.stars"]
+    g = torch.Generator().manual_seed(3)
+    zt = (torch.randn(9, 13, generator=g) * 2.0 - 0.5)
+    zt[0, :5] = 0.75  # ties
+    zt[1, 0] = -0.0
+    zs = torch.randn(9, 4, generator=g)
+    n = zt.numel()  # 117: q * (n - 1) is an integer rank for q = k / 116
+    quantiles = [0.0, 29 / 116, 0.5, 0.6, 0.7, 0.9, 0.95, 1.0]
+    consts = torch.empty(stars._SLOTS, 2 + len(quantiles), device=DEVICE)
+    tar = torch.empty(stars._SLOTS, len(quantiles), 2, device=DEVICE)
+    counter = torch.empty(1, dtype=torch.int32, device=DEVICE)
+    z_args = [zt.to(DEVICE)] * stars._SLOTS + [zs.to(DEVICE)] * stars._SLOTS
+    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, normalize, 0.5, 1e-12, consts, tar, counter)
+    shift, scale, theta = consts[0, 0].cpu(), consts[0, 1].cpu(), consts[0, 2:].cpu()
+    if normalize:
+        z64 = zt.double()
+        torch.testing.assert_close(shift.double(), z64.mean(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(scale.double(), 1.0 / z64.std(correction=0), rtol=1e-6, atol=0.0)
+    else:
+        assert shift.item() == 0.0 and scale.item() == 1.0
+    want = torch.quantile(((zt - shift) * scale).flatten(), torch.tensor(quantiles))
+    integer_rank = [q * (n - 1) == int(q * (n - 1)) for q in quantiles]
+    assert torch.equal(theta[integer_rank], want[integer_rank])
+    torch.testing.assert_close(theta, want, rtol=2 ** -22, atol=0.0)
+    zt[2, 3] = float("nan")  # torch.quantile: any NaN makes every quantile NaN
+    z_args = [zt.to(DEVICE)] * stars._SLOTS + [zs.to(DEVICE)] * stars._SLOTS
+    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, False, 0.5, 1e-12, consts, tar, counter)
+    assert torch.isnan(consts[0, 2:]).all()
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_stars_fixed_thresholds(normalize):
+    """Fixed thresholds (kernel scalars, in normalized coordinates) shared by every layer."""
+    zt, zs = _stars_features(16, [12, 7], [5, 9], seed=2)
+    fixed = [-0.3, 0.4, 1.1]
+    total, _, grad_t, grad_s = _fused_stars([z.float() for z in zt], [z.float() for z in zs], [0.5], fixed,
+                                            normalize, [0.5, 0.5], [0.5, 0.5])
+    want, want_t, want_s = _reference_stars([z.float().double() for z in zt], [z.float().double() for z in zs],
+                                            thresholds=fixed, normalize="teacher" if normalize else None)
+    tol = STARS_FP32_TOL
+    torch.testing.assert_close(total.double(), want, rtol=tol["loss"], atol=1e-7)
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        torch.testing.assert_close(g.double(), w_, rtol=tol["grad"], atol=tol["grad"] * w_.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_stars_loss_half_inputs(dtype):
     """Loss and gradients within twice the reference's own error in that dtype (vs float64).
 
-    Fixed thresholds (torch.quantile has no half kernel), shared by both layers as in the reference.
+    Fixed thresholds (the reference's torch.quantile has no half kernel), shared by both layers.
     """
     zt, zs = _stars_features(33, [24, 12], [10, 20], seed=1)
     zt = [z.to(dtype) for z in zt]
     zs = [z.to(dtype) for z in zs]
     fixed = [0.2, 0.9, 1.6]
-    th = [torch.tensor(fixed)] * 2
-    total, _, grad_t, grad_s = _fused_stars(zt, zs, th, [0.0] * 2, [1.0] * 2, [0.5] * 2, [0.5] * 2)
+    total, _, grad_t, grad_s = _fused_stars(zt, zs, [0.5], fixed, False, [0.5] * 2, [0.5] * 2)
     assert all(g.dtype == dtype for g in grad_t + grad_s)
     same = _reference_stars(zt, zs, thresholds=fixed)
     exact = _reference_stars([z.double() for z in zt], [z.double() for z in zs], thresholds=fixed)
     _assert_within_reference_error("total", torch.float32, total, same[0], exact[0])
-    for g, s, e in zip(grad_t + grad_s, same[1] + same[2], exact[1] + exact[2]):
-        _assert_within_reference_error("gradient", dtype, g, s, e)
+    for g, s_, e in zip(grad_t + grad_s, same[1] + same[2], exact[1] + exact[2]):
+        _assert_within_reference_error("gradient", dtype, g, s_, e)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("case", ["all-1e20", "one-1e30"])
+def test_stars_loss_huge_features_stay_finite(case, normalize):
+    """Issue 14 item 6: rows are scaled by a power of two before the Gram (and the teacher before its
+    moments), so huge features give the float64 reference's loss and gradients, not NaN."""
+    zt, zs = _stars_features(8, [6], [5], seed=4)
+    if case == "all-1e20":
+        zt, zs = [zt[0] * 1e20], [zs[0] * 1e20]
+    else:
+        zt[0][1, 2] = 1e30
+    zt, zs = [zt[0].float()], [zs[0].float()]
+    total, parts, grad_t, grad_s = _fused_stars(zt, zs, (0.6, 0.9), None, normalize, [1.0], [1.0])
+    assert torch.isfinite(total) and torch.isfinite(parts).all()
+    assert all(torch.isfinite(g).all() for g in grad_t + grad_s)
+    want, want_t, want_s = _reference_stars([zt[0].double()], [zs[0].double()], quantiles=(0.6, 0.9),
+                                            normalize="teacher" if normalize else None)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        torch.testing.assert_close(g.double(), w_, rtol=2e-5, atol=2e-5 * w_.abs().max().item())
 
 
 def test_stars_loss_zero_rows_and_nan():
@@ -409,30 +478,30 @@ def test_stars_loss_zero_rows_and_nan():
     zt, zs = _stars_features(4, [6], [5])
     zt[0][1] = 0.0
     zs[0][2] = 0.0
-    thresholds, shift, scale = _stars_constants(zt, (0.5, 0.9), False)
     total, parts, grad_t, grad_s = _fused_stars(
-        [z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0])
+        [z.float() for z in zt], [z.float() for z in zs], (0.5, 0.9), None, False, [1.0], [1.0])
     want, want_t, want_s = _reference_stars(zt, zs, quantiles=(0.5, 0.9))
     assert torch.isfinite(total) and all(torch.isfinite(g).all() for g in grad_t + grad_s)
     torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
     for g, w_ in zip(grad_t + grad_s, want_t + want_s):
         torch.testing.assert_close(g.double(), w_, rtol=1e-4, atol=1e-5 * w_.abs().max().item())
     zs[0][0, 0] = float("nan")
-    total = _fused_stars([z.float() for z in zt], [z.float() for z in zs], thresholds, shift, scale, [1.0], [1.0])[0]
+    total = _fused_stars([z.float() for z in zt], [z.float() for z in zs], (0.5, 0.9), None, False, [1.0], [1.0])[0]
     assert torch.isnan(total)
 
 
 def test_stars_loss_bad_inputs():
-    z = torch.randn(4, 3)
-    th = [torch.tensor([0.5])]
-    args = ([0.0], [1.0], [1.0], [1.0], 0.5, 1e-12)
+    z = torch.randn(4, 3, device=DEVICE)
+    args = ([0.5], None, False, [1.0], [1.0], 0.5, 1e-12)
     with pytest.raises(ValueError, match="at least 2"):
-        kernels.stars_loss_fused([z[:1]], [z[:1]], th, *args)
+        kernels.stars_loss_fused([z[:1]], [z[:1]], *args)
     with pytest.raises(ValueError, match="same batch size"):
-        kernels.stars_loss_fused([z], [z[:3]], th, *args)
+        kernels.stars_loss_fused([z], [z[:3]], *args)
     with pytest.raises(ValueError, match="one entry per layer"):
-        kernels.stars_loss_fused([z, z], [z], th, *args)
+        kernels.stars_loss_fused([z, z], [z], *args)
     with pytest.raises(ValueError, match="one dtype"):
-        kernels.stars_loss_fused([z, z.half()], [z, z], th * 2, [0.0] * 2, [1.0] * 2, [1.0] * 2, [1.0] * 2, 0.5, 1e-12)
+        kernels.stars_loss_fused([z, z.half()], [z, z], [0.5], None, False, [1.0] * 2, [1.0] * 2, 0.5, 1e-12)
     with pytest.raises(ValueError, match="threshold"):
-        kernels.stars_loss_fused([z], [z], [torch.empty(0)], *args)
+        kernels.stars_loss_fused([z], [z], [], None, False, [1.0], [1.0], 0.5, 1e-12)
+    with pytest.raises(ValueError, match="delta and eps"):
+        kernels.stars_loss_fused([z], [z], [0.5], None, False, [1.0], [1.0], 0.5, 0.0)
