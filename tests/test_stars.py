@@ -121,6 +121,77 @@ def test_bad_inputs(backend):
         stars_fast.stars_loss(zt, zs, delta=0.0, backend=backend)
     with pytest.raises(ValueError, match="normalize"):
         stars_fast.stars_loss(zt, zs, normalize="student", backend=backend)
+    with pytest.raises(ValueError, match="same batch size"):
+        stars_fast.stars_loss([zt[0], torch.randn(5, 5)], [zs[0], torch.randn(5, 5)], backend=backend)
+    for eps in (0.0, -1e-12, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            stars_fast.stars_loss(zt, zs, eps=eps, backend=backend)
+    for delta in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="delta"):
+            stars_fast.stars_loss(zt, zs, delta=delta, backend=backend)
+    for weights in ((float("nan"), 1.0), (float("inf"), 1.0), (-1.0, 2.0), (0.0, 0.0)):
+        with pytest.raises(ValueError, match="weights"):
+            stars_fast.stars_loss(zt, zs, weights=weights, backend=backend)
+    for name in ("lambda_rca", "lambda_tar"):
+        with pytest.raises(ValueError, match=name):
+            stars_fast.stars_loss(zt, zs, backend=backend, **{name: float("nan")})
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_refused(backend):
+    """The fused backends give first derivatives only: create_graph=True still gives the right
+    gradient, but differentiating it raises (the reference gives the true Hessian-vector product)."""
+    require_backend(backend)
+    zt, zs = _features(6, (4,), (5,))
+    zs_ref = [zs[0].clone().requires_grad_(True)]
+    zs = [zs[0].clone().requires_grad_(True)]
+    g, = torch.autograd.grad(stars_fast.stars_loss(zt, zs, backend=backend), zs, create_graph=True)
+    g_ref, = torch.autograd.grad(stars_fast.stars_loss(zt, zs_ref, backend="reference"), zs_ref, create_graph=True)
+    torch.testing.assert_close(g, g_ref, **TOL[torch.float32])
+    assert torch.autograd.grad(g_ref.sum(), zs_ref)[0].abs().max() > 0
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), zs)
+    loss = stars_fast.stars_loss(zt, zs, backend=backend)
+    g, = torch.autograd.grad(loss, zs, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        (loss + 10 * g.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_cpu(backend, dtype):
+    """Under CPU autocast the loss is computed as without it, in the features' dtypes, as the reference."""
+    require_backend(backend)
+    zt, zs = _features(8, (6, 16), (5, 16))
+    zt = [z.to(dtype) for z in zt]
+    zs = [z.to(dtype).requires_grad_(True) for z in zs]
+    zs_ref = [z.detach().clone().requires_grad_(True) for z in zs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = stars_fast.stars_loss(zt, zs, backend=backend, normalize="teacher")
+        ref = stars_fast.stars_loss(zt, zs_ref, backend="reference", normalize="teacher")
+    loss.backward()
+    ref.backward()
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=2e-3)
+    assert loss.dtype == ref.dtype
+    torch.testing.assert_close(loss.float(), ref.float(), **tol)
+    for g, r in zip(zs, zs_ref):
+        assert g.grad.dtype == dtype
+        torch.testing.assert_close(g.grad.float(), r.grad.float(), **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_autocast_cuda(backend):
+    require_backend(backend, "cuda")
+    zt, zs = _features(8, (6, 16), (5, 16))
+    zt = [z.cuda() for z in zt]
+    zs = [z.cuda() for z in zs]
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = stars_fast.stars_loss(zt, zs, backend=backend)
+        ref = stars_fast.stars_loss(zt, zs, backend="reference")
+        pooled = stars_fast.pool_features(torch.randn(2, 3, 4, 4, device="cuda"), backend=backend)
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    assert pooled.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
@@ -148,9 +219,10 @@ def test_module_opcheck_and_compile(backend):
     zt, zs = _features(6, (4, 8), (5, 8))
     zt = [z.requires_grad_(True) for z in zt]
     zs = [z.requires_grad_(True) for z in zs]
-    torch.library.opcheck(_stars_loss_op, (zt, zs, [0.5, 0.9], None, 0.5, [0.5, 0.5], [0.5, 0.5], True, 1e-12,
-                                           backend), test_utils=("test_schema", "test_faketensor",
-                                                                 "test_autograd_registration"))
+    for quantiles, thresholds, normalize in (([0.5, 0.9], None, True), ([], [0.0, 1.0], False)):
+        torch.library.opcheck(_stars_loss_op, (zt, zs, quantiles, thresholds, 0.5, [0.5, 0.5], [0.5, 0.5], normalize,
+                                               1e-12, backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(_pool_op, (torch.randn(2, 3, 4, 5, 5, requires_grad=True), backend))
     module = stars_fast.StarsLoss(backend=backend, normalize="teacher")
     eager = module(zt, zs)
@@ -173,6 +245,17 @@ def test_pool_features(backend, shape):
     (pooled * w).sum().backward()
     (expected * w).sum().backward()
     torch.testing.assert_close(f.grad, g.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_pool_features_autocast(backend):
+    require_backend(backend)
+    f = torch.randn(2, 3, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = stars_fast.pool_features(f, backend=backend)
+        expected = reference.pool_features(f)
+    assert pooled.dtype == expected.dtype
+    torch.testing.assert_close(pooled, expected)
 
 
 def test_pool_features_bad_inputs():

@@ -63,11 +63,12 @@ def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, no
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on the fused op's gradients; differentiating them again raises _NO_SECOND_ORDER."""
+    """Passes the fused op's gradients on, as a function of the features (so that autograd finds the
+    path back to them); differentiating it raises _NO_SECOND_ORDER."""
 
     @staticmethod
-    def forward(ctx, *grads):
-        return grads
+    def forward(ctx, num_grads, *grads_then_features):
+        return tuple(g.view_as(g) for g in grads_then_features[:num_grads])
 
     @staticmethod
     def backward(ctx, *grad_grads):
@@ -76,16 +77,17 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 def _stars_setup_context(ctx, inputs, output):
     ctx.num_layers = len(inputs[0])
-    ctx.save_for_backward(*output[2], *output[3])
+    ctx.save_for_backward(*output[2], *output[3], *inputs[0], *inputs[1])
 
 
 def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_student_unused):
     """d L/d z = grad_total * (stored d total/d z): one fused multiply of all the stored gradients."""
-    scaled = torch._foreach_mul(list(ctx.saved_tensors), grad_total)
-    if torch.is_grad_enabled():  # create_graph=True: let a second differentiation fail loudly
-        scaled = _FirstOrderOnly.apply(*(g.detach().requires_grad_() for g in scaled))
     n = ctx.num_layers
-    return list(scaled[:n]), list(scaled[n:]), None, None, None, None, None, None, None, None
+    saved = ctx.saved_tensors
+    scaled = torch._foreach_mul(list(saved[:2 * n]), grad_total)
+    if torch.is_grad_enabled():  # create_graph=True: a second differentiation must fail loudly
+        scaled = _FirstOrderOnly.apply(2 * n, *scaled, *saved[2 * n:])
+    return list(scaled[:n]), list(scaled[n:2 * n]), None, None, None, None, None, None, None, None
 
 
 _stars_loss_op.register_autograd(_stars_backward, setup_context=_stars_setup_context)
@@ -164,7 +166,8 @@ def stars_loss(
     """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17).
 
     z_teacher[l]: pooled teacher pre-ReLU features [B, C_l]; z_student[l]: pooled student pre-LIF
-    features [B, C'_l] (one B for every layer). Gradients flow to both. With return_parts, also
+    features [B, C'_l] (one B for every layer). Gradients flow to both. The loss is fp32 (fp64 if a
+    feature is fp64), as the reference's for half features. With return_parts, also
     (L_RCA, L_TAR); on the fused backends these two are detached diagnostics (backpropagate through
     the total).
     """
@@ -185,7 +188,6 @@ def stars_loss(
     coef_tar = [lambda_tar * w / w_sum for w in weights]
     total, parts, _, _ = _stars_loss_op(list(z_teacher), list(z_student), quantiles, thresholds, float(delta),
                                         coef_rca, coef_tar, normalize == "teacher", float(eps), chosen)
-    total = total.to(dtype)
     if not return_parts:
         return total
     layer_weights = parts.new_tensor(weights) / w_sum
