@@ -511,6 +511,7 @@ def test_stars_flags_parse_and_reach_the_loss(pair):
     assert float(out.terms["loss_tar"]) == pytest.approx(float(tar), rel=1e-4)
     assert [synthesizer.objective.stars_on(e) for e in range(4)] == [False, False, True, True]
     assert train.make_config({})["stars_start_epoch"] == 0  # the paper: STARS in every synthesis
+    assert all(c["bn_mmt"] == 0.9 and c["stars_start_epoch"] == 0 for c in PAPER_PRESETS.values())  # NAYER's driver
     for bad, message in ((["--stars-layers", "0", "0"], "distinct"), (["--stars-layers", "0", "--stars-weights", "1", "2"],
                                                                        "one per layer"),
                          (["--stars-layers", "7"], "has 3 taps"), (["--method", "nayer", "--bn-mmt", "1"], r"\[0, 1\)")):
