@@ -362,6 +362,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         student, meta = models.load_student(student_file)
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"{student_file}: {str(exc).splitlines()[0]}")
+    if (meta["num_classes"], meta["in_channels"]) != (info.num_classes, info.in_channels):
+        _fail(f"{student_file} has {meta['num_classes']} classes and {meta['in_channels']} input channels; "
+              f"{name} has {info.num_classes} and {info.in_channels}")
     teacher = load_run_teacher(dict(config, progress=False), info, device, log=print)
     student = student.to(device)
     try:

@@ -234,3 +234,8 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(pipeline, command):
             analyze: [pipeline["run"]]}[command]
     with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
         command.main(argv + ["--device", "cuda"])
+
+
+def test_analyze_refuses_another_datasets_shapes(pipeline):
+    with pytest.raises(SystemExit, match="cifar100 has 100 and 3"):
+        analyze.main([pipeline["run"], "--dataset", "cifar100"])
