@@ -92,12 +92,10 @@ def js_divergence(student_logits: Tensor, teacher_logits: Tensor, T: float = 3.0
 
 @dataclass
 class InversionLoss:
-    """One evaluation of the objective: the loss (with its graph), its terms (detached, for the log),
-    and the teacher's taps (with their graph)."""
+    """One evaluation of the objective: the loss (with its graph) and its terms (detached, for the log)."""
 
     loss: Tensor
     terms: Dict[str, Tensor]
-    teacher_taps: List[Tensor]
 
 
 def channels_last_on_cpu(model: nn.Module) -> nn.Module:
@@ -197,7 +195,7 @@ class InversionObjective:
                  "loss_tar": loss_tar}
         if student_hooks is not None:
             terms["loss_bn_student"] = loss_bn_student
-        return InversionLoss(loss, {k: v.detach() for k, v in terms.items()}, t_taps)
+        return InversionLoss(loss, {k: v.detach() for k, v in terms.items()})
 
 
 class BestSoFar:
