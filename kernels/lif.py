@@ -35,14 +35,15 @@ With b bytes per element, per neuron (S = 4 backward steps per chunk, see below)
 
 The backward cannot hold all T steps in registers at 16 B per thread without spilling (nor compile
 in reasonable time: Triton's coalescing pass grows with the cube of an unrolled chunk), so it works
-in chunks of S = 4 time steps, for every T (a partial last chunk is masked). A first pass runs the
-forward over chunks 0..C-2, storing the state v at the start of each chunk 1..C-2 (fp32, a scratch
-[C - 2, N]). Then, chunk by chunk from the last, it loads the chunk's x and grad_spikes (all loads
-issued before any store), recomputes the coefficients of gh = cs[t] + gv bs[t] (cs = grad_spikes
-sg, bs = dv/dh) into a compile-time tuple (the loop is unrolled, so the tuple lives in registers),
-and runs the reverse scan over them, storing grad_x: no load waits on a store. No T x N scratch,
-and h is exact for fp16/bf16 I/O (a scratch h in grad_x's dtype would lose bits and could flip a
-spike). The forward loads chunks of 4 (T <= 4) or 8 steps of x before storing their spikes.
+in chunks of S = 4 time steps (2 for PLIF with 16-bit I/O), for every T (a partial last chunk
+is masked). A first pass runs the forward over chunks 0..C-2, storing the state v at the start of
+each chunk 1..C-2 (fp32, a scratch [C - 2, N]). Then, chunk by chunk from the last, it loads the
+chunk's x and grad_spikes (all loads issued before any store), recomputes the coefficients of
+gh = cs[t] + gv bs[t] (cs = grad_spikes sg, bs = dv/dh) into a compile-time tuple (the loop is
+unrolled, so the tuple lives in registers), and runs the reverse scan over them, storing grad_x:
+no load waits on a store. No T x N scratch, and h is exact for fp16/bf16 I/O (a scratch h in
+grad_x's dtype would lose bits and could flip a spike). The forward loads chunks of 4 (T <= 4) or
+8 steps of x before storing their spikes.
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
@@ -382,7 +383,8 @@ def lif_backward(
     if grad_v_last is not None:
         grad_v_last = grad_v_last.to(x.dtype).contiguous()
     v_init = v_init.contiguous() if v_init is not None else None
-    steps = _BWD_MAX_STEPS
+    # PLIF with 16-bit I/O also holds dh/dk per step (8 neurons per thread): 2 steps fit in registers
+    steps = 2 if need_decay_grad and x.element_size() == 2 else _BWD_MAX_STEPS
     checkpoints = torch.empty((max(triton.cdiv(T, steps) - 2, 1), N if T > 2 * steps else 1),
                               dtype=torch.float32, device=x.device)
     block = _block(x.dtype)

@@ -38,7 +38,7 @@ import multiprocessing
 import os
 import pathlib
 import re
-import subprocess
+import resource
 import sys
 import tempfile
 import time
@@ -239,7 +239,7 @@ def compile_launch(launch: Launch, capability: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     try:
         fn = getattr(importlib.import_module(launch.module), launch.name)
         source = ASTSource(fn, dict(launch.signature), dict(launch.constexprs),
@@ -252,10 +252,18 @@ def compile_launch(launch: Launch, capability: int) -> dict:
         if match is None:
             raise RuntimeError(f"no ptxas -v report in the compile log:\n{log.getvalue()[-2000:]}")
         stores, loads, registers = map(int, match.groups())
-        return dict(registers=registers, spill_stores=stores, spill_loads=loads,
-                    seconds=round(time.time() - start, 2), **_global_accesses(kernel.asm["ptx"]))
+        return dict(registers=registers, spill_stores=stores, spill_loads=loads, launch=launch.describe(),
+                    seconds=round(time.time() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu_start, 2),
+                    **_global_accesses(kernel.asm["ptx"]))
     except Exception as e:  # reported per launch: the gate fails on it
-        return dict(error=f"{type(e).__name__}: {str(e)[-3000:]}", seconds=round(time.time() - start, 2))
+        return dict(error=f"{type(e).__name__}: {str(e)[-3000:]}", launch=launch.describe(),
+                    seconds=round(time.time() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu_start, 2))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _cache_dir() -> pathlib.Path:
@@ -324,11 +332,14 @@ def table(launches, results) -> str:
 
 def run_gate(workers: int = 2):
     """Record, compile, tabulate -> (launches, results, scenario failures, timings)."""
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     launches, failures = record_all(lif_scenarios() + stars_scenarios())
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     results = compile_all(launches, workers)
-    return launches, results, failures, dict(record_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))
+    compiled_cpu = sum(r.get("cpu_seconds", 0.0) for r in results.values())
+    return launches, results, failures, dict(record_s=round(t1 - t0, 1), record_cpu_s=round(c1 - c0, 1),
+                                             compile_s=round(time.time() - t1, 1),
+                                             compile_cpu_s_of_these_results=round(compiled_cpu, 1))
 
 
 def main():
