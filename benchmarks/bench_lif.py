@@ -126,6 +126,6 @@ def test_lif(measure, smoke, case, mode, variant):
 
     label = variant
     if variant == "spikingjelly":
-        label = f"spikingjelly ({spikingjelly_implementation(x.device)})"
+        label = f"spikingjelly ({spikingjelly_implementation(x)})"
     measure(run, group=group, variant=label, role=role, rounds=3 if role in ("eager", "spikingjelly") else rounds,
             bytes_moved=bytes_moved, sync=sync, first_call_s=first_call_s if role == "compiled" else None)

@@ -46,7 +46,8 @@ def _loss_and_grads(fn, zt, zs):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("device", DEVICES)
-def test_stars_loss(measure, device, batch, variant):
+def test_stars_loss(measure, smoke, device, batch, variant):
+    batch = 16 if smoke else batch
     sync = torch.cuda.synchronize if device == "cuda" else None
     group = f"stars_loss {device} fwd+bwd B={batch} C={CHANNELS}"
     generator = torch.Generator(device).manual_seed(0)

@@ -26,18 +26,19 @@ def _frozen_student(backend, path):
 
 @pytest.mark.parametrize("path", ["folded-cl", "plain"])
 @pytest.mark.parametrize("variant", ["fused-cpu", "reference"])
-def test_student_synthesis_pass(measure, variant, path):
+def test_student_synthesis_pass(measure, smoke, variant, path):
     backend = "cpu" if variant == "fused-cpu" else "reference"
     reason = stars_fast.available_backends("cpu")[backend]
     if reason:
         pytest.skip(f"backend {backend!r} unusable: {reason}")
     model = _frozen_student(backend, path)
-    images = torch.randn(BATCH, 3, SIZE, SIZE)
+    batch, size = (2, 8) if smoke else (BATCH, SIZE)  # the untimed smoke run: tiny
+    images = torch.randn(batch, 3, size, size)
 
     def run():
         x = images.detach().requires_grad_(True)
         logits, taps = model(x, return_taps=True)
         (logits.logsumexp(1).sum() + sum(t.square().sum() for t in taps)).backward()
 
-    measure(run, group=f"student pass s_resnet18 cpu B={BATCH} T={T} {SIZE}px fwd+taps+bwd-to-input, {path}",
+    measure(run, group=f"student pass s_resnet18 cpu B={batch} T={T} {size}px fwd+taps+bwd-to-input, {path}",
             variant=variant, role="ours" if variant == "fused-cpu" else "eager", rounds=3, warmup=1)

@@ -22,11 +22,13 @@ from stars_fast.synthesis import DeepInversionSynthesizer, StarsRegularizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH = {"cpu": 32, "cuda": 256}
+SMOKE_BATCH, SMOKE_SIZE = 2, 8  # the untimed smoke run: does it run, not how fast
 
 
 @contextlib.contextmanager
-def synthesis_step(device: str, batch: int, stars: bool):
-    """Yields step() -> None: one synthesis step on fresh ResNet-34 / S-ResNet-18 (T=4) nets; the
+def synthesis_step(device: str, batch: int, stars: bool, size: int = 32):
+    """Yields step() -> None: one synthesis step on fresh ResNet-34 / S-ResNet-18 (T=4) nets, on
+    `batch` images of size x size (CIFAR-10's 32 in the benchmarks; smaller for dry runs); the
     round's set-up (BN hooks, student folding) happens once, on entry. Ops dispatch by "auto"."""
     torch.manual_seed(0)
     info = DATASETS["cifar10"]
@@ -35,7 +37,7 @@ def synthesis_step(device: str, batch: int, stars: bool):
     synthesizer = DeepInversionSynthesizer(
         teacher, student, info, batch_size=batch, iterations=1, lr_g=0.1, bn=10.0, oh=1.0, adv=1.0,
         stars=StarsRegularizer() if stars else None, device=device)
-    images = torch.randn(batch, 3, 32, 32, device=device, requires_grad=True)
+    images = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
     targets = torch.randint(0, info.num_classes, (batch,), device=device)
     optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.99))
     with synthesizer.objective.round() as objective:
@@ -52,11 +54,12 @@ def _fused_backend(device):
     return "cpu" if device == "cpu" else "triton"
 
 
-def _benchmark(measure, device, stars, variant, role):
+def _benchmark(measure, smoke, device, stars, variant, role):
     sync = torch.cuda.synchronize if device == "cuda" else None
-    group = (f"synthesis step resnet34->s_resnet18 {device} B={BATCH[device]} T=4 32x32 "
+    batch, size = (SMOKE_BATCH, SMOKE_SIZE) if smoke else (BATCH[device], 32)
+    group = (f"synthesis step resnet34->s_resnet18 {device} B={batch} T=4 {size}x{size} "
              f"{'stars-on' if stars else 'stars-off'}")
-    with synthesis_step(device, BATCH[device], stars) as step:
+    with synthesis_step(device, batch, stars, size) as step:
         measure(step, group=group, variant=variant, role=role, rounds=3 if device == "cpu" else 10,
                 warmup=1 if device == "cpu" else 3, sync=sync)
 
@@ -64,7 +67,7 @@ def _benchmark(measure, device, stars, variant, role):
 @pytest.mark.parametrize("stars", ["stars-on", "stars-off"])
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_synthesis_step(measure, monkeypatch, device, backend, stars):
+def test_synthesis_step(measure, smoke, monkeypatch, device, backend, stars):
     chosen = _fused_backend(device) if backend == "fused" else "reference"
     _require_backend(chosen, device)
     monkeypatch.setenv(ENV_OVERRIDE, chosen)  # every "auto" op runs on `chosen`
@@ -72,15 +75,15 @@ def test_synthesis_step(measure, monkeypatch, device, backend, stars):
         variant, role = f"fused ({chosen})", "ours"
     else:  # "vs eager" in the summary: the plain loop neurons, and for STARS on the pair-by-pair oracle
         variant, role = "reference" + (" (pair-by-pair STARS oracle)" if stars == "stars-on" else ""), "eager"
-    _benchmark(measure, device, stars == "stars-on", variant, role)
+    _benchmark(measure, smoke, device, stars == "stars-on", variant, role)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_synthesis_step_free_neuron_ceiling(measure, monkeypatch, device):
+def test_synthesis_step_free_neuron_ceiling(measure, smoke, monkeypatch, device):
     """The ceiling of any neuron kernel: the step with every neuron replaced by the identity (no work
     at all), STARS off; reference / this = the best speedup a faster neuron could give."""
     chosen = _fused_backend(device)
     _require_backend(chosen, device)
     monkeypatch.setenv(ENV_OVERRIDE, chosen)
     monkeypatch.setattr(neurons, "multistep_neuron", lambda x, *args, **kwargs: (x, None))
-    _benchmark(measure, device, False, f"identity neuron, fused ({chosen}) rest: ceiling", "ceiling")
+    _benchmark(measure, smoke, device, False, f"identity neuron, fused ({chosen}) rest: ceiling", "ceiling")

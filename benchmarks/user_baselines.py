@@ -50,13 +50,16 @@ def lif_loop(x: torch.Tensor, tau: float = TAU) -> torch.Tensor:
 
 
 def spikingjelly_lif(tau: float = TAU) -> Tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], str]:
-    """(x -> spikes, "") with SpikingJelly 2.0's multi-step LIFNode, or (None, why it cannot run).
+    """(x -> spikes, "") with SpikingJelly 2.0's multi-step LIF, or (None, why it cannot run).
 
+    fp32 x: LIFNode(step_mode='m'), reset before every call (it keeps v between calls otherwise);
     2.0's LIFNode takes no backend argument: it picks its CUDA/Triton/torch implementation itself.
-    The node is reset before every call (it keeps v between calls otherwise)."""
+    fp16/bf16 x: LIFNode would keep its state in x's dtype, which sends it to its torch reference
+    in half arithmetic (other values than ours, which keeps fp32 state); so the same node's
+    functional form, functional.lif_multi_step, with an fp32 initial state (its fused kernels)."""
     try:
         import spikingjelly
-        from spikingjelly.activation_based import neuron, surrogate
+        from spikingjelly.activation_based import functional, neuron, surrogate
     except ImportError as error:
         return None, f"spikingjelly is not installed ({error})"
     version = getattr(spikingjelly, "__version__", None)
@@ -66,19 +69,28 @@ def spikingjelly_lif(tau: float = TAU) -> Tuple[Optional[Callable[[torch.Tensor]
         version = dist_version("spikingjelly")
     if not version.startswith("2."):
         return None, f"spikingjelly {version} installed; the baseline is SpikingJelly 2.0"
+    spike_fn = surrogate.Sigmoid(alpha=SIGMOID_ALPHA)
     node = neuron.LIFNode(tau=tau, decay_input=True, v_threshold=V_THRESHOLD, v_reset=V_RESET,
-                          surrogate_function=surrogate.Sigmoid(alpha=SIGMOID_ALPHA), detach_reset=False,
-                          step_mode="m")
+                          surrogate_function=spike_fn, detach_reset=False, step_mode="m")
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        node.reset()
-        return node(x)
+        if x.dtype == torch.float32:
+            node.reset()
+            return node(x)
+        v = torch.full(x.shape[1:], V_RESET, dtype=torch.float32, device=x.device)
+        spikes, _, _ = functional.lif_multi_step(x, v, tau, True, V_THRESHOLD, V_RESET, spike_fn, False)
+        return spikes
 
     return run, ""
 
 
-def spikingjelly_implementation(device: torch.device) -> str:
-    """The implementation SpikingJelly's LIF dispatch picked on `device` (after one call), for the table."""
+def spikingjelly_implementation(x: torch.Tensor) -> str:
+    """Which SpikingJelly entry point and implementation ran for x (after one call), for the tables."""
+    entry = "LIFNode" if x.dtype == torch.float32 else "lif_multi_step, fp32 state"
+    return f"{entry}, {_spikingjelly_dispatch(x.device)}"
+
+
+def _spikingjelly_dispatch(device: torch.device) -> str:
     if device.type != "cuda":
         return "torch (its CPU path)"
     try:
