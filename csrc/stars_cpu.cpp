@@ -183,7 +183,23 @@ struct TarConsts {
   acc_t shift, scale, inv_delta;
   int64_t M;
   std::array<acc_t, kMaxM> theta;
+  // One exp per element for all m when the thresholds are close (|theta_m - theta_ref| / delta <= 20):
+  // exp(-x_m) = exp(-(zn - theta_ref) inv_delta) * ratio_m, ratio_m = exp((theta_m - theta_ref) inv_delta).
+  bool factored;
+  acc_t theta_ref;
+  std::array<acc_t, kMaxM> ratio;
 };
+
+template <typename acc_t>
+void factor_thresholds(TarConsts<acc_t>& k) {
+  k.theta_ref = k.theta[k.M / 2];
+  k.factored = true;
+  for (int64_t m = 0; m < k.M; ++m) {
+    const acc_t a = (k.theta[m] - k.theta_ref) * k.inv_delta;
+    k.factored = k.factored && std::abs(a) <= acc_t(20);  // false for NaN
+    k.ratio[m] = std::exp(a);
+  }
+}
 
 template <typename acc_t>
 STARS_INLINE acc_t sigmoid_scalar(acc_t x) {
@@ -248,22 +264,34 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// sigmoid(x_m) for the 8 values zn, m = 0..M-1, into s[m]: one exp for all m when factored.
+__attribute__((target("avx2,fma"))) inline void sigmoids8(__m256 zn, const TarConsts<float>& k, __m256* s) {
+  const __m256 one = _mm256_set1_ps(1.0f), inv_delta = _mm256_set1_ps(k.inv_delta);
+  if (k.factored) {
+    const __m256 a = _mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta_ref)), inv_delta);
+    const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), a));
+    for (int64_t m = 0; m < k.M; ++m) {
+      s[m] = _mm256_div_ps(one, _mm256_add_ps(one, _mm256_mul_ps(e, _mm256_set1_ps(k.ratio[m]))));
+    }
+  } else {
+    for (int64_t m = 0; m < k.M; ++m) {
+      s[m] = sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta[m])), inv_delta));
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) void soft_sums_row_avx2(const float* z, int64_t C, const TarConsts<float>& k,
                                                              double* sums) {
   const int64_t C8 = C / 8 * 8;
   const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
-  const __m256 inv_delta = _mm256_set1_ps(k.inv_delta);
-  for (int64_t m = 0; m < k.M; ++m) {
-    const __m256 theta = _mm256_set1_ps(k.theta[m]);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C8; c += 8) {
-      const __m256 zn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale);
-      acc = _mm256_add_ps(acc, sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, theta), inv_delta)));
-    }
-    float s = hsum8(acc);
-    for (int64_t c = C8; c < C; ++c) s += sigmoid_scalar(((z[c] - k.shift) * k.scale - k.theta[m]) * k.inv_delta);
-    sums[m] += s;
+  __m256 acc[kMaxM], s[kMaxM];
+  for (int64_t m = 0; m < k.M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C8; c += 8) {
+    sigmoids8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, s);
+    for (int64_t m = 0; m < k.M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
   }
+  for (int64_t m = 0; m < k.M; ++m) sums[m] += hsum8(acc[m]);
+  soft_sums_row(z + C8, C - C8, k, sums);
 }
 
 __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* u, const float* g, int64_t C,
@@ -278,16 +306,15 @@ __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const
   for (int64_t c = C8; c < C; ++c) dot += u[c] * g[c];
   float rca_scale;
   const float proj = rca_projection(dot, norm, eps, coef, rca_scale);
-  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
-  const __m256 inv_delta = _mm256_set1_ps(k.inv_delta), one = _mm256_set1_ps(1.0f);
+  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale), one = _mm256_set1_ps(1.0f);
+  __m256 s[kMaxM];
   const __m256 vproj = _mm256_set1_ps(proj), vrca = _mm256_set1_ps(rca_scale);
   for (int64_t c = 0; c < C8; c += 8) {
     const __m256 uc = _mm256_loadu_ps(u + c), gc = _mm256_loadu_ps(g + c);
     __m256 o = _mm256_mul_ps(vrca, _mm256_sub_ps(gc, _mm256_mul_ps(uc, vproj)));
-    const __m256 zn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale);
+    sigmoids8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, s);
     for (int64_t m = 0; m < k.M; ++m) {
-      const __m256 s = sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta[m])), inv_delta));
-      o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w[m]), _mm256_mul_ps(s, _mm256_sub_ps(one, s))));
+      o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w[m]), _mm256_mul_ps(s[m], _mm256_sub_ps(one, s[m]))));
     }
     _mm256_storeu_ps(out + c, o);
   }
@@ -460,6 +487,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       } else {
         select_quantiles(y.zt.template const_data_ptr<acc_t>(), n, quantiles, k.shift, k.scale, k.theta.data());
       }
+      factor_thresholds(k);
     }
   });
 

@@ -301,6 +301,23 @@ def test_stars_loss_fixed_thresholds_and_half_inputs():
     assert math.isclose(total_h.item(), total.item(), rel_tol=5e-2)
 
 
+@pytest.mark.parametrize("thresholds, delta", [((-0.5, 0.0, 1.0), 0.5), ((-3.0, 0.0, 8.0), 0.2)])
+def test_stars_loss_spread_thresholds(thresholds, delta):
+    """Close thresholds share one exp per element (exp(-x_m) = exp(-x_ref) e^((theta_m - theta_ref) / delta));
+    far apart ones (here (8 - 0) / 0.2 = 40) take one exp per threshold. Both as the reference."""
+    gen = torch.Generator().manual_seed(7)
+    zt = [torch.randn(12, 37, generator=gen) * 4]
+    zs = [torch.randn(12, 29, generator=gen) * 4]
+    total, _, grad_t, grad_s = ops.stars_loss_fused(zt, zs, [], list(thresholds), False, [0.0], [1.0], delta, 1e-12)
+    zt_ref = [z.clone().requires_grad_(True) for z in zt]
+    zs_ref = [z.clone().requires_grad_(True) for z in zs]
+    ref_total, _, _ = R.stars_loss(zt_ref, zs_ref, thresholds=thresholds, delta=delta, lambda_rca=0.0)
+    ref_grads = torch.autograd.grad(ref_total, zt_ref + zs_ref)
+    torch.testing.assert_close(total, ref_total.detach(), rtol=2e-5, atol=1e-8)
+    for got, ref in zip(grad_t + grad_s, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_stars_loss_nan_propagates():
     zt = [torch.randn(4, 3)]
     zs = [torch.randn(4, 3)]
