@@ -91,13 +91,15 @@ def spikingjelly_implementation(x: torch.Tensor) -> str:
 
 
 def _spikingjelly_dispatch(device: torch.device) -> str:
+    """Read from SpikingJelly's private per-device selection cache (None there: its torch reference)."""
     if device.type != "cuda":
         return "torch (its CPU path)"
     try:
         from spikingjelly._ops.lif import _selection
     except ImportError:
         return "unknown"
-    names = sorted({getattr(chosen, "name", "?") for chosen in getattr(_selection, "_selections", {}).values()})
+    chosen = getattr(_selection, "_selections", {}).values()
+    names = sorted({"torch-reference" if c is None else getattr(c, "name", "unknown") for c in chosen})
     return "/".join(names) if names else "unknown"
 
 
