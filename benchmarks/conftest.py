@@ -141,8 +141,26 @@ def _ratio(base, t):
     return f"{base / t:.2f}x" if base else "-"
 
 
+def _skip_reasons(terminalreporter):
+    """{reason: count} of the skipped benchmark variants (also in the smoke run)."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if not report.nodeid.startswith("benchmarks/"):
+            continue
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, config):
+    reasons = _skip_reasons(terminalreporter)
+    if reasons:
+        terminalreporter.write_sep("-", "benchmark variants that did not run, and why")
+        for reason, count in sorted(reasons.items()):
+            terminalreporter.write_line(f"{count:4d} x {reason}")
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
