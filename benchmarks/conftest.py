@@ -156,6 +156,7 @@ def _skip_reasons(terminalreporter):
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, config):
+    terminalreporter.write_line(f"benchmarks allocator: {ALLOCATOR}; torch.compile: {INDUCTOR_CACHE}")
     reasons = _skip_reasons(terminalreporter)
     if reasons:
         terminalreporter.write_sep("-", "benchmark variants that did not run, and why")
