@@ -90,7 +90,7 @@ def test_pool_student_features(measure, device, variant):
         reason = stars_fast.available_backends(device)[backend]
         if reason:
             pytest.skip(f"no fused pooling on {device}: {reason}")
-        pool, role = stars_fast.pool_features, "ours"
+        pool, role = functools.partial(stars_fast.pool_features, backend=backend), "ours"
     else:
         pool, role = (lambda x: x.mean(dim=(0, 3, 4))), "eager"
     f = torch.randn(4, 64, 128, 16, 16, device=device, requires_grad=True)
