@@ -255,8 +255,8 @@ def _lif_bwd_kernel(
         qs = ()  # dh/dk at fixed v, for dL/dk
         for i in tl.static_range(STEPS):
             x = xs[i].to(tl.float32)
-            h, s, v_next = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset,
-                                 decay_input, SURROGATE, SPIKING)
+            h, s, v_next = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide,
+                                 hard_reset, decay_input, SURROGATE, SPIKING)
             sg = _surrogate_grad(h - v_threshold, alpha, inv_alpha2, SURROGATE)
             keep = 1.0 - s
             dv_dh_hard = tl.where(detach_reset, keep, keep + (v_rest - h) * sg)
@@ -297,13 +297,11 @@ def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
     return n
 
 
-def _per_thread(dtype: torch.dtype) -> int:
-    """Neurons per thread: 16 bytes of x per thread and row."""
-    return _BYTES_PER_THREAD // torch.empty((), dtype=dtype).element_size()
-
-
-def _block(dtype: torch.dtype) -> int:
-    return _per_thread(dtype) * 32 * _NUM_WARPS
+def _block(dtype: torch.dtype, N: int) -> int:
+    """Neurons per program: 16 bytes of x per thread and row when N % 16 == 0 (rows 16-byte aligned,
+    128-bit accesses); else the accesses are scalar and 4 neurons per thread keep registers unspilled."""
+    per_thread = _BYTES_PER_THREAD // torch.empty((), dtype=dtype).element_size() if N % 16 == 0 else 4
+    return per_thread * 32 * _NUM_WARPS
 
 
 def _fwd_steps(T: int) -> int:
@@ -340,7 +338,7 @@ def lif_forward(
         return spikes, v_last
     v_init = v_init.contiguous() if v_init is not None else None
     leaky = bool(leaky)
-    block = _block(x.dtype)
+    block = _block(x.dtype, N)
     with _device_guard(x):
         torch.library.wrap_triton(_lif_fwd_kernel)[(triton.cdiv(N, block),)](
             x, v_init if v_init is not None else x, _decay_operand(decay, x), spikes,
@@ -387,7 +385,7 @@ def lif_backward(
     steps = 2 if need_decay_grad and x.element_size() == 2 else _BWD_MAX_STEPS
     checkpoints = torch.empty((max(triton.cdiv(T, steps) - 2, 1), N if T > 2 * steps else 1),
                               dtype=torch.float32, device=x.device)
-    block = _block(x.dtype)
+    block = _block(x.dtype, N)
     with _device_guard(x):
         torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
             grad_spikes, grad_v_last if grad_v_last is not None else grad_spikes, x,

@@ -12,7 +12,7 @@
    GPUTarget("cuda", 80, 32) and GPUTarget("cuda", 90, 32) in worker processes without
    TRITON_INTERPRET; the ptxas -v log of Triton's own ptxas run (the bundled ptxas, sm_80 / sm_90a,
    the same flags) gives registers and spill bytes, the PTX the count of 128-bit global accesses.
-   Results are cached by (kernel module source hash, kernel, signature, constexprs, options, target,
+   Results are cached by (Triton's hash of the kernel's source and of the functions it calls, kernel, signature, constexprs, options, target,
    Triton version) in $STARS_FAST_COMPILE_GATE_CACHE (default ~/.cache/stars_fast/compile_gate).
 
 Run `python tests/compile_gate.py` for the table; tests/test_compile_gate.py fails on any compile
@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import io
 import itertools
 import json
@@ -73,8 +72,8 @@ class Launch:
         """The key specialization: pointer dtypes, 16-divisible integer arguments, constexprs."""
         names = [n for n, _ in self.signature]
         dtypes = sorted({t[1:] for _, t in self.signature for t in _flat(t) if t.startswith("*")})
-        aligned = [names[path[0]] for path, attr in self.attrs
-                   if "tt.divisibility" in attr and not any(t.startswith("*") for t in _flat(self.signature[path[0]][1]))]
+        integers = [i for i, (_, t) in enumerate(self.signature) if not any(s.startswith("*") for s in _flat(t))]
+        aligned = [names[path[0]] for path, attr in self.attrs if "tt.divisibility" in attr and path[0] in integers]
         consts = [f"{names[path[0]]}={value}" for path, value in self.constexprs if value is not None]
         return f"{'/'.join(dtypes)} | {' '.join(consts)} | 16|{','.join(aligned) or '-'}"
 
@@ -99,11 +98,10 @@ def _specialize(interpreted, args, kwargs, backend, jit_cache) -> Launch:
     jit_fn, binder = jit
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
-    source = pathlib.Path(inspect.getsourcefile(fn)).read_bytes()
     compile_options = tuple(sorted((k, v) for k, v in kwargs.items() if k in options.__dict__))
     return Launch(fn.__module__, fn.__qualname__, tuple(signature.items()),
                   tuple(sorted(constexprs.items())), tuple(sorted((k, repr(v)) for k, v in attrs.items())),
-                  compile_options, hashlib.sha256(source).hexdigest()[:16])
+                  compile_options, jit_fn.cache_key)  # the kernel's source and every @jit function it calls
 
 
 @contextlib.contextmanager
@@ -322,7 +320,8 @@ def table(launches, results) -> str:
         worst.setdefault(launch.name, [0, {c: 0 for c in TARGETS}, 0])[0] += 1
         r90 = results[launch, 90]
         vec = f"{r90.get('v4_loads', '-')}/{r90.get('v4_stores', '-')}"
-        rows.append(f"{launch.name:21s} | {launch.describe()} | {cells[0]:>10s} | {cells[1]:>10s} | {spills:7d} | {vec}")
+        rows.append(f"{launch.name:21s} | {launch.describe()} | {cells[0]:>10s} | {cells[1]:>10s} | {spills:7d}"
+                    f" | {vec}")
     rows.append("")
     rows.append("kernel                | launches | worst regs sm_80 | worst regs sm_90 | spill bytes")
     for name, (count, regs, spills) in sorted(worst.items()):
