@@ -29,10 +29,11 @@ inline void check_float(const at::Tensor& t, const c10::Device& device, const ch
 // ---------------------------------------------------------------------------------------------
 // Neuron (lif_forward / lif_backward).
 
-// x [T, N] contiguous; v_init [N] of x's dtype; inv_tau one float element (on any device: it is
-// copied to x's); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle); alpha > 0.
+// x [T, N] contiguous; v_init [N] of x's dtype; decay one float element on x's device or the CPU
+// (tau when decay_is_tau, else k = 1/tau); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle);
+// alpha > 0. The Python op checks all of this first (stars_fast/ops/lif.py); these are the second line.
 inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
-                                const at::Tensor& inv_tau, int64_t surrogate, double alpha) {
+                                const at::Tensor& decay, int64_t surrogate, double alpha, double v_threshold) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
   check_float(x, x.device(), op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
@@ -44,16 +45,32 @@ inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::
     TORCH_CHECK(v_init->scalar_type() == x.scalar_type(), op, ": v_init dtype ", v_init->scalar_type(),
                 " differs from x dtype ", x.scalar_type());
   }
-  check_float(inv_tau, inv_tau.device(), op, "inv_tau");
-  TORCH_CHECK(inv_tau.numel() == 1, op, ": inv_tau must have one element, got ", inv_tau.numel());
+  TORCH_CHECK(decay.defined(), op, ": decay is undefined");
+  TORCH_CHECK(decay.device() == x.device() || decay.device().is_cpu(), op, ": decay must be on ", x.device(),
+              " or the CPU, got ", decay.device());
+  TORCH_CHECK(is_float_dtype(decay.scalar_type()), op, ": decay must be a floating-point tensor, got ",
+              decay.scalar_type());
+  TORCH_CHECK(decay.numel() == 1, op, ": decay must have one element, got ", decay.numel());
   TORCH_CHECK(surrogate >= 0 && surrogate <= 2, op, ": surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got ",
               surrogate);
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
+  TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
 }
 
-// The incoming gradients of lif_backward: grad_spikes like x (any strides), grad_v_last [N].
+// A decay value read on the host: tau finite and > 1 (divide mode), or k = 1/tau finite and > 0.
+inline void check_decay_value(const char* op, bool leaky, bool decay_is_tau, double decay) {
+  if (!leaky) return;
+  if (decay_is_tau) {
+    TORCH_CHECK(std::isfinite(decay) && decay > 1.0, op, ": tau must be a finite number > 1, got ", decay);
+  } else {
+    TORCH_CHECK(std::isfinite(decay) && decay > 0.0, op, ": 1/tau must be a finite number > 0, got ", decay);
+  }
+}
+
+// The incoming gradients of lif_backward: grad_spikes like x (any strides), grad_v_last [N] or None.
 inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spikes,
-                               const std::optional<at::Tensor>& grad_v_last, bool leaky, bool need_inv_tau_grad) {
+                               const std::optional<at::Tensor>& grad_v_last, bool leaky, bool decay_is_tau,
+                               bool need_decay_grad) {
   check_float(grad_spikes, x.device(), "lif_backward", "grad_spikes");
   TORCH_CHECK(grad_spikes.sizes() == x.sizes(), "lif_backward: grad_spikes shape ", grad_spikes.sizes(),
               " differs from x shape ", x.sizes());
@@ -62,7 +79,9 @@ inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spike
     TORCH_CHECK(grad_v_last->dim() == 1 && grad_v_last->size(0) == x.size(1),
                 "lif_backward: grad_v_last must have shape [N] = [", x.size(1), "], got ", grad_v_last->sizes());
   }
-  TORCH_CHECK(leaky || !need_inv_tau_grad, "lif_backward: need_inv_tau_grad requires the leaky (LIF) neuron");
+  TORCH_CHECK(leaky || !need_decay_grad, "lif_backward: need_decay_grad requires the leaky (LIF) neuron");
+  TORCH_CHECK_VALUE(!decay_is_tau || !need_decay_grad,
+              "lif_backward: need_decay_grad requires decay_is_tau=False (decay holds k = 1/tau)");
 }
 
 // The neuron's options as the constants its kernels use (DESIGN.md section 2.1), in acc_t.

@@ -14,19 +14,22 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(stars_fast, m) {
   // Multi-step LIF/IF neuron over x[T, N] (contiguous). surrogate: 0 sigmoid, 1 atan, 2 triangle.
-  // v_init: [N] or None (then v_reset, or 0 for soft reset). inv_tau: 1-element fp32 tensor (1/tau).
-  // Returns spikes [T, N] (x's dtype) and the final membrane potential v_last [N] (x's dtype).
+  // v_init: [N] or None (then v_reset, or 0 for soft reset). decay: 1-element float tensor holding tau
+  // (decay_is_tau: the charge divides by it, as SpikingJelly's LIFNode) or k = 1/tau (multiplies, as
+  // its ParametricLIFNode). Returns spikes [T, N] (x's dtype) and the final membrane potential v_last
+  // [N] (x's dtype) when need_v_last, else an empty [0] tensor.
   m.def(
-      "lif_forward(Tensor x, Tensor? v_init, Tensor inv_tau, bool leaky, float v_threshold, "
-      "float? v_reset, bool decay_input, int surrogate, float alpha, bool spiking) "
+      "lif_forward(Tensor x, Tensor? v_init, Tensor decay, bool leaky, bool decay_is_tau, float v_threshold, "
+      "float? v_reset, bool decay_input, int surrogate, float alpha, bool spiking, bool need_v_last) "
       "-> (Tensor spikes, Tensor v_last)");
-  // Surrogate-gradient backward: recomputes h from x. grad_inv_tau is a per-element partial sum
-  // [N] fp32 (reduced deterministically by the caller) when need_inv_tau_grad, else empty.
+  // Surrogate-gradient backward: recomputes h from x. grad_v_last None is zero. grad_v_init [N] when
+  // need_grad_v_init, grad_decay the per-neuron partial sums [N] of dL/dk (fp32; fp64 for fp64 x;
+  // reduced by the caller) when need_decay_grad (requires decay_is_tau=False); else empty [0].
   m.def(
-      "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor x, Tensor? v_init, Tensor inv_tau, "
-      "bool leaky, float v_threshold, float? v_reset, bool decay_input, int surrogate, float alpha, "
-      "bool spiking, bool detach_reset, bool need_inv_tau_grad) "
-      "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_inv_tau)");
+      "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor x, Tensor? v_init, Tensor decay, "
+      "bool leaky, bool decay_is_tau, float v_threshold, float? v_reset, bool decay_input, int surrogate, "
+      "float alpha, bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) "
+      "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay)");
   // Fused STARS loss over L layers: z_teacher[l] [B, C_l], z_student[l] [B, C'_l] (one B for all).
   // Per layer, normalize: zn = (z - mean(zT)) / max(std_pop(zT), eps) on both sides (else zn = z);
   // theta = thresholds (shared by all layers, in zn coordinates) if given, else the linear

@@ -1,7 +1,8 @@
 """Which backend runs an op, and why the others were skipped.
 
-Order of preference for backend="auto": CUDA tensors -> triton, cuda, reference;
-CPU tensors -> cpu, reference. STARS_FAST_BACKEND overrides "auto" (e.g. STARS_FAST_BACKEND=reference).
+Order of preference for backend="auto", by the input's device and dtype: CUDA float64 -> cuda,
+reference (Triton has no float64); other CUDA tensors -> triton, cuda, reference; CPU tensors -> cpu,
+reference. STARS_FAST_BACKEND overrides "auto" (e.g. STARS_FAST_BACKEND=reference).
 The "triton" backend also accepts CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter; slow,
 used by the tests).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -43,8 +44,8 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available_backends(device="cpu") -> Dict[str, str]:
-    """Map each backend to "" if usable for tensors on `device`, else the reason it is not."""
+def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> Dict[str, str]:
+    """Map each backend to "" if usable for tensors on `device` (of `dtype`, if given), else the reason it is not."""
     device = torch.device(device)
     has_cpu, has_cuda, ext_reason = _extension_status()
     triton_ok, triton_reason = _triton_status()
@@ -62,23 +63,37 @@ def available_backends(device="cpu") -> Dict[str, str]:
             reasons["triton"] = ""
         reasons["cuda"] = "the cuda backend needs CUDA tensors"
         reasons["cpu"] = "" if has_cpu else ext_reason
+    if dtype == torch.float64 and not reasons["triton"]:
+        reasons["triton"] = "the Triton kernels take float32, float16 or bfloat16, not float64"
     return {name: reasons[name] for name in BACKENDS}
 
 
+def _auto_order(device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
+    if device.type != "cuda":
+        return ("cpu", "reference")
+    return ("cuda", "reference") if dtype == torch.float64 else ("triton", "cuda", "reference")
+
+
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device) -> str:
-    """The backend that will run: `backend` itself if usable, or auto's first usable choice.
+def resolve(backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that will run: `backend` itself if usable, or auto's first usable choice for
+    tensors on `device` of `dtype` (None: any dtype but float64).
 
     A constant for torch.compile: evaluated once while tracing, not traced into the graph.
     """
-    if backend == "auto":
-        backend = os.environ.get(ENV_OVERRIDE, "auto")
+    device = torch.device(device)
+    source = "backend"
+    if backend == "auto" and os.environ.get(ENV_OVERRIDE, "auto") != "auto":
+        backend, source = os.environ[ENV_OVERRIDE], f"the environment variable {ENV_OVERRIDE}"
     if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
-    reasons = available_backends(device)
+        if source == "backend":
+            raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}")
+        raise ValueError(f"{ENV_OVERRIDE}={backend!r} names no backend; expected one of {('auto',) + BACKENDS}")
+    reasons = available_backends(device, dtype)
     if backend == "auto":
-        order = ("triton", "cuda", "reference") if torch.device(device).type == "cuda" else ("cpu", "reference")
-        return next(name for name in order if not reasons[name])
+        return next(name for name in _auto_order(device, dtype) if not reasons[name])
     if reasons[backend]:
-        raise RuntimeError(f"backend {backend!r} is not usable on {device}: {reasons[backend]}")
+        what = f"{device}" + (f" for {dtype}" if dtype is not None else "")
+        chosen = f"backend {backend!r}" + (f" (from {source})" if source != "backend" else "")
+        raise RuntimeError(f"{chosen} is not usable on {what}: {reasons[backend]}")
     return backend

@@ -58,8 +58,9 @@ class _HeavisideSurrogate(torch.autograd.Function):
 
 def multistep_neuron(
     x: torch.Tensor,
-    inv_tau: Union[float, torch.Tensor] = 0.5,
+    inv_tau: Union[float, torch.Tensor, None] = None,
     *,
+    tau: Optional[float] = None,
     leaky: bool = True,
     v_threshold: float = 1.0,
     v_reset: Optional[float] = 0.0,
@@ -72,13 +73,16 @@ def multistep_neuron(
 ):
     """Reference multi-step LIF (leaky=True) / IF neuron over x[T, ...]; returns (spikes, v_last).
 
-    charge  LIF decay_input:  h = v + (x[t] - (v - v_r)) * k        (k = 1/tau)
-            LIF otherwise:    h = v - (v - v_r) * k + x[t]
-            IF:               h = v + x[t]
+    charge  LIF decay_input:  h = v + (x[t] - (v - v_r)) / tau      (tau given: SpikingJelly's LIFNode)
+                              h = v + (x[t] - (v - v_r)) * k        (k = inv_tau given: ParametricLIFNode)
+            LIF otherwise:    h = v - (v - v_r) / tau + x[t]   |   h = v - (v - v_r) * k + x[t]
+            IF:               h = v + x[t]                          (tau / inv_tau ignored)
     fire    s = Theta(h - v_th)          (spiking=False: the surrogate's primitive)
     reset   hard: v = h (1 - s) + v_reset s      soft (v_reset None): v = h - v_th s, v_r = 0
     State and arithmetic in fp32 for half inputs, in the input dtype otherwise.
     """
+    if leaky and (inv_tau is None) == (tau is None):
+        raise ValueError("a LIF neuron needs exactly one of inv_tau (multiply by 1/tau) or tau (divide by tau)")
     if alpha is None:
         alpha = SURROGATE_DEFAULT_ALPHA[surrogate]
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -96,9 +100,9 @@ def multistep_neuron(
         if not leaky:
             h = v + xs[t]
         elif decay_input:
-            h = v + (xs[t] - (v - v_r)) * inv_tau
+            h = v + ((xs[t] - (v - v_r)) / tau if tau is not None else (xs[t] - (v - v_r)) * inv_tau)
         else:
-            h = v - (v - v_r) * inv_tau + xs[t]
+            h = v - ((v - v_r) / tau if tau is not None else (v - v_r) * inv_tau) + xs[t]
         u = h - v_threshold
         if spiking:
             s = _HeavisideSurrogate.apply(u, surrogate, alpha)
@@ -110,7 +114,8 @@ def multistep_neuron(
         else:
             v = h * (1.0 - s_reset) + v_reset * s_reset
         spikes.append(s)
-    spikes = torch.stack(spikes) if spikes else xs.new_empty(xs.shape)
+    # T = 0: an empty result that is still a function of x (it carries a grad_fn when x needs grad).
+    spikes = torch.stack(spikes) if spikes else xs * 0.0
     return spikes.to(x.dtype), v.to(x.dtype)
 
 

@@ -36,3 +36,45 @@ def test_unusable_or_unknown_backend_is_a_clear_error():
         stars_fast.multistep_lif(torch.randn(2, 3), backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         _backend.resolve("tpu", "cpu")
+
+
+def _simulate_cuda(monkeypatch, *, has_cuda_kernels=True, triton_ok=True):
+    """Pretend the extension has CUDA kernels and Triton imports, so CUDA choices can be tested without a GPU."""
+    monkeypatch.setattr(_backend, "_extension_status", lambda: (True, has_cuda_kernels, "" if has_cuda_kernels
+                                                                else "extension built without CUDA kernels"))
+    monkeypatch.setattr(_backend, "_triton_status", lambda: (True, "") if triton_ok else (False, "no triton"))
+
+
+def test_auto_is_dtype_aware_on_cuda(monkeypatch):
+    _simulate_cuda(monkeypatch)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, None):
+        assert _backend.resolve("auto", "cuda", dtype) == "triton"
+    assert _backend.resolve("auto", "cuda", torch.float64) == "cuda"  # Triton has no float64
+    assert "float64" in stars_fast.available_backends("cuda", torch.float64)["triton"]
+    assert stars_fast.available_backends("cuda", torch.float32)["triton"] == ""
+    with pytest.raises(RuntimeError, match="float64"):
+        _backend.resolve("triton", "cuda", torch.float64)
+    _simulate_cuda(monkeypatch, has_cuda_kernels=False)
+    assert _backend.resolve("auto", "cuda", torch.float64) == "reference"
+    assert _backend.resolve("auto", "cuda", torch.float32) == "triton"
+    _simulate_cuda(monkeypatch, has_cuda_kernels=False, triton_ok=False)
+    assert _backend.resolve("auto", "cuda", torch.float32) == "reference"
+    reasons = stars_fast.available_backends("cuda", torch.float64)
+    assert reasons["triton"] == "no triton" and "without CUDA kernels" in reasons["cuda"]
+
+
+def test_auto_on_the_cpu_ignores_the_dtype():
+    expected = "cpu" if stars_fast.available_backends("cpu")["cpu"] == "" else "reference"
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        assert _backend.resolve("auto", "cpu", dtype) == expected
+
+
+def test_environment_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_OVERRIDE, "gpu")
+    with pytest.raises(ValueError, match="STARS_FAST_BACKEND"):
+        _backend.resolve("auto", "cpu")
+    monkeypatch.setenv(_backend.ENV_OVERRIDE, "cuda")
+    with pytest.raises(RuntimeError, match="STARS_FAST_BACKEND"):
+        stars_fast.multistep_lif(torch.randn(2, 3))
+    monkeypatch.setenv(_backend.ENV_OVERRIDE, "auto")
+    assert _backend.resolve("auto", "cpu") in ("cpu", "reference")

@@ -24,39 +24,45 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10
 
 
 def _neuron_case(T, N, dtype, *, leaky, v_reset, decay_input, detach_reset, surrogate, spiking, with_v_init,
-                 with_grad_v_last, need_inv_tau_grad, seed=0):
-    """Run lif_forward / lif_backward and the reference (autograd) on one configuration."""
+                 with_grad_v_last, need_decay_grad, decay_is_tau=False, seed=0):
+    """Run lif_forward / lif_backward and the reference (autograd) on one configuration.
+
+    decay_is_tau: decay holds tau = 3 and the charge divides by it; else it holds k = 1/3 (fp32) and multiplies."""
     gen = torch.Generator().manual_seed(seed)
-    v_th, alpha, inv_tau_value = 1.0, R.SURROGATE_DEFAULT_ALPHA[surrogate], 1.0 / 3.0
+    v_th, alpha = 1.0, R.SURROGATE_DEFAULT_ALPHA[surrogate]
     x = (torch.randn(T, N, generator=gen, dtype=torch.float64) * 0.8 + 0.6).to(dtype)
     if N >= 4 and not leaky:
         x[0, :4] = v_th  # IF from rest: h == v_th exactly at t = 0 -> Theta(0) = 1
     v_r = 0.0 if v_reset is None else v_reset
     v_init = (torch.rand(N, generator=gen, dtype=torch.float64) - 0.5).to(dtype) if with_v_init else None
-    inv_tau = torch.tensor([inv_tau_value], dtype=torch.float32)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = torch.tensor([3.0 if decay_is_tau else 1.0 / 3.0], dtype=compute)
     grad_spikes = torch.randn(T, N, generator=gen, dtype=torch.float64).to(dtype)
     grad_v_last = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype) if with_grad_v_last else None
     sid = SURROGATES.index(surrogate)
 
-    spikes, v_last = ops.lif_forward(x, v_init, inv_tau, leaky, v_th, v_reset, decay_input, sid, alpha, spiking)
-    grad_x, grad_v_init, grad_inv_tau = ops.lif_backward(
-        grad_spikes, grad_v_last, x, v_init, inv_tau, leaky, v_th, v_reset, decay_input, sid, alpha, spiking,
-        detach_reset, need_inv_tau_grad)
+    spikes, v_last = ops.lif_forward(x, v_init, decay, leaky, decay_is_tau, v_th, v_reset, decay_input, sid, alpha,
+                                     spiking, True)
+    grad_x, grad_v_init, grad_decay = ops.lif_backward(
+        grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_th, v_reset, decay_input, sid, alpha,
+        spiking, detach_reset, need_decay_grad, True)
 
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
     x_ref = x.clone().requires_grad_(True)
     v0_ref = (v_init.clone() if with_v_init else torch.full((N,), v_r, dtype=dtype)).requires_grad_(True)
-    k_ref = inv_tau.to(compute).requires_grad_(True)
-    s_ref, v_ref = R.multistep_neuron(x_ref, k_ref, leaky=leaky, v_threshold=v_th, v_reset=v_reset,
+    k_ref = decay.clone().requires_grad_(not decay_is_tau)
+    mode = dict(tau=3.0) if decay_is_tau else dict(inv_tau=k_ref)
+    s_ref, v_ref = R.multistep_neuron(x_ref, leaky=leaky, v_threshold=v_th, v_reset=v_reset,
                                       decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate,
-                                      alpha=alpha, spiking=spiking, v_init=v0_ref)
+                                      alpha=alpha, spiking=spiking, v_init=v0_ref, **mode)
     loss = (s_ref.to(compute) * grad_spikes.to(compute)).sum()
     if with_grad_v_last:
         loss = loss + (v_ref.to(compute) * grad_v_last.to(compute)).sum()
-    g_x, g_v0, g_k = torch.autograd.grad(loss, [x_ref, v0_ref, k_ref], allow_unused=True)
+    g_x, g_v0, *g_k = torch.autograd.grad(loss, [x_ref, v0_ref] + ([] if decay_is_tau else [k_ref]),
+                                          allow_unused=True)
+    g_k = g_k[0] if g_k else None
     ref = dict(spikes=s_ref.detach(), v_last=v_ref.detach(), grad_x=g_x, grad_v_init=g_v0,
-               grad_inv_tau=torch.zeros(1, dtype=compute) if g_k is None else g_k)
-    got = dict(spikes=spikes, v_last=v_last, grad_x=grad_x, grad_v_init=grad_v_init, grad_inv_tau=grad_inv_tau)
+               grad_decay=torch.zeros(1, dtype=compute) if g_k is None else g_k)
+    got = dict(spikes=spikes, v_last=v_last, grad_x=grad_x, grad_v_init=grad_v_init, grad_decay=grad_decay)
     return got, ref
 
 
@@ -70,21 +76,25 @@ NEURON_CONFIGS = [
 
 @pytest.mark.parametrize("leaky,v_reset,decay_input,surrogate,spiking", NEURON_CONFIGS)
 def test_neuron_matches_reference(leaky, v_reset, decay_input, surrogate, spiking):
-    cases = [  # (T, N, dtype, detach_reset, with_v_init, with_grad_v_last)
-        (4, 1003, torch.float32, False, False, False),
-        (4, 37, torch.float32, True, True, True),
-        (1, 37, torch.float32, False, True, False),
-        (4, 1, torch.float32, True, False, True),
-        (4, 37, torch.float64, False, True, True),
-        (3, 37, torch.float64, True, False, False),
+    cases = [  # (T, N, dtype, detach_reset, with_v_init, with_grad_v_last, decay_is_tau)
+        (4, 1003, torch.float32, False, False, False, False),
+        (4, 1003, torch.float32, False, False, True, True),
+        (4, 37, torch.float32, True, True, True, False),
+        (5, 37, torch.float32, True, True, False, True),
+        (1, 37, torch.float32, False, True, False, False),
+        (4, 1, torch.float32, True, False, True, False),
+        (4, 37, torch.float64, False, True, True, False),
+        (3, 37, torch.float64, True, False, False, True),
     ]
-    for T, N, dtype, detach_reset, with_v_init, with_grad_v_last in cases:
+    for T, N, dtype, detach_reset, with_v_init, with_grad_v_last, decay_is_tau in cases:
+        need_decay_grad = leaky and not decay_is_tau
         got, ref = _neuron_case(T, N, dtype, leaky=leaky, v_reset=v_reset, decay_input=decay_input,
                                 detach_reset=detach_reset, surrogate=surrogate, spiking=spiking,
                                 with_v_init=with_v_init, with_grad_v_last=with_grad_v_last,
-                                need_inv_tau_grad=leaky)
+                                need_decay_grad=need_decay_grad, decay_is_tau=decay_is_tau)
         tol = TOL[dtype]
-        where = f"T={T} N={N} {dtype} detach={detach_reset} v_init={with_v_init} grad_v_last={with_grad_v_last}"
+        where = (f"T={T} N={N} {dtype} detach={detach_reset} v_init={with_v_init} grad_v_last={with_grad_v_last} "
+                 f"decay_is_tau={decay_is_tau}")
         assert got["spikes"].dtype == dtype and got["v_last"].dtype == dtype
         if spiking:
             assert torch.equal(got["spikes"], ref["spikes"]), f"spikes differ ({where})"
@@ -93,49 +103,94 @@ def test_neuron_matches_reference(leaky, v_reset, decay_input, surrogate, spikin
         torch.testing.assert_close(got["v_last"], ref["v_last"], **tol, msg=f"v_last ({where})")
         torch.testing.assert_close(got["grad_x"], ref["grad_x"], **tol, msg=f"grad_x ({where})")
         torch.testing.assert_close(got["grad_v_init"], ref["grad_v_init"], **tol, msg=f"grad_v_init ({where})")
-        if leaky:
-            assert got["grad_inv_tau"].shape == (N,) and got["grad_inv_tau"].dtype == torch.float32
-            # float32 partial sums (the op's contract), summed in float64 here
-            torch.testing.assert_close(got["grad_inv_tau"].double().sum(), ref["grad_inv_tau"].double().sum()[()],
-                                       rtol=1e-5, atol=1e-5, msg=f"grad_inv_tau ({where})")
+        if need_decay_grad:
+            state = torch.float64 if dtype == torch.float64 else torch.float32
+            assert got["grad_decay"].shape == (N,) and got["grad_decay"].dtype == state
+            # partial sums in the state dtype (the op's contract), summed in float64 here
+            torch.testing.assert_close(got["grad_decay"].double().sum(), ref["grad_decay"].double().sum()[()],
+                                       rtol=1e-5, atol=1e-5, msg=f"grad_decay ({where})")
+        else:
+            assert got["grad_decay"].numel() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_neuron_half_io(dtype):
-    for v_reset, surrogate in ((0.0, "sigmoid"), (None, "atan")):
+    for v_reset, surrogate, decay_is_tau in ((0.0, "sigmoid", True), (None, "atan", False)):
         got, ref = _neuron_case(4, 1003, dtype, leaky=True, v_reset=v_reset, decay_input=True, detach_reset=False,
                                 surrogate=surrogate, spiking=True, with_v_init=True, with_grad_v_last=True,
-                                need_inv_tau_grad=False)
+                                need_decay_grad=False, decay_is_tau=decay_is_tau)
         assert torch.equal(got["spikes"], ref["spikes"])
-        assert got["grad_x"].dtype == dtype and got["grad_inv_tau"].numel() == 0
+        assert got["grad_x"].dtype == dtype and got["grad_decay"].numel() == 0
         for key in ("v_last", "grad_x", "grad_v_init"):
             torch.testing.assert_close(got[key], ref[key], **TOL[dtype], msg=key)
 
 
+FWD_OPTS = (True, False, 1.0, 0.0, True, 0, 4.0, True)  # leaky, decay_is_tau, v_th, v_reset, decay_input, sg, alpha, spiking
+
+
+# x / 3 (IEEE division, SpikingJelly's LIFNode) rounds one ulp below x * fp32(1/3): a threshold at the
+# product fires in multiply mode only.
+DIVIDE_X = float.fromhex("0x1.9dc8f0p+1")  # 3.2326946...
+DIVIDE_TH = float.fromhex("0x1.13db4cp+0")  # fp32(DIVIDE_X * fp32(1/3)); DIVIDE_X / 3 = 0x1.13db4ap+0
+
+
+def test_neuron_divides_by_tau():
+    """decay_is_tau: h = v + (x - v) / tau with a true division, not a multiply by fp32(1/tau)."""
+    x = torch.tensor([[DIVIDE_X]], dtype=torch.float32)
+    k = torch.tensor([1.0 / 3.0], dtype=torch.float32)
+    assert (x / 3.0).item() < DIVIDE_TH == (x * k).item()
+    opts = (DIVIDE_TH, 0.0, True, 0, 4.0, True, False)  # v_th, v_reset, decay_input, surrogate, alpha, spiking, v_last
+    divided, _ = ops.lif_forward(x, None, torch.tensor([3.0]), True, True, *opts)
+    multiplied, _ = ops.lif_forward(x, None, k, True, False, *opts)
+    assert divided.item() == 0.0 and multiplied.item() == 1.0
+
+
 def test_neuron_spike_at_threshold_and_nan():
-    """h == v_th fires (Theta(0) = 1); a NaN input gives a NaN spike, not a silent 0."""
+    """h == v_th fires (Theta(0) = 1); a NaN input gives a NaN spike, not a silent 0, and NaN gradients
+    where the reference has them (the triangle surrogate included)."""
     x = torch.tensor([[1.0, 0.5, float("nan")], [0.0, 0.5, 0.0]])
-    inv_tau = torch.tensor([0.5])
-    spikes, _ = ops.lif_forward(x, None, inv_tau, False, 1.0, 0.0, True, 0, 4.0, True)
+    decay = torch.tensor([0.5])
+    spikes, _ = ops.lif_forward(x, None, decay, False, False, 1.0, 0.0, True, 0, 4.0, True, False)
     assert spikes[0, 0] == 1 and spikes[1, 1] == 1 and spikes[0, 1] == 0
     assert torch.isnan(spikes[0, 2]) and torch.isnan(spikes[1, 2])
+    for sid, surrogate in enumerate(SURROGATES):
+        grad_x, _, _ = ops.lif_backward(torch.ones_like(x), None, x, None, decay, False, False, 1.0, 0.0, True, sid,
+                                        1.0, True, False, False, False)
+        xr = x.clone().requires_grad_(True)
+        R.multistep_neuron(xr, leaky=False, surrogate=surrogate, alpha=1.0)[0].sum().backward()
+        assert torch.equal(torch.isnan(grad_x), torch.isnan(xr.grad)), surrogate
+        assert torch.isnan(grad_x[:, 2]).all(), surrogate
 
 
 def test_neuron_broadcast_grad():
     """Stride-0 gradients (as from .sum()) are read without being materialized, with the same result."""
     x = torch.randn(4, 1003) + 0.5
-    inv_tau = torch.tensor([0.5])
-    args = (x, None, inv_tau, True, 1.0, 0.0, True, 0, 4.0, True, False, True)
+    decay = torch.tensor([2.0])
+    args = (x, None, decay, True, True, 1.0, 0.0, True, 0, 4.0, True, False, False, True)
     dense = ops.lif_backward(torch.ones(4, 1003), torch.full((1003,), 2.0), *args)
     expanded = ops.lif_backward(torch.ones(()).expand(4, 1003), torch.tensor(2.0).expand(1003), *args)
     for a, b in zip(dense, expanded):
         assert torch.equal(a, b)
 
 
+def test_neuron_optional_outputs():
+    """v_last, grad_v_init and grad_decay are empty unless asked for; grad_v_last None is zero."""
+    x = torch.randn(4, 100) + 0.5
+    k = torch.tensor([0.5])
+    spikes, v_last = ops.lif_forward(x, None, k, *FWD_OPTS[:-1], True, False)
+    assert v_last.shape == (0,) and spikes.shape == x.shape
+    grad_x, grad_v_init, grad_decay = ops.lif_backward(torch.ones_like(x), None, x, None, k, *FWD_OPTS[:-1], True,
+                                                       False, False, False)
+    assert grad_v_init.shape == (0,) and grad_decay.shape == (0,)
+    with_zero = ops.lif_backward(torch.ones_like(x), torch.zeros(100), x, None, k, *FWD_OPTS[:-1], True, False,
+                                 False, True)
+    assert torch.equal(grad_x, with_zero[0])
+
+
 def test_neuron_empty_steps():
     x = torch.empty(0, 5)
     v_init = torch.arange(5.0)
-    spikes, v_last = ops.lif_forward(x, v_init, torch.tensor([0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
+    spikes, v_last = ops.lif_forward(x, v_init, torch.tensor([2.0]), True, True, 1.0, 0.0, True, 0, 4.0, True, True)
     assert spikes.shape == (0, 5) and torch.equal(v_last, v_init)
 
 
@@ -144,24 +199,31 @@ def test_neuron_bad_inputs():
     k = torch.tensor([0.5])
     fwd = ops.lif_forward
     with pytest.raises(RuntimeError, match="2-D"):
-        fwd(torch.randn(10), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(torch.randn(10), None, k, *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="v_init must have shape"):
-        fwd(x, torch.zeros(9), k, True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(x, torch.zeros(9), k, *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="v_init dtype"):
-        fwd(x, torch.zeros(10, dtype=torch.float64), k, True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(x, torch.zeros(10, dtype=torch.float64), k, *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="float32, float64"):
-        fwd(torch.ones(4, 10, dtype=torch.int32), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(torch.ones(4, 10, dtype=torch.int32), None, k, *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="contiguous"):
-        fwd(torch.randn(10, 4).t(), None, k, True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(torch.randn(10, 4).t(), None, k, *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="one element"):
-        fwd(x, None, torch.tensor([0.5, 0.5]), True, 1.0, 0.0, True, 0, 4.0, True)
+        fwd(x, None, torch.tensor([0.5, 0.5]), *FWD_OPTS, True)
     with pytest.raises(RuntimeError, match="surrogate must be"):
-        fwd(x, None, k, True, 1.0, 0.0, True, 7, 4.0, True)
-    bwd_opts = (True, 1.0, 0.0, True, 0, 4.0, True, False, False)
+        fwd(x, None, k, True, False, 1.0, 0.0, True, 7, 4.0, True, True)
+    with pytest.raises(RuntimeError, match="alpha must be"):
+        fwd(x, None, k, True, False, 1.0, 0.0, True, 0, 0.0, True, True)
+    with pytest.raises(RuntimeError, match="tau must be a finite number > 1"):
+        fwd(x, None, torch.tensor([float("inf")]), True, True, 1.0, 0.0, True, 0, 4.0, True, True)
+    bwd_opts = (True, False, 1.0, 0.0, True, 0, 4.0, True, False, False, True)
     with pytest.raises(RuntimeError, match="grad_spikes shape"):
         ops.lif_backward(torch.ones(3, 10), None, x, None, k, *bwd_opts)
     with pytest.raises(RuntimeError, match="grad_v_last must have shape"):
         ops.lif_backward(torch.ones(4, 10), torch.ones(3), x, None, k, *bwd_opts)
+    with pytest.raises(ValueError, match="decay_is_tau=False"):
+        ops.lif_backward(torch.ones(4, 10), None, x, None, torch.tensor([2.0]), True, True, 1.0, 0.0, True, 0, 4.0,
+                         True, False, True, True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,17 +31,18 @@ def _ids(opts):
     return "-".join(f"{k}={v}" for k, v in opts.items())
 
 
-def _run(backend, x, v_init=None, inv_tau=0.5, **opts):
+def _run(backend, x, v_init=None, decay=(("inv_tau", 0.5),), **opts):
     x = x.detach().clone().requires_grad_(True)
     v0 = None if v_init is None else v_init.detach().clone().requires_grad_(True)
-    spikes, v_last = multistep_neuron(x, inv_tau, v_init=v0, backend=backend, **opts)
+    spikes, v_last = multistep_neuron(x, v_init=v0, backend=backend, **dict(decay), **opts)
     return x, v0, spikes, v_last
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("opts", OPTION_GRID, ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_reference(backend, opts, dtype):
+@pytest.mark.parametrize("decay", [(("inv_tau", 0.5),), (("tau", 3.0),)], ids=["inv_tau=0.5", "tau=3"])
+def test_matches_reference(backend, opts, dtype, decay):
     require_backend(backend)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take fp32/fp16/bf16")
@@ -52,7 +53,7 @@ def test_matches_reference(backend, opts, dtype):
     grad_v = torch.randn(shape, dtype=dtype)
     results = {}
     for name in ("reference", backend):
-        xr, v0, spikes, v_last = _run(name, x, v_init, **opts)
+        xr, v0, spikes, v_last = _run(name, x, v_init, decay, **opts)
         torch.autograd.backward([spikes, v_last], [grad_s, grad_v])
         results[name] = (spikes.detach(), v_last.detach(), xr.grad, v0.grad)
     ref, got = results["reference"], results[backend]
@@ -161,8 +162,10 @@ def test_opcheck(backend):
     x = torch.randn(3, 20, requires_grad=True)
     v_init = torch.randn(20, requires_grad=True)
     inv_tau = torch.tensor([0.5], requires_grad=True)
-    for args in [(x, v_init, inv_tau, True, 1.0, 0.0, True, 0, 4.0, True, False),
-                 (x, None, inv_tau.detach(), False, 1.0, None, True, 1, 2.0, False, True)]:
+    tau = torch.tensor([3.0])
+    for args in [(x, v_init, inv_tau, True, False, 1.0, 0.0, True, 0, 4.0, True, False, True),
+                 (x, v_init, tau, True, True, 1.0, None, False, 2, 1.0, True, True, False),
+                 (x, None, inv_tau.detach(), False, False, 1.0, None, True, 1, 2.0, False, True, True)]:
         if backend == "triton" and triton_interpreter():
             # Under the interpreter a Triton launch reads real data pointers, so the AOT-dispatch
             # check (which traces with fake tensors) cannot run the kernel; on a GPU it runs it all.
@@ -228,6 +231,214 @@ def test_edge_inputs_give_correct_answers(backend):
     s1 = stars_fast.multistep_lif(x.nan_to_num(), v_init=torch.tensor(0.25), backend=backend)
     s2 = stars_fast.multistep_lif(x.nan_to_num(), v_init=torch.full((4,), 0.25), backend="reference")
     assert torch.equal(s1, s2)
+
+
+# --- divide by tau, as SpikingJelly 2.0's LIFNode -------------------------------------------------
+
+# x / 3 (IEEE division) rounds one ulp below x * fp32(1/3): with the threshold at the product, a
+# neuron that multiplies by fp32(1/tau) fires, one that divides by tau does not.
+DIVIDE_X = float.fromhex("0x1.9dc8f0p+1")
+DIVIDE_TH = float.fromhex("0x1.13db4cp+0")
+
+
+def _sj_lif(**kwargs):
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    return sj_neuron.LIFNode(surrogate_function=sj_surrogate.Sigmoid(), step_mode="m", **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_lif_divides_by_tau_like_spikingjelly(backend):
+    """Spikes bit-equal to SpikingJelly's LIFNode(step_mode='m') (its CPU torch backend) and to our
+    reference on a case where multiplying by fp32(1/tau) fires and dividing by tau does not."""
+    require_backend(backend)
+    x = torch.full((1, 1, 8), DIVIDE_X)
+    assert (x / 3.0).max().item() < DIVIDE_TH <= (x * torch.tensor(1.0 / 3.0)).min().item()
+    sj = _sj_lif(tau=3.0, v_threshold=DIVIDE_TH)
+    expected = sj(x)
+    assert expected.sum().item() == 0.0
+    got = stars_fast.multistep_lif(x, tau=3.0, v_threshold=DIVIDE_TH, backend=backend)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, stars_fast.multistep_lif(x, tau=3.0, v_threshold=DIVIDE_TH, backend="reference"))
+    multiplied, _ = multistep_neuron(x, 1.0 / 3.0, v_threshold=DIVIDE_TH, backend=backend)
+    assert multiplied.sum().item() == 8.0  # the multiply form would have fired
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("tau", [3.0, 2.7, 5.0, 1.3])
+@pytest.mark.parametrize("decay_input,v_reset", [(True, 0.0), (False, 0.0), (True, None), (False, -0.25)])
+def test_lif_matches_spikingjelly_for_any_tau(backend, tau, decay_input, v_reset):
+    require_backend(backend)
+    x = torch.randn(8, 4, 257) * 1.5 + 0.5
+    sj = _sj_lif(tau=tau, decay_input=decay_input, v_reset=v_reset)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected = sj(xa)
+    got = stars_fast.multistep_lif(xb, tau=tau, decay_input=decay_input, v_reset=v_reset, backend=backend)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, stars_fast.multistep_lif(x, tau=tau, decay_input=decay_input, v_reset=v_reset,
+                                                     backend="reference"))
+    g = torch.randn_like(x)
+    expected.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+
+
+# --- minimal traffic: what the backward op is asked for ------------------------------------------
+
+class _RecordBackward(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.stars_fast.neuron.default, torch.ops.stars_fast.neuron_backward.default):
+            self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", EXTENSION)
+def test_only_needed_outputs_are_computed(backend):
+    require_backend(backend)
+    x = (torch.randn(4, 3, 17) + 0.5).requires_grad_(True)
+    with _RecordBackward() as rec:
+        spikes = stars_fast.multistep_lif(x, tau=2.0, backend=backend)
+        spikes.sum().backward()
+    (fwd, fwd_args), (bwd, bwd_args) = rec.calls
+    assert fwd_args[-1] is False  # need_v_last
+    assert bwd_args[1] is None  # grad_v_last: not materialized as zeros
+    assert bwd_args[-1] is False and bwd_args[-2] is False  # need_grad_v_init, need_decay_grad
+    # with v_init needing grad and v_last returned, both are computed
+    v0 = torch.zeros(3, 17, requires_grad=True)
+    with _RecordBackward() as rec:
+        spikes, v_last = stars_fast.multistep_lif(x, tau=2.0, v_init=v0, return_v=True, backend=backend)
+        (spikes.sum() + v_last.sum()).backward()
+    (_, fwd_args), (_, bwd_args) = rec.calls
+    assert fwd_args[-1] is True and bwd_args[1] is not None and bwd_args[-1] is True
+    assert v0.grad is not None and v0.grad.shape == v0.shape
+    # only v_last used: grad_spikes arrives as a stride-0 zero, and the result matches the reference
+    xa, xb = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    stars_fast.multistep_lif(xa, tau=2.0, return_v=True, backend=backend)[1].sum().backward()
+    stars_fast.multistep_lif(xb, tau=2.0, return_v=True, backend="reference")[1].sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+# --- hardening (issue 14) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_invalid_alpha_tau_and_thresholds_refused_on_every_backend(backend):
+    require_backend(backend)
+    x = torch.randn(4, 3)
+    for alpha in (0.0, -1.0, float("nan"), float("inf")):
+        for surrogate in ("sigmoid", "triangle"):
+            with pytest.raises(ValueError, match="alpha"):
+                stars_fast.multistep_lif(x, surrogate=surrogate, alpha=alpha, backend=backend)
+    for tau in (float("inf"), float("nan"), 1.0, -3.0):
+        with pytest.raises(ValueError, match="tau"):
+            stars_fast.multistep_lif(x, tau=tau, backend=backend)
+    for inv_tau in (0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="inv_tau"):
+            multistep_neuron(x, inv_tau, backend=backend)
+    with pytest.raises(ValueError, match="exactly one"):
+        multistep_neuron(x, 0.5, tau=2.0, backend=backend)
+    with pytest.raises(ValueError, match="exactly one"):
+        multistep_neuron(x, backend=backend)
+    with pytest.raises(ValueError, match="v_threshold"):
+        stars_fast.multistep_lif(x, v_threshold=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="v_reset"):
+        stars_fast.multistep_lif(x, v_reset=float("inf"), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_if_ignores_tau(backend):
+    require_backend(backend)
+    x = torch.randn(4, 3) + 0.5
+    expected = stars_fast.multistep_lif(x, neuron="if", backend="reference")
+    for tau in (0.0, float("inf"), -1.0):
+        assert torch.equal(stars_fast.multistep_lif(x, neuron="if", tau=tau, backend=backend), expected)
+    assert torch.equal(multistep_neuron(x, neuron="if", backend=backend)[0], expected)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_zero_steps_stay_differentiable(backend):
+    require_backend(backend)
+    x = torch.randn(0, 3, 5, requires_grad=True)
+    v0 = torch.randn(3, 5, requires_grad=True)
+    spikes, v_last = stars_fast.multistep_lif(x, v_init=v0, return_v=True, backend=backend)
+    assert spikes.shape == (0, 3, 5) and spikes.grad_fn is not None
+    (spikes.sum() + v_last.sum()).backward()
+    assert x.grad.shape == x.shape and torch.equal(v0.grad, torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + EXTENSION)
+@pytest.mark.parametrize("surrogate", ["sigmoid", "atan", "triangle"])
+@pytest.mark.parametrize("neuron,mode", [("lif", "tau"), ("lif", "inv_tau"), ("if", None)])
+def test_double_backward_is_the_references(backend, surrogate, neuron, mode):
+    """create_graph=True then a second grad: the fused ops give the reference's second derivatives
+    (spiking=False, where they exist), never zeros; gradgradcheck in float64 on top."""
+    require_backend(backend)
+    x = (torch.randn(3, 2, 5, dtype=torch.float64) * 0.8 + 0.5).requires_grad_(True)
+    v_init = (torch.randn(2, 5, dtype=torch.float64) * 0.2).requires_grad_(True)
+    k = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    decay = {"tau": dict(tau=2.5), "inv_tau": dict(inv_tau=k), None: {}}[mode]
+    opts = dict(neuron=neuron, surrogate=surrogate, spiking=False, v_init=v_init, **decay)
+
+    def second_order(name):
+        spikes, v_last = multistep_neuron(x, backend=name, **opts)
+        g_x, = torch.autograd.grad((spikes ** 2).sum() + v_last.sum(), x, create_graph=True)
+        wrt = [x, v_init] + ([k] if mode == "inv_tau" else [])
+        return torch.autograd.grad((g_x ** 2).sum(), wrt, allow_unused=True)
+
+    got, ref = second_order(backend), second_order("reference")
+    for g, r in zip(got, ref):
+        assert g is not None and r is not None and r.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+    def fn(x, v_init):
+        return multistep_neuron(x, backend=backend, **{**opts, "v_init": v_init})
+
+    assert torch.autograd.gradgradcheck(fn, (x, v_init), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_as_the_reference(backend, dtype):
+    """Under torch.autocast the neuron runs as the reference does (elementwise ops are not autocast:
+    outputs keep the input's dtype), forward and backward."""
+    require_backend(backend)
+    x = (torch.randn(4, 3, 33) + 0.5).to(dtype)
+    results = {}
+    for name in ("reference", backend):
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            spikes, v_last = multistep_neuron(xg, tau=2.0, backend=name)
+            (spikes.float().sum() + v_last.float().sum()).backward()
+        results[name] = (spikes, v_last, xg.grad)
+    for got, ref in zip(results[backend], results["reference"]):
+        assert got.dtype == ref.dtype == dtype
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_noncontiguous_and_broadcast_v_init(backend):
+    require_backend(backend)
+    x = torch.randn(4, 6, 5) + 0.5
+    cases = [((5, 6), lambda v: v.t()),  # non-contiguous [6, 5]
+             ((5,), lambda v: v),  # broadcast over the first axis
+             ((6, 1), lambda v: v),  # broadcast over the last axis
+             ((), lambda v: v.expand(6, 5)),  # stride-0 expand
+             ((6, 5), lambda v: v.double())]  # another dtype
+    for shape, view in cases:
+        leaf = torch.randn(shape)
+        results = {}
+        for name in ("reference", backend):
+            xg, v0 = x.clone().requires_grad_(True), leaf.clone().requires_grad_(True)
+            spikes, v_last = multistep_neuron(xg, tau=2.0, v_init=view(v0), backend=name)
+            (spikes.sum() + (v_last ** 2).sum()).backward()
+            results[name] = (spikes, v_last, xg.grad, v0.grad)
+        assert torch.equal(results[backend][0], results["reference"][0])
+        for got, ref in zip(results[backend][1:], results["reference"][1:]):
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_make_neuron_and_modules_share_defaults():

@@ -2,11 +2,16 @@
 
 Three homes for one op: `stars_fast.reference.multistep_neuron` (plain PyTorch, ground truth),
 the Triton kernels in `stars_fast.kernels.lif`, and the C++/CUDA kernels behind
-`torch.ops.stars_fast.lif_forward/lif_backward` (csrc/). This module registers the autograd
-formula once for the compiled backends and dispatches by backend.
+`torch.ops.stars_fast.lif_forward/lif_backward` (csrc/). This module checks the arguments once for
+every backend, registers the autograd formula once for the compiled backends and dispatches.
+
+`decay` (a 1-element tensor) holds tau when `decay_is_tau` (the charge divides by tau, as
+SpikingJelly's LIFNode) and k = 1/tau otherwise (the charge multiplies by k, as its
+ParametricLIFNode, whose k = sigmoid(w) may need a gradient).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -18,9 +23,8 @@ SURROGATE_IDS = {"sigmoid": 0, "atan": 1, "triangle": 2}
 NEURONS = ("lif", "if")
 
 
-def _ext_forward(x, v_init, inv_tau, leaky, v_threshold, v_reset, decay_input, surrogate, alpha, spiking):
-    return torch.ops.stars_fast.lif_forward(
-        x, v_init, inv_tau, leaky, v_threshold, v_reset, decay_input, surrogate, alpha, spiking)
+def _ext_forward(*args):
+    return torch.ops.stars_fast.lif_forward(*args)
 
 
 def _ext_backward(*args):
@@ -39,54 +43,92 @@ def _triton_backward(*args):
     return triton_lif.lif_backward(*args)
 
 
-def _fake_forward(x, v_init, inv_tau, leaky, v_threshold, v_reset, decay_input, surrogate, alpha, spiking,
-                  detach_reset):
-    return torch.empty_like(x), x.new_empty(x.shape[1:])
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Membrane state and arithmetic dtype: fp64 for fp64 data, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_backward(grad_spikes, grad_v_last, x, v_init, inv_tau, leaky, v_threshold, v_reset, decay_input,
-                   surrogate, alpha, spiking, detach_reset, need_inv_tau_grad):
-    grad_inv_tau = x.new_empty(x.shape[1:] if need_inv_tau_grad else (0,), dtype=torch.float32)
-    return torch.empty_like(x), x.new_empty(x.shape[1:]), grad_inv_tau
+def _fake_forward(x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
+                  spiking, detach_reset, need_v_last):
+    return torch.empty_like(x), x.new_empty(x.shape[1:] if need_v_last else (0,))
+
+
+def _fake_backward(grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset,
+                   decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad, need_grad_v_init):
+    grad_decay = x.new_empty(x.shape[1:] if need_decay_grad else (0,), dtype=_state_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty(x.shape[1:] if need_grad_v_init else (0,)), grad_decay
+
+
+def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_grad):
+    """The backward as a differentiable graph (for create_graph=True: double backward), by autograd
+    through reference.multistep_neuron on the saved inputs. Its second derivatives are the reference's."""
+    x, v_init, decay = saved
+    leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha, spiking, detach_reset = options
+    mode = {"tau": decay.reshape(())} if decay_is_tau else {"inv_tau": decay.reshape(())}
+    with torch.enable_grad():
+        spikes, v_last = reference.multistep_neuron(
+            x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            detach_reset=detach_reset, surrogate=tuple(SURROGATE_IDS)[surrogate], alpha=alpha, spiking=spiking,
+            v_init=v_init, **(mode if leaky else {}))
+        pairs = [(out, g) for out, g in ((spikes, grad_spikes), (v_last, grad_v_last)) if g is not None]
+        wrt = [t for t, need in zip((x, v_init, decay), needs_input_grad) if need]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs_input_grad)
 
 
 def _define_neuron_op(name: str, forward_impl, backward_impl, define):
     """Define `stars_fast::<name>` (+ its backward op) with fake kernels and the autograd formula.
 
-    The forward op takes detach_reset (unused by the kernels) so the backward can read it.
+    The forward op also takes detach_reset (unused by the forward kernels) so the backward can read it.
+    Autograd does not materialize missing gradients: the backward op gets grad_v_last=None when v_last
+    is unused, and computes grad_v_init / grad_decay only for inputs that need them.
     """
 
     @define(f"stars_fast::{name}", mutates_args=())
-    def forward_op(x: Tensor, v_init: Optional[Tensor], inv_tau: Tensor, leaky: bool, v_threshold: float,
-                   v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float, spiking: bool,
-                   detach_reset: bool) -> Tuple[Tensor, Tensor]:
-        return forward_impl(x, v_init, inv_tau, leaky, v_threshold, v_reset, decay_input, surrogate, alpha, spiking)
+    def forward_op(x: Tensor, v_init: Optional[Tensor], decay: Tensor, leaky: bool, decay_is_tau: bool,
+                   v_threshold: float, v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float,
+                   spiking: bool, detach_reset: bool, need_v_last: bool) -> Tuple[Tensor, Tensor]:
+        return forward_impl(x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate,
+                            alpha, spiking, need_v_last)
 
     @define(f"stars_fast::{name}_backward", mutates_args=())
     def backward_op(grad_spikes: Tensor, grad_v_last: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
-                    inv_tau: Tensor, leaky: bool, v_threshold: float, v_reset: Optional[float], decay_input: bool,
-                    surrogate: int, alpha: float, spiking: bool, detach_reset: bool,
-                    need_inv_tau_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return backward_impl(grad_spikes, grad_v_last, x, v_init, inv_tau, leaky, v_threshold, v_reset,
-                             decay_input, surrogate, alpha, spiking, detach_reset, need_inv_tau_grad)
+                    decay: Tensor, leaky: bool, decay_is_tau: bool, v_threshold: float, v_reset: Optional[float],
+                    decay_input: bool, surrogate: int, alpha: float, spiking: bool, detach_reset: bool,
+                    need_decay_grad: bool, need_grad_v_init: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return backward_impl(grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset,
+                             decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad, need_grad_v_init)
 
     forward_op.register_fake(_fake_forward)
     backward_op.register_fake(_fake_backward)
 
     def setup_context(ctx, inputs, output):
-        x, v_init, inv_tau = inputs[:3]
-        ctx.save_for_backward(x, v_init, inv_tau)
-        ctx.options = inputs[3:]
+        x, v_init, decay = inputs[:3]
+        ctx.save_for_backward(x, v_init, decay)
+        ctx.options = inputs[3:12]  # leaky .. detach_reset
+        ctx.need_v_last = inputs[12]
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_spikes, grad_v_last):
-        x, v_init, inv_tau = ctx.saved_tensors
-        need_inv_tau_grad = ctx.needs_input_grad[2]
-        grad_x, grad_v_init, grad_inv_tau = backward_op(
+        saved = ctx.saved_tensors
+        x, v_init, decay = saved
+        leaky = ctx.options[0]
+        if not ctx.need_v_last:  # v_last was the empty [0] placeholder: whatever gradient it got is none
+            grad_v_last = None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and leaky)
+        if (grad_spikes is None and grad_v_last is None) or not any(needs):
+            return (None,) * 13
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (grad_spikes, grad_v_last, *saved)):
+            return _reference_backward(saved, ctx.options, grad_spikes, grad_v_last, needs) + (None,) * 10
+        if grad_spikes is None:  # only v_last is used: a stride-0 zero, never materialized
+            grad_spikes = x.new_zeros(()).expand(x.shape)
+        grad_x, grad_v_init, grad_decay = backward_op(
             grad_spikes, grad_v_last, x, v_init,  # the kernels read gradients through their strides
-            inv_tau, *ctx.options, need_inv_tau_grad)
-        grad_inv_tau = grad_inv_tau.sum().reshape(inv_tau.shape).to(inv_tau.dtype) if need_inv_tau_grad else None
-        grad_v_init = grad_v_init if ctx.needs_input_grad[1] else None
-        return (grad_x, grad_v_init, grad_inv_tau) + (None,) * 8
+            decay, *ctx.options, needs[2], needs[1])
+        grad_decay = grad_decay.sum().reshape(decay.shape).to(decay.dtype) if needs[2] else None
+        return (grad_x if needs[0] else None, grad_v_init if needs[1] else None, grad_decay) + (None,) * 10
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     return forward_op
@@ -96,7 +138,34 @@ _ext_neuron = _define_neuron_op("neuron", _ext_forward, _ext_backward, torch.lib
 _triton_neuron = _define_neuron_op("neuron_triton", _triton_forward, _triton_backward, torch.library.triton_op)
 
 
-def _check_neuron_input(x: Tensor, v_init: Optional[Tensor], neuron: str, surrogate: str):
+def _finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_decay(leaky: bool, inv_tau, tau):
+    """LIF: exactly one of inv_tau (float in (0, 1], or a 1-element float tensor) or tau (float > 1)."""
+    if not leaky:
+        return  # IF ignores the leak
+    if (inv_tau is None) == (tau is None):
+        raise ValueError("a LIF neuron needs exactly one of inv_tau (multiply by 1/tau) or tau (divide by tau)")
+    if tau is not None:
+        if not _finite(tau, "tau") > 1.0:
+            raise ValueError(f"tau must be > 1 for a LIF neuron, got {tau}")
+    elif isinstance(inv_tau, Tensor):
+        if inv_tau.numel() != 1 or not inv_tau.is_floating_point():
+            raise ValueError(f"inv_tau must be a 1-element floating-point tensor, got shape "
+                             f"{tuple(inv_tau.shape)} and dtype {inv_tau.dtype}")
+    elif not 0.0 < _finite(inv_tau, "inv_tau") <= 1.0:
+        raise ValueError(f"inv_tau (1/tau) must be in (0, 1], got {inv_tau}")
+
+
+def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surrogate: str, alpha, v_threshold,
+                       v_reset, inv_tau, tau) -> Tuple[float, float, Optional[float]]:
+    """Every argument check of the neuron, for all backends; returns (alpha, v_threshold, v_reset) as floats."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
@@ -107,7 +176,15 @@ def _check_neuron_input(x: Tensor, v_init: Optional[Tensor], neuron: str, surrog
         raise ValueError(f"unknown neuron {neuron!r}; expected one of {NEURONS}")
     if surrogate not in SURROGATE_IDS:
         raise ValueError(f"unknown surrogate {surrogate!r}; expected one of {tuple(SURROGATE_IDS)}")
+    alpha = _finite(reference.SURROGATE_DEFAULT_ALPHA[surrogate] if alpha is None else alpha, "alpha")
+    if not alpha > 0:
+        raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
+    v_threshold = _finite(v_threshold, "v_threshold")
+    v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
+    _check_decay(neuron == "lif", inv_tau, tau)
     if v_init is not None:
+        if not isinstance(v_init, Tensor) or not v_init.is_floating_point():
+            raise TypeError("v_init must be a floating-point tensor")
         if v_init.device != x.device:
             raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}")
         try:
@@ -115,12 +192,26 @@ def _check_neuron_input(x: Tensor, v_init: Optional[Tensor], neuron: str, surrog
         except RuntimeError:
             raise ValueError(f"v_init of shape {tuple(v_init.shape)} does not broadcast to one time step of x, "
                              f"{tuple(x.shape[1:])}") from None
+        if v_init.dim() > x.dim() - 1:
+            raise ValueError(f"v_init of shape {tuple(v_init.shape)} has more dimensions than one time step of x")
+    return alpha, v_threshold, v_reset
+
+
+def _decay_tensor(leaky: bool, inv_tau, tau, x: Tensor) -> Tuple[Tensor, bool]:
+    """(decay, decay_is_tau): tau for divide mode, k for multiply mode, in the state dtype on x's device."""
+    dtype = _state_dtype(x.dtype)
+    if leaky and tau is not None:
+        return torch.full((1,), float(tau), dtype=dtype, device=x.device), True
+    if leaky and isinstance(inv_tau, Tensor):
+        return inv_tau.to(device=x.device, dtype=dtype).reshape(1), False
+    return torch.full((1,), float(inv_tau) if leaky else 1.0, dtype=dtype, device=x.device), False
 
 
 def multistep_neuron(
     x: Tensor,
-    inv_tau: Union[float, Tensor] = 0.5,
+    inv_tau: Union[float, Tensor, None] = None,
     *,
+    tau: Optional[float] = None,
     neuron: str = "lif",
     v_threshold: float = 1.0,
     v_reset: Optional[float] = 0.0,
@@ -130,32 +221,33 @@ def multistep_neuron(
     alpha: Optional[float] = None,
     spiking: bool = True,
     v_init: Optional[Tensor] = None,
+    return_v: bool = True,
     backend: str = "auto",
-) -> Tuple[Tensor, Tensor]:
-    """Run the neuron over x[T, ...] with 1/tau = inv_tau (a float, or a tensor that may need grad)."""
-    _check_neuron_input(x, v_init, neuron, surrogate)
-    alpha = float(reference.SURROGATE_DEFAULT_ALPHA[surrogate] if alpha is None else alpha)
-    v_reset = None if v_reset is None else float(v_reset)
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run the neuron over x[T, ...]; returns (spikes, v_last), v_last None unless return_v.
+
+    LIF takes exactly one of tau (h divides by tau, SpikingJelly's LIFNode) or inv_tau = 1/tau (h
+    multiplies by it: a float, or a tensor that may need grad, as ParametricLIFNode). IF ignores both.
+    """
+    alpha, v_threshold, v_reset = _check_neuron_args(x, v_init, neuron, surrogate, alpha, v_threshold, v_reset,
+                                                     inv_tau, tau)
     leaky = neuron == "lif"
-    chosen = _backend.resolve(backend, x.device)
+    chosen = _backend.resolve(backend, x.device, x.dtype)
     if chosen == "reference" or x.numel() == 0:
-        return reference.multistep_neuron(
-            x, inv_tau, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init)
+        decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
+        spikes, v_last = reference.multistep_neuron(
+            x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init, **decay)
+        return spikes, (v_last if return_v else None)
     steps, step_shape = x.shape[0], x.shape[1:]
     x2d = x.reshape(steps, -1).contiguous()
     if v_init is not None:
         v_init = v_init.to(x.dtype).expand(step_shape).reshape(-1).contiguous()
-    # 1/tau in the state dtype: fp64 for fp64 input (so float64 gradcheck sees its perturbations), else fp32.
-    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(inv_tau, Tensor):
-        inv_tau = inv_tau.to(device=x.device, dtype=state_dtype).reshape(1)
-    else:
-        inv_tau = torch.full((1,), float(inv_tau), dtype=state_dtype, device=x.device)
+    decay, decay_is_tau = _decay_tensor(leaky, inv_tau, tau, x)
     op = _triton_neuron if chosen == "triton" else _ext_neuron
-    spikes, v_last = op(x2d, v_init, inv_tau, leaky, float(v_threshold), v_reset, decay_input,
-                        SURROGATE_IDS[surrogate], alpha, spiking, detach_reset)
-    return spikes.reshape(x.shape), v_last.reshape(step_shape)
+    spikes, v_last = op(x2d, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input,
+                        SURROGATE_IDS[surrogate], alpha, spiking, detach_reset, return_v)
+    return spikes.reshape(x.shape), (v_last.reshape(step_shape) if return_v else None)
 
 
 def multistep_lif(
@@ -174,15 +266,13 @@ def multistep_lif(
     return_v: bool = False,
     backend: str = "auto",
 ):
-    """Multi-step LIF/IF neuron (paper Eq. 1, SpikingJelly semantics) over x[T, ...].
+    """Multi-step LIF/IF neuron (paper Eq. 1, SpikingJelly 2.0 semantics: the charge divides by tau) over x[T, ...].
 
     Returns the spikes [T, ...] (x's dtype), and the final membrane potential when return_v.
-    tau must be > 1 for LIF (1/tau is the leak factor); it is ignored for IF.
+    tau must be a finite number > 1 for LIF; it is ignored for IF.
     """
-    if neuron == "lif" and not tau > 1.0:
-        raise ValueError(f"tau must be > 1 for a LIF neuron, got {tau}")
     spikes, v_last = multistep_neuron(
-        x, 1.0 / tau, neuron=neuron, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-        detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init,
-        backend=backend)
+        x, tau=tau if neuron == "lif" else None, neuron=neuron, v_threshold=v_threshold, v_reset=v_reset,
+        decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking,
+        v_init=v_init, return_v=return_v, backend=backend)
     return (spikes, v_last) if return_v else spikes

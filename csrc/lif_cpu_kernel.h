@@ -1,0 +1,430 @@
+// CPU kernels of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1) over x[T, N],
+// written with ATen's at::vec::Vectorized and compiled once per CPU capability: the includer
+// defines CPU_CAPABILITY (DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp).
+//
+// A call handles elements [begin, end) of every row, block by block: the forward keeps v of a
+// block in L1 and walks t = 0..T-1 over it (one pass: read x, write spikes, and v_last only when
+// asked); the backward recomputes h of a block for every t into L1/L2 scratch, then runs the
+// reverse scan (read grad_spikes, write grad_x). The neuron options are template parameters,
+// except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
+// exactly the order of stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true
+// division by tau; setup.py forbids FMA contraction; the intrinsics never contract), so the spikes
+// are bit-identical to the reference and the backward's h is the forward's. exp and atan are
+// ATen's vectorized ones (Sleef, 1 ulp, under AVX2).
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "lif_cpu.h"
+
+namespace stars_fast {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+#define LIF_INLINE inline __attribute__((always_inline))
+
+enum class Charge { kIF, kDecayInput, kNoDecay };
+// What the neuron emits: the Heaviside spike (spiking=True) or the primitive of a surrogate
+// (spiking=False). The surrogate of the backward is named by the same enum.
+enum class Fire { kHeaviside, kSigmoid, kAtan, kTriangle };
+
+// The neuron's constants, broadcast.
+template <typename acc_t>
+struct Consts {
+  using Vec = Vectorized<acc_t>;
+  bool divide;
+  acc_t v_start;  // v before t = 0 without v_init: v_reset, 0 for soft reset
+  Vec zero, one, half, v_th, v_r, v_reset, decay, one_minus_k, alpha, neg_alpha, half_alpha, atan_scale, pi,
+      two_alpha2, alpha2, not_detached;
+};
+
+template <typename acc_t>
+Consts<acc_t> make_consts(const LifOptions& o) {
+  constexpr double kPi = 3.14159265358979323846;
+  using Vec = Vectorized<acc_t>;
+  Consts<acc_t> c;
+  c.divide = o.divide;
+  c.v_start = static_cast<acc_t>(o.v_reset);
+  c.zero = Vec(acc_t(0));
+  c.one = Vec(acc_t(1));
+  c.half = Vec(acc_t(0.5));
+  c.v_th = Vec(static_cast<acc_t>(o.v_threshold));
+  c.v_r = Vec(static_cast<acc_t>(o.v_reset));
+  c.v_reset = c.v_r;
+  const acc_t decay = static_cast<acc_t>(o.decay);
+  c.decay = Vec(decay);
+  c.one_minus_k = Vec(acc_t(1) - decay);
+  c.alpha = Vec(static_cast<acc_t>(o.alpha));
+  c.neg_alpha = Vec(static_cast<acc_t>(-o.alpha));
+  c.half_alpha = Vec(static_cast<acc_t>(o.alpha / 2.0));
+  c.atan_scale = Vec(static_cast<acc_t>(kPi / 2.0 * o.alpha));
+  c.pi = Vec(static_cast<acc_t>(kPi));
+  c.two_alpha2 = Vec(static_cast<acc_t>(2.0 * o.alpha * o.alpha));
+  c.alpha2 = Vec(static_cast<acc_t>(o.alpha * o.alpha));
+  c.not_detached = Vec(o.detach_reset ? acc_t(0) : acc_t(1));
+  return c;
+}
+
+// (1/tau) d: d / tau (divide mode) | d * k (multiply mode)
+template <typename acc_t>
+LIF_INLINE Vectorized<acc_t> leak(Vectorized<acc_t> d, const Consts<acc_t>& c) {
+  return c.divide ? d / c.decay : d * c.decay;
+}
+
+// charge   IF: h = v + x    LIF decay_input: h = v + (x - (v - v_r)) / tau    LIF: h = v - (v - v_r) / tau + x
+template <typename acc_t, Charge C>
+LIF_INLINE Vectorized<acc_t> charge(Vectorized<acc_t> v, Vectorized<acc_t> x, const Consts<acc_t>& c) {
+  if constexpr (C == Charge::kIF) {
+    return v + x;
+  } else if constexpr (C == Charge::kDecayInput) {
+    return v + leak(x - (v - c.v_r), c);
+  } else {
+    return v - leak(v - c.v_r, c) + x;
+  }
+}
+
+// sigmoid(y) = 1 / (1 + e^-y)
+template <typename acc_t>
+LIF_INLINE Vectorized<acc_t> sigmoid(Vectorized<acc_t> y, const Consts<acc_t>& c) {
+  return c.one / (c.one + y.neg().exp());
+}
+
+// fire at u = h - v_th   Heaviside: s = [u >= 0] (NaN stays NaN)   sigmoid: s(alpha u)
+//                        atan: atan(pi/2 alpha u) / pi + 1/2
+//                        triangle: 0 | (u + a)^2 / 2a^2 | 1 - (a - u)^2 / 2a^2 | 1 on u < -a | < 0 | < a | >= a
+template <typename acc_t, Fire F>
+LIF_INLINE Vectorized<acc_t> fire(Vectorized<acc_t> u, const Consts<acc_t>& c) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (F == Fire::kHeaviside) {
+    return Vec::blendv(Vec::blendv(c.zero, c.one, u >= c.zero), u, u.isnan());
+  } else if constexpr (F == Fire::kSigmoid) {
+    return sigmoid(c.alpha * u, c);
+  } else if constexpr (F == Fire::kAtan) {
+    return (c.atan_scale * u).atan() / c.pi + c.half;
+  } else {
+    const Vec left = (u + c.alpha) * (u + c.alpha) / c.two_alpha2;
+    const Vec right = c.one - (c.alpha - u) * (c.alpha - u) / c.two_alpha2;
+    const Vec mid = Vec::blendv(right, left, u < c.zero);
+    return Vec::blendv(Vec::blendv(mid, c.one, u >= c.alpha), c.zero, u < c.neg_alpha);
+  }
+}
+
+// surrogate'(u)   sigmoid: a s(au) (1 - s(au))   atan: (a/2) / (1 + (pi/2 a u)^2)
+//                 triangle: max(0, a - |u|) / a^2 (NaN stays NaN, as torch.clamp)
+template <typename acc_t, Fire S>
+LIF_INLINE Vectorized<acc_t> surrogate_grad(Vectorized<acc_t> u, const Consts<acc_t>& c) {
+  if constexpr (S == Fire::kSigmoid) {
+    const auto s = sigmoid(c.alpha * u, c);
+    return c.alpha * s * (c.one - s);
+  } else if constexpr (S == Fire::kAtan) {
+    const auto w = c.atan_scale * u;
+    return c.half_alpha / (c.one + w * w);
+  } else {
+    static_assert(S == Fire::kTriangle, "the Heaviside has no surrogate gradient");
+    return at::vec::clamp_min(c.alpha - u.abs(), c.zero) / c.alpha2;
+  }
+}
+
+// reset   hard: v = h (1 - s) + v_reset s    soft: v = h - v_th s
+template <typename acc_t, bool kHard>
+LIF_INLINE Vectorized<acc_t> reset(Vectorized<acc_t> h, Vectorized<acc_t> s, const Consts<acc_t>& c) {
+  if constexpr (kHard) {
+    return h * (c.one - s) + c.v_reset * s;
+  } else {
+    return h - c.v_th * s;
+  }
+}
+
+// Whole vectors, or a tail of `count` elements (zero-filled lanes are computed and dropped).
+template <bool kFull, typename acc_t>
+LIF_INLINE Vectorized<acc_t> load(const acc_t* p, int64_t count) {
+  if constexpr (kFull) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    return Vectorized<acc_t>::loadu(p, count);
+  }
+}
+
+template <bool kFull, typename acc_t>
+LIF_INLINE void store(Vectorized<acc_t> v, acc_t* p, int64_t count) {
+  if constexpr (kFull) {
+    v.store(p);
+  } else {
+    v.store(p, static_cast<int>(count));
+  }
+}
+
+// Calls fn(j, Tag<kFull>) over [0, n) by whole vectors, then the tail.
+template <typename acc_t, typename Fn>
+LIF_INLINE void for_vectors(int64_t n, const Fn& fn) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t j = 0;
+  for (; j + V <= n; j += V) fn(j, V, std::true_type{});
+  if (j < n) fn(j, n - j, std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows of an operand as acc_t: in place when they already are acc_t with unit stride, else
+// converted (or, for a broadcast, filled) into the caller's block buffer.
+
+template <typename acc_t>
+const acc_t* load_block(c10::ScalarType dtype, const LifOperand& op, int64_t r, int64_t b0, int64_t n, acc_t* buf) {
+  const int64_t off = r * op.row_stride + b0 * op.col_stride;
+  const auto convert_from = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* src = static_cast<const scalar_t*>(op.data) + off;
+    if (op.col_stride == 0) {
+      std::fill(buf, buf + n, static_cast<acc_t>(src[0]));
+      return static_cast<const acc_t*>(buf);
+    }
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return src;
+    } else {
+      at::vec::convert(src, buf, n);
+      return static_cast<const acc_t*>(buf);
+    }
+  };
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return convert_from(double{});
+  } else {
+    if (dtype == c10::ScalarType::Half) return convert_from(c10::Half{});
+    if (dtype == c10::ScalarType::BFloat16) return convert_from(c10::BFloat16{});
+    return convert_from(float{});
+  }
+}
+
+// Where to write elements [off, off + n) of a contiguous output: in place, or the buffer (then commit).
+template <typename acc_t>
+acc_t* out_block(c10::ScalarType dtype, void* base, int64_t off, acc_t* buf) {
+  return dtype == c10::CppTypeToScalarType<acc_t>::value ? static_cast<acc_t*>(base) + off : buf;
+}
+
+template <typename acc_t>
+void commit_block(c10::ScalarType dtype, void* base, int64_t off, int64_t n, const acc_t* buf) {
+  if (dtype == c10::CppTypeToScalarType<acc_t>::value) return;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dtype == c10::ScalarType::Half) at::vec::convert(buf, static_cast<c10::Half*>(base) + off, n);
+    if (dtype == c10::ScalarType::BFloat16) at::vec::convert(buf, static_cast<c10::BFloat16*>(base) + off, n);
+  }
+}
+
+// v before t = 0: v_init, or v_reset (0 for soft reset).
+template <typename acc_t>
+void initial_v(c10::ScalarType dtype, const LifOperand& v_init, const Consts<acc_t>& c, int64_t b0, int64_t n,
+               acc_t* v, acc_t* buf) {
+  if (v_init.data != nullptr) {
+    const acc_t* v0 = load_block(dtype, v_init, 0, b0, n, buf);
+    std::copy(v0, v0 + n, v);
+  } else {
+    std::fill(v, v + n, c.v_start);
+  }
+}
+
+// Elements per block: multiples of 64 bytes; the backward keeps T blocks of h (T * block values) in cache.
+template <typename acc_t>
+int64_t block_size(int64_t T) {
+  const int64_t blk = std::clamp<int64_t>(8192 / std::max<int64_t>(T, 1), 256, 2048);
+  return blk / 16 * 16;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: s[t] = fire(h - v_th), v <- reset(h, s), h = charge(v, x[t]).
+
+template <typename acc_t, Charge C, bool kHard, Fire F>
+void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
+  const int64_t blk = block_size<acc_t>(a.T);
+  std::vector<acc_t> scratch(3 * blk);
+  acc_t* xb = scratch.data();
+  acc_t* sb = xb + blk;
+  acc_t* v = sb + blk;
+  for (int64_t b0 = begin; b0 < end; b0 += blk) {
+    const int64_t n = std::min(blk, end - b0);
+    initial_v(a.dtype, a.v_init, c, b0, n, v, xb);
+    for (int64_t t = 0; t < a.T; ++t) {
+      const acc_t* x = load_block(a.dtype, a.x, t, b0, n, xb);
+      acc_t* s = out_block(a.dtype, a.spikes, t * a.N + b0, sb);
+      for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const auto h = charge<acc_t, C>(load<kFull>(v + j, cnt), load<kFull>(x + j, cnt), c);
+        const auto sj = fire<acc_t, F>(h - c.v_th, c);
+        store<kFull>(sj, s + j, cnt);
+        store<kFull>(reset<acc_t, kHard>(h, sj, c), v + j, cnt);
+      });
+      commit_block(a.dtype, a.spikes, t * a.N + b0, n, s);
+    }
+    if (a.v_last != nullptr) {
+      acc_t* out = out_block(a.dtype, a.v_last, b0, sb);
+      std::copy(v, v + n, out);
+      commit_block(a.dtype, a.v_last, b0, n, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (gv = dL/dv after step t on entry, before it on exit):
+//   sg = surrogate'(h - v_th)
+//   dv/dh = hard: (1 - s) + (v_reset - h) sg (1 - D)      soft: 1 - v_th sg (1 - D)
+//   gh = gs sg + gv dv/dh;   gx = gh / tau (LIF decay_input) | gh;   gv <- gh - gh / tau (LIF) | gh (IF)
+//   (multiply mode: gh k and gh (1 - k));   PLIF: dL/dk += gh (x - (v_prev - v_r)) | gh * -(v_prev - v_r)
+
+template <typename acc_t, Charge C, bool kHard, Fire F, Fire S>
+void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
+  const int64_t T = a.T, blk = block_size<acc_t>(T);
+  const bool need_k = a.grad_decay != nullptr;
+  std::vector<acc_t> scratch((T + 7) * blk);
+  acc_t* xb = scratch.data();  // I/O conversion buffers
+  acc_t* gsb = xb + blk;
+  acc_t* gxb = gsb + blk;
+  acc_t* kb = gxb + blk;
+  acc_t* v0 = kb + blk;  // v before t = 0
+  acc_t* v = v0 + blk;   // running v of the recomputation
+  acc_t* gv = v + blk;   // dL/dv carried backwards in time
+  acc_t* hs = gv + blk;  // h of every step, [T, blk]
+  for (int64_t b0 = begin; b0 < end; b0 += blk) {
+    const int64_t n = std::min(blk, end - b0);
+    initial_v(a.dtype, a.v_init, c, b0, n, v0, xb);
+    std::copy(v0, v0 + n, v);
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t* x = load_block(a.dtype, a.x, t, b0, n, xb);
+      acc_t* h = hs + t * blk;
+      for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const auto hj = charge<acc_t, C>(load<kFull>(v + j, cnt), load<kFull>(x + j, cnt), c);
+        store<kFull>(hj, h + j, cnt);
+        store<kFull>(reset<acc_t, kHard>(hj, fire<acc_t, F>(hj - c.v_th, c), c), v + j, cnt);
+      });
+    }
+    if (a.grad_v_last.data != nullptr) {
+      const acc_t* g = load_block(a.dtype, a.grad_v_last, 0, b0, n, gsb);
+      std::copy(g, g + n, gv);
+    } else {
+      std::fill(gv, gv + n, acc_t(0));
+    }
+    acc_t* k_acc = need_k ? static_cast<acc_t*>(a.grad_decay) + b0 : nullptr;
+    if (need_k) std::fill(k_acc, k_acc + n, acc_t(0));
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const acc_t* gs = load_block(a.dtype, a.grad_spikes, t, b0, n, gsb);
+      const acc_t* x = need_k ? load_block(a.dtype, a.x, t, b0, n, xb) : nullptr;
+      const acc_t* h = hs + t * blk;
+      acc_t* gx = out_block(a.dtype, a.grad_x, t * a.N + b0, gxb);
+      for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
+        constexpr bool kFull = decltype(full)::value;
+        const auto hj = load<kFull>(h + j, cnt);
+        const auto u = hj - c.v_th;
+        const auto sg = surrogate_grad<acc_t, S>(u, c);
+        Vectorized<acc_t> dv_dh;
+        if constexpr (kHard) {
+          dv_dh = (c.one - fire<acc_t, F>(u, c)) + (c.v_reset - hj) * sg * c.not_detached;
+        } else {
+          dv_dh = c.one - c.v_th * sg * c.not_detached;
+        }
+        const auto g = load<kFull>(gs + j, cnt) * sg + load<kFull>(gv + j, cnt) * dv_dh;
+        if constexpr (C == Charge::kIF) {
+          store<kFull>(g, gx + j, cnt);
+          store<kFull>(g, gv + j, cnt);
+        } else {
+          const auto g_leak = leak(g, c);
+          store<kFull>(C == Charge::kDecayInput ? g_leak : g, gx + j, cnt);
+          store<kFull>(c.divide ? g - g_leak : g * c.one_minus_k, gv + j, cnt);
+        }
+        if (need_k) {
+          const auto v_prev = t > 0 ? reset<acc_t, kHard>(load<kFull>(h - blk + j, cnt),
+                                                          fire<acc_t, F>(load<kFull>(h - blk + j, cnt) - c.v_th, c), c)
+                                    : load<kFull>(v0 + j, cnt);
+          const auto dh_dk = C == Charge::kDecayInput ? load<kFull>(x + j, cnt) - (v_prev - c.v_r)
+                                                      : (v_prev - c.v_r).neg();
+          store<kFull>(load<kFull>(k_acc + j, cnt) + g * dh_dk, k_acc + j, cnt);
+        }
+      });
+      commit_block(a.dtype, a.grad_x, t * a.N + b0, n, gx);
+    }
+    if (a.grad_v_init != nullptr) {
+      acc_t* out = out_block(a.dtype, a.grad_v_init, b0, gxb);
+      std::copy(gv, gv + n, out);
+      commit_block(a.dtype, a.grad_v_init, b0, n, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run-time options -> template parameters.
+
+template <typename E, E V>
+using Tag = std::integral_constant<E, V>;
+
+template <typename Fn>
+void with_acc(c10::ScalarType dtype, const Fn& fn) {
+  if (dtype == c10::ScalarType::Double) return fn(double{});
+  fn(float{});
+}
+
+template <typename Fn>
+void with_charge(const LifOptions& o, const Fn& fn) {
+  if (!o.leaky) return fn(Tag<Charge, Charge::kIF>{});
+  if (o.decay_input) return fn(Tag<Charge, Charge::kDecayInput>{});
+  fn(Tag<Charge, Charge::kNoDecay>{});
+}
+
+template <typename Fn>
+void with_hard(const LifOptions& o, const Fn& fn) {
+  if (o.hard) return fn(std::true_type{});
+  fn(std::false_type{});
+}
+
+template <typename Fn>
+void with_surrogate(int64_t surrogate, const Fn& fn) {
+  if (surrogate == 0) return fn(Tag<Fire, Fire::kSigmoid>{});
+  if (surrogate == 1) return fn(Tag<Fire, Fire::kAtan>{});
+  fn(Tag<Fire, Fire::kTriangle>{});
+}
+
+// The emitted value: Heaviside when spiking, else the surrogate's primitive.
+template <typename Fn>
+void with_fire(const LifOptions& o, const Fn& fn) {
+  if (o.spiking) return fn(Tag<Fire, Fire::kHeaviside>{});
+  with_surrogate(o.surrogate, fn);
+}
+
+}  // namespace
+
+void lif_forward_range(const LifForwardArgs& a, int64_t begin, int64_t end) {
+  with_acc(a.dtype, [&](auto acc) {
+    using acc_t = decltype(acc);
+    const Consts<acc_t> c = make_consts<acc_t>(a.o);
+    with_charge(a.o, [&](auto C) {
+      with_hard(a.o, [&](auto hard) {
+        with_fire(a.o, [&](auto F) { forward_range<acc_t, C.value, hard.value, F.value>(a, c, begin, end); });
+      });
+    });
+  });
+}
+
+void lif_backward_range(const LifBackwardArgs& a, int64_t begin, int64_t end) {
+  with_acc(a.dtype, [&](auto acc) {
+    using acc_t = decltype(acc);
+    const Consts<acc_t> c = make_consts<acc_t>(a.o);
+    with_charge(a.o, [&](auto C) {
+      with_hard(a.o, [&](auto hard) {
+        with_surrogate(a.o.surrogate, [&](auto S) {
+          with_fire(a.o, [&](auto F) {
+            // spiking=False emits the primitive of S itself: only (F, S) = (Heaviside | S, S) is reachable.
+            if constexpr (F.value == Fire::kHeaviside || F.value == S.value) {
+              backward_range<acc_t, C.value, hard.value, F.value, S.value>(a, c, begin, end);
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+#undef LIF_INLINE
+
+}  // namespace CPU_CAPABILITY
+}  // namespace stars_fast
