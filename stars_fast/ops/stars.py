@@ -8,9 +8,9 @@ one fused scale of the stored gradients by grad_output (the loss is the last nod
 Policies shared by every backend:
 - Arguments are checked once, here (_check_stars_args), before any backend runs; the C++ and
   Triton launchers repeat the checks as a second line.
-- Second derivatives: the fused backends give first derivatives only. The gradient they return
-  under create_graph=True carries a node that raises a RuntimeError when it is differentiated
-  (never a silent zero); backend="reference" gives true second derivatives.
+- Second derivatives: under create_graph=True the fused backends' backward takes the gradient
+  through stars_fast.reference instead of the stored one, so double backward (Hessian-vector
+  products, gradient penalties) is exact, at the reference's speed; plain backward stays fused.
 - Autocast: the loss is computed in the features' own dtypes (fp32 accumulation) whatever autocast
   says, as the reference, none of whose ops autocast casts; the fused op runs with autocast off.
 """
@@ -26,11 +26,6 @@ from torch import Tensor
 from .. import _backend, reference
 
 DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
-
-_NO_SECOND_ORDER = (
-    "stars_loss: the fused backends ('cpu', 'triton', 'cuda') compute first derivatives only; the gradient "
-    "of a gradient of this loss (double backward after create_graph=True) is not implemented. Use "
-    "backend='reference' for second derivatives.")
 
 
 def _fused_impl(backend: str):
@@ -62,31 +57,38 @@ def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, no
     return total, parts, [torch.empty_like(z) for z in z_teacher], [torch.empty_like(z) for z in z_student]
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Passes the fused op's gradients on, as a function of the features (so that autograd finds the
-    path back to them); differentiating it raises _NO_SECOND_ORDER."""
-
-    @staticmethod
-    def forward(ctx, num_grads, *grads_then_features):
-        return tuple(g.view_as(g) for g in grads_then_features[:num_grads])
-
-    @staticmethod
-    def backward(ctx, *grad_grads):
-        raise RuntimeError(_NO_SECOND_ORDER)
-
-
 def _stars_setup_context(ctx, inputs, output):
     ctx.num_layers = len(inputs[0])
+    ctx.options = inputs[2:]  # quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend
     ctx.save_for_backward(*output[2], *output[3], *inputs[0], *inputs[1])
 
 
+def _reference_total(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps):
+    """total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar through stars_fast.reference (differentiable)."""
+    total = 0.0
+    for zt, zs, c_rca, c_tar in zip(z_teacher, z_student, coef_rca, coef_tar):
+        _, rca, tar = reference.stars_loss([zt], [zs], quantiles=quantiles, thresholds=thresholds, delta=delta,
+                                           normalize="teacher" if normalize else None, eps=eps)
+        total = total + c_rca * rca + c_tar * tar
+    return total
+
+
 def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_student_unused):
-    """d L/d z = grad_total * (stored d total/d z): one fused multiply of all the stored gradients."""
+    """d L/d z = grad_total * (stored d total/d z): one fused multiply of all the stored gradients.
+
+    Under create_graph=True the gradient is instead taken through the reference, so that it is itself
+    differentiable (true second derivatives, at the reference's speed)."""
     n = ctx.num_layers
     saved = ctx.saved_tensors
-    scaled = torch._foreach_mul(list(saved[:2 * n]), grad_total)
-    if torch.is_grad_enabled():  # create_graph=True: a second differentiation must fail loudly
-        scaled = _FirstOrderOnly.apply(2 * n, *scaled, *saved[2 * n:])
+    if torch.is_grad_enabled():
+        features = saved[2 * n:]
+        wanted = [z for z in features if z.requires_grad]
+        with torch.enable_grad():
+            total = _reference_total(features[:n], features[n:], *ctx.options[:-1])
+        grads = iter(torch.autograd.grad(total, wanted, grad_total, create_graph=True, allow_unused=True))
+        scaled = [next(grads) if z.requires_grad else None for z in features]
+    else:
+        scaled = torch._foreach_mul(list(saved[:2 * n]), grad_total)
     return list(scaled[:n]), list(scaled[n:2 * n]), None, None, None, None, None, None, None, None
 
 
