@@ -1,7 +1,8 @@
 // The LIF CPU kernels (lif_cpu_kernel.h) compiled for AVX2 + FMA + F16C (the ISA of ATen's AVX2
 // build); lif_cpu.cpp picks them when the CPU has all three. Every header outside the kernels is
 // included first, for the baseline target, so that only the kernels and ATen's AVX2 Vectorized
-// (namespace at::vec::AVX2) get AVX2 code. FMA is only enabled as an instruction set: -ffp-contract=off still forbids fusing a*b+c.
+// (namespace at::vec::AVX2) get AVX2 code. FMA is only enabled as an instruction set:
+// -ffp-contract=off still forbids fusing a*b+c.
 #if defined(__x86_64__) || defined(__i386__)
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
