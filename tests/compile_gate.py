@@ -12,7 +12,7 @@
    GPUTarget("cuda", 80, 32) and GPUTarget("cuda", 90, 32) in worker processes without
    TRITON_INTERPRET; the ptxas -v log of Triton's own ptxas run (the bundled ptxas, sm_80 / sm_90a,
    the same flags) gives registers and spill bytes, the PTX the count of 128-bit global accesses.
-   Results are cached by (Triton's hash of the kernel's source and of the functions it calls, kernel, signature, constexprs, options, target,
+   Results are cached by (the hash of the kernel's module source, kernel, signature, constexprs, options, target,
    Triton version) in $STARS_FAST_COMPILE_GATE_CACHE (default ~/.cache/stars_fast/compile_gate).
 
 Run `python tests/compile_gate.py` for the table; tests/test_compile_gate.py fails on any compile
@@ -99,9 +99,12 @@ def _specialize(interpreted, args, kwargs, backend, jit_cache) -> Launch:
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
     compile_options = tuple(sorted((k, v) for k, v in kwargs.items() if k in options.__dict__))
+    source = sys.modules[fn.__module__].__file__
+    if source not in jit_cache:  # the module holds the kernel and the @jit functions it calls
+        jit_cache[source] = hashlib.sha256(pathlib.Path(source).read_bytes()).hexdigest()[:16]
     return Launch(fn.__module__, fn.__qualname__, tuple(signature.items()),
                   tuple(sorted(constexprs.items())), tuple(sorted((k, repr(v)) for k, v in attrs.items())),
-                  compile_options, jit_fn.cache_key)  # the kernel's source and every @jit function it calls
+                  compile_options, jit_cache[source])
 
 
 @contextlib.contextmanager
