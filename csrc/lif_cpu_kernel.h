@@ -160,6 +160,42 @@ LIF_INLINE void store(Vectorized<acc_t> v, acc_t* p, int64_t count) {
   }
 }
 
+// Stores of a [T, N] output row: non-temporal (streaming, no read-for-ownership of a line that is
+// written whole) when `stream`, i.e. the row is written in place and 32-byte aligned; else plain.
+template <bool kFull, typename acc_t>
+LIF_INLINE void store_out(Vectorized<acc_t> v, acc_t* p, int64_t count, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kFull) {
+    if (stream) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        _mm256_stream_ps(p, v);
+      } else {
+        _mm256_stream_pd(p, v);
+      }
+      return;
+    }
+  }
+#endif
+  store<kFull>(v, p, count);
+}
+
+// Whether out_block's pointer p (in place when direct) takes streaming stores.
+template <typename acc_t>
+bool streamable(c10::ScalarType dtype, const acc_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return dtype == c10::CppTypeToScalarType<acc_t>::value && reinterpret_cast<uintptr_t>(p) % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+// Makes the streaming stores of this thread visible before the op returns.
+LIF_INLINE void fence_streams() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Calls fn(j, Tag<kFull>) over [0, n) by whole vectors, then the tail.
 template <typename acc_t, typename Fn>
 LIF_INLINE void for_vectors(int64_t n, const Fn& fn) {
@@ -249,11 +285,12 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begi
     for (int64_t t = 0; t < a.T; ++t) {
       const acc_t* x = load_block(a.dtype, a.x, t, b0, n, xb);
       acc_t* s = out_block(a.dtype, a.spikes, t * a.N + b0, sb);
+      const bool stream = streamable(a.dtype, s);
       for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
         constexpr bool kFull = decltype(full)::value;
         const auto h = charge<acc_t, C>(load<kFull>(v + j, cnt), load<kFull>(x + j, cnt), c);
         const auto sj = fire<acc_t, F>(h - c.v_th, c);
-        store<kFull>(sj, s + j, cnt);
+        store_out<kFull>(sj, s + j, cnt, stream);
         store<kFull>(reset<acc_t, kHard>(h, sj, c), v + j, cnt);
       });
       commit_block(a.dtype, a.spikes, t * a.N + b0, n, s);
@@ -264,6 +301,7 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begi
       commit_block(a.dtype, a.v_last, b0, n, out);
     }
   }
+  fence_streams();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,6 +351,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t be
       const acc_t* x = need_k ? load_block(a.dtype, a.x, t, b0, n, xb) : nullptr;
       const acc_t* h = hs + t * blk;
       acc_t* gx = out_block(a.dtype, a.grad_x, t * a.N + b0, gxb);
+      const bool stream = streamable(a.dtype, gx);
       for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
         constexpr bool kFull = decltype(full)::value;
         const auto hj = load<kFull>(h + j, cnt);
@@ -326,11 +365,11 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t be
         }
         const auto g = load<kFull>(gs + j, cnt) * sg + load<kFull>(gv + j, cnt) * dv_dh;
         if constexpr (C == Charge::kIF) {
-          store<kFull>(g, gx + j, cnt);
+          store_out<kFull>(g, gx + j, cnt, stream);
           store<kFull>(g, gv + j, cnt);
         } else {
           const auto g_leak = leak(g, c);
-          store<kFull>(C == Charge::kDecayInput ? g_leak : g, gx + j, cnt);
+          store_out<kFull>(C == Charge::kDecayInput ? g_leak : g, gx + j, cnt, stream);
           store<kFull>(c.divide ? g - g_leak : g * c.one_minus_k, gv + j, cnt);
         }
         if (need_k) {
@@ -350,6 +389,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t be
       commit_block(a.dtype, a.grad_v_init, b0, n, out);
     }
   }
+  fence_streams();
 }
 
 // ---------------------------------------------------------------------------------------------
