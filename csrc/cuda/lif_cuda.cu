@@ -13,7 +13,7 @@
 // the start of chunks 1.. into a [T/C, N] scratch (only when T > C) and keeping the last chunk's h;
 // the reverse scan then walks the chunks last to first, recomputing each earlier chunk's h from its
 // checkpoint. Each chunk's grad_spikes is loaded up front (C independent loads in flight), then the
-// reverse steps run and store grad_x. T <= C (the common T = 4..8) reads x and grad_spikes once and
+// reverse steps run and store grad_x. T <= C (C = 4 for fp32) reads x and grad_spikes once and
 // writes grad_x once: the minimal traffic.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
