@@ -1,4 +1,4 @@
-// CPU op of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1) over x[T, N]: argument
+// CPU op of the multi-step LIF / IF neuron (docs/design.md section 2.1) over x[T, N]: argument
 // checks, outputs, and the split of the N neurons into parallel chunks of kChunk elements (a
 // multiple of 64 bytes, so threads never write the same cache line of a row whose start is
 // aligned), each run by the kernels of lif_cpu_kernel.h for the CPU's capability (AVX2 + FMA, or

@@ -1,4 +1,4 @@
-// CPU kernels of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1) over x[T, N],
+// CPU kernels of the multi-step LIF / IF neuron (docs/design.md section 2.1) over x[T, N],
 // written with ATen's at::vec::Vectorized and compiled once per CPU capability: the includer
 // defines CPU_CAPABILITY (DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp).
 //

@@ -1,4 +1,4 @@
-// CPU kernels of the STARS loss and its feature pooling (shared/DESIGN.md section 2.2).
+// CPU kernels of the STARS loss and its feature pooling (docs/design.md section 2.2).
 //
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                  (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() by exact selection

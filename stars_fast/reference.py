@@ -1,6 +1,6 @@
 """Plain-PyTorch references of every op: the ground truth for tests and benchmarks.
 
-Written straight from shared/DESIGN.md section 2 (paper Eqs. 1 and 12-17), with autograd doing
+Written straight from docs/design.md section 2 (paper Eqs. 1 and 12-17), with autograd doing
 the differentiation, so they share no code with the fused kernels.
 """
 from __future__ import annotations

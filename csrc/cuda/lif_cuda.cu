@@ -1,4 +1,4 @@
-// CUDA kernels of the multi-step LIF / IF neuron (shared/DESIGN.md section 2.1) over x[T, N].
+// CUDA kernels of the multi-step LIF / IF neuron (docs/design.md section 2.1) over x[T, N].
 //
 // Each thread owns VEC neighbouring neurons (16 bytes per access: 4 fp32, 8 fp16/bf16, 2 fp64;
 // VEC = 1 when N or a pointer is not aligned for that), grid-stride with int64 offsets, the loop over

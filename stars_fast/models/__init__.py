@@ -5,7 +5,7 @@
     logits, taps = teacher(x, return_taps=True)    # taps: list of [B, C_l], one per stage
     frozen = fold_bn(student)                      # synthesis step: frozen, BN folded into the convs
 
-Default STARS layers (the paper leaves the set S open; shared/DESIGN.md section 4): the output of
+Default STARS layers (the paper leaves the set S open; docs/design.md section 4): the output of
 every stage, taken before the activation - teacher pre-ReLU after BN and the residual add,
 student pre-LIF (the input of the stage's last neuron) - i.e. all the taps of
 `model(x, return_taps=True)`, paired in order. Per pair (PAIRS), the tapped layers and channels:

@@ -1,4 +1,4 @@
-"""Multi-step LIF / IF / PLIF neuron op (shared/DESIGN.md section 2.1).
+"""Multi-step LIF / IF / PLIF neuron op (docs/design.md section 2.1).
 
 Three homes for one op: `stars_fast.reference.multistep_neuron` (plain PyTorch, ground truth),
 the Triton kernels in `stars_fast.kernels.lif`, and the C++/CUDA kernels behind

@@ -1,4 +1,4 @@
-"""STARS loss (RCA + TAR, paper Eqs. 12-17; shared/DESIGN.md section 2.2) and feature pooling.
+"""STARS loss (RCA + TAR, paper Eqs. 12-17; docs/design.md section 2.2) and feature pooling.
 
 The fused backends ("cpu": torch.ops.stars_fast.stars_loss_fused; "triton":
 stars_fast.kernels.stars.stars_loss_fused, same signature) compute the loss and the gradients for
