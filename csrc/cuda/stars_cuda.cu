@@ -2,12 +2,17 @@
 // the same as csrc/stars_cpu.cpp:
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                   (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() (a sort + gathers)
-//   stars_loss_fused   per layer, with u = z / max(||z||, eps) row-wise and z' = (z - shift) * scale:
-//       RCA  D = U_S U_S^T - U_T U_T^T = A A_neg^T with A = [U_S | U_T], A_neg = [U_S | -U_T] (cuBLAS),
+//   stars_loss_fused   per layer, with u = z / max(||z||, eps) row-wise and z' = (z - shift) * scale
+//       (normalize: shift = mean(zT), scale = 1 / max(std_pop(zT), eps), as 0-dim device tensors; else
+//       0 and 1), theta = fixed thresholds, or torch.quantile's linear quantiles of z'_T by at::kthvalue
+//       (radix selection, no sort) of the two neighbouring ranks (known on the host from q and n):
+//       RCA  D = U_S U_S^T - U_T U_T^T = A A_neg^T with A = [U_S | U_T], A_neg = [U_S | -U_T] (our own
+//            fp32 GEMM: no TF32 whatever the global matmul precision),
 //            l_rca = sum_{i != j} D_ij^2 / (B (B - 1)),  [dl/dU_S | dl/dU_T] = E A_neg, E = 4 D (1 - I) / (B (B - 1))
 //       TAR  p^m = mean_{b,c} sigmoid((z' - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
 // All reductions are in a fixed order (per-row / per-block partials, no float atomics): deterministic.
-// Everything stays on the device: the losses are accumulated by a one-block kernel, no host sync.
+// Everything stays on the device: the losses are accumulated by a one-block tree-reduction kernel,
+// no host sync and no host-to-device copy. All launches use the current stream of the inputs' device.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -122,6 +127,44 @@ at::Tensor quantiles_cuda(const at::Tensor& z, at::ArrayRef<double> q) {
       .to(z.scalar_type());
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// out[M, N] = a[M, K] b^T (TRANS_B: b is [N, K]) or a b (b is [K, N]), in acc_t with a fixed
+// summation order: 16 x 16 tiles through shared memory. Our own GEMM so that TF32 never applies.
+
+constexpr int kTile = 16;
+
+template <typename acc_t, bool TRANS_B>
+__global__ void gemm_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ b, acc_t* __restrict__ out,
+                            int64_t M, int64_t N, int64_t K) {
+  __shared__ acc_t ta[kTile][kTile];
+  __shared__ acc_t tb[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t row = blockIdx.y * static_cast<int64_t>(kTile) + ty, col = blockIdx.x * static_cast<int64_t>(kTile) + tx;
+  acc_t sum = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    ta[ty][tx] = (row < M && k0 + tx < K) ? a[row * K + k0 + tx] : acc_t(0);
+    const int64_t bn = blockIdx.x * static_cast<int64_t>(kTile) + (TRANS_B ? ty : tx), bk = k0 + (TRANS_B ? tx : ty);
+    const acc_t bv = (bn < N && bk < K) ? (TRANS_B ? b[bn * K + bk] : b[bk * N + bn]) : acc_t(0);
+    if (TRANS_B) tb[tx][ty] = bv; else tb[ty][tx] = bv;  // tb[k][n]
+    __syncthreads();
+    for (int k = 0; k < kTile; ++k) sum += ta[ty][k] * tb[k][tx];
+    __syncthreads();
+  }
+  if (row < M && col < N) out[row * N + col] = sum;
+}
+
+template <typename acc_t, bool TRANS_B>
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, cudaStream_t stream) {
+  const int64_t M = a.size(0), K = a.size(1), N = TRANS_B ? b.size(0) : b.size(1);
+  at::Tensor out = at::empty({M, N}, a.options());
+  const dim3 grid((N + kTile - 1) / kTile, (M + kTile - 1) / kTile), block(kTile, kTile);
+  gemm_kernel<acc_t, TRANS_B><<<grid, block, 0, stream>>>(a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                                                           out.data_ptr<acc_t>(), M, N, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // stars_loss_fused
 
@@ -173,9 +216,11 @@ constexpr int kTarItems = 4;  // elements per thread per block of the TAR partia
 // blockIdx.y: 0 student, 1 teacher; each block covers a fixed range, so the sums are deterministic.
 template <typename acc_t>
 __global__ void tar_partial_kernel(const acc_t* __restrict__ zs, const acc_t* __restrict__ zt, int64_t ns,
-                                   int64_t nt, const acc_t* __restrict__ theta, int64_t M, acc_t shift, acc_t scale,
-                                   acc_t inv_delta, int64_t blocks_per_side, acc_t* __restrict__ partial) {
+                                   int64_t nt, const acc_t* __restrict__ theta, int64_t M,
+                                   const acc_t* __restrict__ shift_scale, acc_t inv_delta, int64_t blocks_per_side,
+                                   acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kWarps];
+  const acc_t shift = shift_scale[0], scale = shift_scale[1];
   const bool teacher = blockIdx.y == 1;
   const acc_t* z = teacher ? zt : zs;
   const int64_t n = teacher ? nt : ns;
@@ -197,29 +242,37 @@ __global__ void tar_partial_kernel(const acc_t* __restrict__ zs, const acc_t* __
   }
 }
 
-// One thread: p^m from the partials, l_rca, l_tar, the TAR weights w_m = 2 (p_S^m - p_T^m) / M,
-// parts[layer] and total += coef_rca l_rca + coef_tar l_tar (layers run in stream order).
+// One block, tree reductions (block_sum): p^m from the partials, l_rca, l_tar, the TAR weights
+// w_m = 2 (p_S^m - p_T^m) / M, parts[layer] and total += coef_rca l_rca + coef_tar l_tar (layers run
+// in stream order).
 template <typename acc_t>
 __global__ void finalize_kernel(const acc_t* __restrict__ row_sq, int64_t B, const acc_t* __restrict__ partial,
                                 int64_t blocks_s, int64_t blocks_t, int64_t blocks_per_side, int64_t ns, int64_t nt,
                                 int64_t M, acc_t coef_rca, acc_t coef_tar, acc_t* __restrict__ w,
                                 acc_t* __restrict__ parts, acc_t* __restrict__ total) {
-  acc_t rca = 0;
-  for (int64_t i = 0; i < B; ++i) rca += row_sq[i];
-  rca /= static_cast<acc_t>(B) * static_cast<acc_t>(B - 1);
+  __shared__ acc_t smem[kWarps];
+  acc_t sq = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) sq += row_sq[i];
+  const acc_t rca = block_sum(sq, smem) / (static_cast<acc_t>(B) * static_cast<acc_t>(B - 1));
   acc_t tar = 0;
   for (int64_t m = 0; m < M; ++m) {
     acc_t ps = 0, pt = 0;
-    for (int64_t b = 0; b < blocks_s; ++b) ps += partial[b * M + m];
-    for (int64_t b = 0; b < blocks_t; ++b) pt += partial[(blocks_per_side + b) * M + m];
-    const acc_t d = ps / static_cast<acc_t>(ns) - pt / static_cast<acc_t>(nt);
-    tar += d * d;
-    w[m] = acc_t(2) * d / static_cast<acc_t>(M);
+    for (int64_t b = threadIdx.x; b < blocks_s; b += blockDim.x) ps += partial[b * M + m];
+    for (int64_t b = threadIdx.x; b < blocks_t; b += blockDim.x) pt += partial[(blocks_per_side + b) * M + m];
+    ps = block_sum(ps, smem);
+    pt = block_sum(pt, smem);
+    if (threadIdx.x == 0) {
+      const acc_t d = ps / static_cast<acc_t>(ns) - pt / static_cast<acc_t>(nt);
+      tar += d * d;
+      w[m] = acc_t(2) * d / static_cast<acc_t>(M);
+    }
   }
-  tar /= static_cast<acc_t>(M);
-  parts[0] = rca;
-  parts[1] = tar;
-  *total += coef_rca * rca + coef_tar * tar;
+  if (threadIdx.x == 0) {
+    tar /= static_cast<acc_t>(M);
+    parts[0] = rca;
+    parts[1] = tar;
+    *total += coef_rca * rca + coef_tar * tar;
+  }
 }
 
 // d total / d z per row (one warp per row; blockIdx.y 0 student, 1 teacher):
@@ -230,8 +283,10 @@ __global__ void gradient_kernel(const acc_t* __restrict__ zs, const acc_t* __res
                                 const acc_t* __restrict__ A, const acc_t* __restrict__ G,
                                 const acc_t* __restrict__ norms, int64_t B, int64_t Cs, int64_t Ct, acc_t eps,
                                 const acc_t* __restrict__ theta, const acc_t* __restrict__ w, int64_t M,
-                                acc_t shift, acc_t scale, acc_t inv_delta, acc_t coef_rca, acc_t tar_chain,
-                                acc_t* __restrict__ grad_s, acc_t* __restrict__ grad_t) {
+                                const acc_t* __restrict__ shift_scale, acc_t inv_delta, acc_t coef_rca,
+                                acc_t coef_tar, acc_t* __restrict__ grad_s, acc_t* __restrict__ grad_t) {
+  const acc_t shift = shift_scale[0], scale = shift_scale[1];
+  const acc_t tar_chain = coef_tar * scale * inv_delta;
   const bool teacher = blockIdx.y == 1;
   const acc_t* z = teacher ? zt : zs;
   acc_t* out = teacher ? grad_t : grad_s;
@@ -261,17 +316,47 @@ __global__ void gradient_kernel(const acc_t* __restrict__ zs, const acc_t* __res
   }
 }
 
+// Layer constants on the device: [shift, scale] (acc_t) and theta [M] (acc_t), no host sync.
 template <typename acc_t>
-void stars_layer_cuda(const at::Tensor& zt_in, const at::Tensor& zs_in, const at::Tensor& theta_in, double shift,
-                      double scale, double coef_rca, double coef_tar, double delta, double eps, acc_t* parts,
-                      acc_t* total, at::Tensor& grad_t_out, at::Tensor& grad_s_out) {
+std::pair<at::Tensor, at::Tensor> layer_constants(const at::Tensor& zt, at::ArrayRef<double> quantiles,
+                                                  std::optional<at::ArrayRef<double>> thresholds, bool normalize,
+                                                  double eps) {
+  const auto opts = zt.options();
+  at::Tensor shift = normalize ? zt.mean() : at::zeros({}, opts);
+  at::Tensor scale = normalize ? at::clamp_min(zt.std(/*dim=*/{}, /*correction=*/0), eps).reciprocal()
+                               : at::ones({}, opts);
+  const at::Tensor shift_scale = at::stack({shift, scale});
+  if (thresholds.has_value()) {  // fills on the device (kernel arguments), not a host-to-device copy
+    std::vector<at::Tensor> values;
+    for (double t : *thresholds) values.push_back(at::full({}, t, opts));
+    return {shift_scale, at::stack(values)};
+  }
+  const at::Tensor zn = ((zt - shift) * scale).reshape(-1);
+  const int64_t n = zn.numel();
+  std::vector<at::Tensor> theta;
+  for (double q : quantiles) {  // as torch.quantile: rank = double(float(q)) (n - 1), fp32 weight
+    const double rank = static_cast<double>(static_cast<float>(q)) * static_cast<double>(n - 1);
+    const int64_t lo = static_cast<int64_t>(rank), hi = std::min<int64_t>(static_cast<int64_t>(std::ceil(rank)), n - 1);
+    const at::Tensor below = std::get<0>(at::kthvalue(zn, lo + 1));
+    const at::Tensor above = hi == lo ? below : std::get<0>(at::kthvalue(zn, hi + 1));
+    theta.push_back(at::lerp(below, above, static_cast<double>(static_cast<acc_t>(rank - static_cast<double>(lo)))));
+  }
+  const at::Tensor result = at::stack(theta);
+  return {shift_scale, at::where(zn.isnan().any(), at::full({}, std::numeric_limits<double>::quiet_NaN(), opts), result)};
+}
+
+template <typename acc_t>
+void stars_layer_cuda(const at::Tensor& zt_in, const at::Tensor& zs_in, at::ArrayRef<double> quantiles,
+                      std::optional<at::ArrayRef<double>> thresholds, bool normalize, double coef_rca,
+                      double coef_tar, double delta, double eps, acc_t* parts, acc_t* total, at::Tensor& grad_t_out,
+                      at::Tensor& grad_s_out) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor zt = zt_in.to(acc).contiguous(), zs = zs_in.to(acc).contiguous();
   const int64_t B = zt.size(0), Ct = zt.size(1), Cs = zs.size(1), K = Cs + Ct;
   const int64_t ns = B * Cs, nt = B * Ct;
   const auto opts = zt.options();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor theta = theta_in.to(zt.device(), acc).contiguous();
+  const auto [shift_scale, theta] = layer_constants<acc_t>(zt, quantiles, thresholds, normalize, eps);
   const int64_t M = theta.numel();
 
   at::Tensor A = at::empty({B, K}, opts), A_neg = at::empty({B, K}, opts), norms = at::empty({2, B}, opts);
@@ -279,48 +364,47 @@ void stars_layer_cuda(const at::Tensor& zt_in, const at::Tensor& zs_in, const at
       zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), B, Cs, Ct, static_cast<acc_t>(eps),
       A.data_ptr<acc_t>(), A_neg.data_ptr<acc_t>(), norms.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor E = at::mm(A, A_neg.t());
+  at::Tensor E = gemm<acc_t, true>(A, A_neg, stream);  // A A_neg^T
   at::Tensor row_sq = at::empty({B}, opts);
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   rca_scale_kernel<acc_t><<<grid_for(1, B), kThreads, 0, stream>>>(E.data_ptr<acc_t>(), B,
                                                                   static_cast<acc_t>(4.0 / pairs),
                                                                   row_sq.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor G = at::mm(E, A_neg);
+  const at::Tensor G = gemm<acc_t, false>(E, A_neg, stream);  // E A_neg
 
   const int64_t per_block = kThreads * kTarItems;
   const int64_t blocks_s = (ns + per_block - 1) / per_block, blocks_t = (nt + per_block - 1) / per_block;
   const int64_t blocks_per_side = std::max(blocks_s, blocks_t);
   at::Tensor partial = at::zeros({2 * blocks_per_side, M}, opts);
-  const acc_t shift_a = static_cast<acc_t>(shift), scale_a = static_cast<acc_t>(scale);
   const acc_t inv_delta = static_cast<acc_t>(1.0 / delta);
   tar_partial_kernel<acc_t><<<dim3(blocks_per_side, 2), kThreads, 0, stream>>>(
-      zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), ns, nt, theta.const_data_ptr<acc_t>(), M, shift_a,
-      scale_a, inv_delta, blocks_per_side, partial.data_ptr<acc_t>());
+      zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), ns, nt, theta.const_data_ptr<acc_t>(), M,
+      shift_scale.const_data_ptr<acc_t>(), inv_delta, blocks_per_side, partial.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor w = at::empty({M}, opts);
-  finalize_kernel<acc_t><<<1, 1, 0, stream>>>(row_sq.const_data_ptr<acc_t>(), B, partial.const_data_ptr<acc_t>(),
-                                              blocks_s, blocks_t, blocks_per_side, ns, nt, M,
-                                              static_cast<acc_t>(coef_rca), static_cast<acc_t>(coef_tar),
-                                              w.data_ptr<acc_t>(), parts, total);
+  finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(row_sq.const_data_ptr<acc_t>(), B,
+                                                     partial.const_data_ptr<acc_t>(), blocks_s, blocks_t,
+                                                     blocks_per_side, ns, nt, M, static_cast<acc_t>(coef_rca),
+                                                     static_cast<acc_t>(coef_tar), w.data_ptr<acc_t>(), parts, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor grad_t = at::empty({B, Ct}, opts), grad_s = at::empty({B, Cs}, opts);
   gradient_kernel<acc_t><<<dim3(grid_for(kWarps, B), 2), kThreads, 0, stream>>>(
       zs.const_data_ptr<acc_t>(), zt.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), G.const_data_ptr<acc_t>(),
       norms.const_data_ptr<acc_t>(), B, Cs, Ct, static_cast<acc_t>(eps), theta.const_data_ptr<acc_t>(),
-      w.const_data_ptr<acc_t>(), M, shift_a, scale_a, inv_delta, static_cast<acc_t>(coef_rca),
-      static_cast<acc_t>(coef_tar * scale / delta), grad_s.data_ptr<acc_t>(), grad_t.data_ptr<acc_t>());
+      w.const_data_ptr<acc_t>(), M, shift_scale.const_data_ptr<acc_t>(), inv_delta, static_cast<acc_t>(coef_rca),
+      static_cast<acc_t>(coef_tar), grad_s.data_ptr<acc_t>(), grad_t.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   grad_t_out = grad_t.to(zt_in.scalar_type());
   grad_s_out = grad_s.to(zs_in.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stars_loss_fused_cuda(
-    at::TensorList z_teacher, at::TensorList z_student, at::TensorList thresholds, at::ArrayRef<double> shift,
-    at::ArrayRef<double> scale, at::ArrayRef<double> coef_rca, at::ArrayRef<double> coef_tar, double delta,
-    double eps) {
-  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, thresholds, shift, scale, coef_rca, coef_tar, delta, eps);
+    at::TensorList z_teacher, at::TensorList z_student, at::ArrayRef<double> quantiles,
+    std::optional<at::ArrayRef<double>> thresholds, bool normalize, at::ArrayRef<double> coef_rca,
+    at::ArrayRef<double> coef_tar, double delta, double eps) {
+  const bool any_fp64 = check_stars_inputs(z_teacher, z_student, quantiles, thresholds, coef_rca, coef_tar, delta, eps);
   const size_t L = z_teacher.size();
   const c10::cuda::CUDAGuard guard(z_teacher[0].device());
   // total and parts: float64 when any input is float64, else float32 (as the CPU kernel).
@@ -332,9 +416,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "stars_loss_fused_cuda", [&] {
     using acc_t = scalar_t;
     for (size_t l = 0; l < L; ++l) {
-      stars_layer_cuda<acc_t>(z_teacher[l], z_student[l], thresholds[l], shift[l], scale[l], coef_rca[l],
-                              coef_tar[l], delta, eps, parts.data_ptr<acc_t>() + 2 * l, total.data_ptr<acc_t>(),
-                              grad_teacher[l], grad_student[l]);
+      stars_layer_cuda<acc_t>(z_teacher[l], z_student[l], quantiles, thresholds, normalize, coef_rca[l], coef_tar[l],
+                              delta, eps, parts.data_ptr<acc_t>() + 2 * l, total.data_ptr<acc_t>(), grad_teacher[l],
+                              grad_student[l]);
     }
   });
   return {total, parts, grad_teacher, grad_student};
