@@ -58,6 +58,7 @@ def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, no
 
 
 def _stars_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for parts and the gradient outputs
     ctx.num_layers = len(inputs[0])
     ctx.options = inputs[2:]  # quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend
     ctx.save_for_backward(*output[2], *output[3], *inputs[0], *inputs[1])
