@@ -60,5 +60,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision", "numpy", "tqdm", "scikit-learn", "pillow"],
     extras_require={"plots": ["matplotlib"],  # python -m stars_fast.analyze
-                    "test": ["pytest", "pytest-benchmark", "expecttest", "spikingjelly==2.0.0", "matplotlib"]},
+                    "test": ["pytest", "pytest-benchmark", "expecttest", "spikingjelly==2.0.0", "matplotlib",
+                             "transformers"]},  # transformers: the offline CLIP-text test of label_embedding
 )

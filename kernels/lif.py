@@ -1,4 +1,4 @@
-"""Triton kernels of the multi-step LIF / IF / PLIF neuron (shared/DESIGN.md section 2.1).
+"""Triton kernels of the multi-step LIF / IF / PLIF neuron (docs/design.md section 2.1).
 
 x is viewed as [T, N] (time first, N neurons, contiguous). One program owns BLOCK neurons and
 scans t = 0..T-1 over them, with the membrane state and all arithmetic in fp32 whatever the I/O

@@ -1,4 +1,4 @@
-"""Triton kernels of the STARS loss and of its feature pooling (shared/DESIGN.md section 2.2).
+"""Triton kernels of the STARS loss and of its feature pooling (docs/design.md section 2.2).
 
 Per layer l, teacher features zt [B, C] and student features zs [B, C'] (pooled, raw):
 
