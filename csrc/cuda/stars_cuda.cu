@@ -1,4 +1,4 @@
-// CUDA kernels of the STARS loss and its feature pooling (shared/DESIGN.md section 2.2); the math is
+// CUDA kernels of the STARS loss and its feature pooling (docs/design.md section 2.2); the math is
 // the same as csrc/stars_cpu.cpp:
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                   (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() (a sort + gathers)
@@ -356,7 +356,11 @@ void stars_layer_cuda(const at::Tensor& zt_in, const at::Tensor& zs_in, at::Arra
   const int64_t ns = B * Cs, nt = B * Ct;
   const auto opts = zt.options();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto [shift_scale, theta] = layer_constants<acc_t>(zt, quantiles, thresholds, normalize, eps);
+  // Named tensors, not a structured binding: the binding's type would be dependent on acc_t here, and
+  // nvcc then refuses `theta.const_data_ptr<acc_t>()` without the `template` keyword.
+  const std::pair<at::Tensor, at::Tensor> constants = layer_constants<acc_t>(zt, quantiles, thresholds, normalize, eps);
+  const at::Tensor& shift_scale = constants.first;
+  const at::Tensor& theta = constants.second;
   const int64_t M = theta.numel();
 
   at::Tensor A = at::empty({B, K}, opts), A_neg = at::empty({B, K}, opts), norms = at::empty({2, B}, opts);
