@@ -30,6 +30,9 @@ NON_MOVING = {  # aten ops that allocate or alias but move no data
     "aten::detach", "aten::detach_", "aten::alias", "aten::contiguous", "aten::lift_fresh", "aten::resolve_conj",
     "aten::resolve_neg", "aten::result_type", "aten::promote_types", "aten::is_nonzero", "aten::set_", "aten::requires_grad_",
 }
+# Profiler range around an executed Triton launch: the interpreter's own copies inside it belong to the
+# launch (counted once by the hook), not to the op.
+LAUNCH_RANGE = "triton_launch"
 
 
 def _data_moving_ops(prof) -> list:
@@ -38,13 +41,14 @@ def _data_moving_ops(prof) -> list:
                     key=lambda e: (e.time_range.start, -e.time_range.end))
     counted, stack = [], []  # stack of (end time, counted) of the enclosing aten ops
     for e in events:
-        if not e.name.startswith("aten::"):
+        launch = e.name == LAUNCH_RANGE
+        if not (launch or e.name.startswith("aten::")):
             continue
         while stack and stack[-1][0] <= e.time_range.start:
             stack.pop()
         inside_counted = any(c for _, c in stack)
-        moves = e.name not in NON_MOVING
-        if moves and not inside_counted:
+        moves = launch or e.name not in NON_MOVING
+        if moves and not inside_counted and not launch:
             counted.append(e.name)
         stack.append((e.time_range.end, moves or inside_counted))
     return counted
@@ -64,7 +68,10 @@ class _LaunchCounter:
     def _counting(self, original, execute: bool):
         def counted_run(fn_self, *args, **kwargs):
             self.names.append(getattr(fn_self, "__name__", None) or fn_self.fn.__name__)
-            return original(fn_self, *args, **kwargs) if execute else None
+            if not execute:
+                return None
+            with torch.profiler.record_function(LAUNCH_RANGE):
+                return original(fn_self, *args, **kwargs)
 
         return counted_run
 

@@ -80,6 +80,8 @@ def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_stude
     Under create_graph=True the gradient is instead taken through the reference, so that it is itself
     differentiable (true second derivatives, at the reference's speed)."""
     n = ctx.num_layers
+    if grad_total is None:  # only the detached parts were used: no gradient flows
+        return [None] * n, [None] * n, None, None, None, None, None, None, None, None
     saved = ctx.saved_tensors
     if torch.is_grad_enabled():
         features = saved[2 * n:]
