@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._backend import BACKENDS
-from .ops.lif import SURROGATE_IDS, multistep_neuron
+from .ops.lif import SURROGATE_IDS, _finite, multistep_neuron
 from .reference import SURROGATE_DEFAULT_ALPHA
 
 # SpikingJelly surrogate class -> (our surrogate, our alpha from its alpha). PiecewiseQuadratic's gradient
@@ -36,14 +36,6 @@ SPIKINGJELLY_SURROGATES = {
 }
 SPIKINGJELLY_BACKENDS = {"torch": "reference", "cupy": "cuda"}
 STEP_MODES = ("m",)
-
-
-def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 def resolve_surrogate(surrogate_function, alpha: Optional[float]) -> Tuple[str, float, bool]:
