@@ -9,16 +9,18 @@
 // except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
 // exactly the order of stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true
 // division by tau; setup.py forbids FMA contraction; the intrinsics never contract), so the spikes
-// are bit-identical to the reference and the backward's h is the forward's. exp and atan are
-// ATen's vectorized ones (Sleef, 1 ulp, under AVX2).
+// are bit-identical to the reference and the backward's h is the forward's. exp is exp_avx2.h's
+// inline one under AVX2 (1 ulp) and ATen's otherwise; atan is ATen's (Sleef, 1 ulp, under AVX2).
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "exp_avx2.h"
 #include "lif_cpu.h"
 
 namespace stars_fast {
@@ -49,7 +51,11 @@ Consts<acc_t> make_consts(const LifOptions& o) {
   constexpr double kPi = 3.14159265358979323846;
   using Vec = Vectorized<acc_t>;
   Consts<acc_t> c;
-  c.divide = o.divide;
+  // A power-of-two tau divides exactly as it multiplies by 1 / tau (both give the correctly rounded
+  // x 2^-k), so that divide mode takes the multiply.
+  int exponent;
+  const bool exact_reciprocal = o.divide && std::frexp(o.decay, &exponent) == 0.5;
+  c.divide = o.divide && !exact_reciprocal;
   c.v_start = static_cast<acc_t>(o.v_reset);
   c.zero = Vec(acc_t(0));
   c.one = Vec(acc_t(1));
@@ -57,7 +63,7 @@ Consts<acc_t> make_consts(const LifOptions& o) {
   c.v_th = Vec(static_cast<acc_t>(o.v_threshold));
   c.v_r = Vec(static_cast<acc_t>(o.v_reset));
   c.v_reset = c.v_r;
-  const acc_t decay = static_cast<acc_t>(o.decay);
+  const acc_t decay = static_cast<acc_t>(exact_reciprocal ? 1.0 / o.decay : o.decay);
   c.decay = Vec(decay);
   c.one_minus_k = Vec(acc_t(1) - decay);
   c.alpha = Vec(static_cast<acc_t>(o.alpha));
@@ -89,10 +95,19 @@ LIF_INLINE Vectorized<acc_t> charge(Vectorized<acc_t> v, Vectorized<acc_t> x, co
   }
 }
 
+// e^y: exp_avx2 (inline) for float under AVX2, else ATen's.
+template <typename acc_t>
+LIF_INLINE Vectorized<acc_t> exp(Vectorized<acc_t> y) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return Vectorized<float>(exp_avx2(y));
+#endif
+  return y.exp();
+}
+
 // sigmoid(y) = 1 / (1 + e^-y)
 template <typename acc_t>
 LIF_INLINE Vectorized<acc_t> sigmoid(Vectorized<acc_t> y, const Consts<acc_t>& c) {
-  return c.one / (c.one + y.neg().exp());
+  return c.one / (c.one + exp(y.neg()));
 }
 
 // fire at u = h - v_th   Heaviside: s = [u >= 0] (NaN stays NaN)   sigmoid: s(alpha u)

@@ -145,6 +145,34 @@ def test_neuron_divides_by_tau():
     assert divided.item() == 0.0 and multiplied.item() == 1.0
 
 
+def test_neuron_power_of_two_tau_divides_exactly():
+    """tau = 2^k multiplies by 1 / tau inside the kernel (exact): spikes still equal the division's
+    bit for bit, on inputs whose products land on the threshold, subnormal and huge values included."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(4, 4096, generator=gen) * 3, torch.full((4, 4), 2.0 ** -140), torch.full((4, 4), 3e38)], 1)
+    for tau in (2.0, 4.0, 1024.0):
+        x_at = x.clone()
+        x_at[0, :64] = 2.0 * tau  # h = 2 exactly at t = 0: on the threshold
+        for v_reset in (0.0, None):
+            spikes, v_last = ops.lif_forward(x_at, None, torch.tensor([tau]), True, True, 2.0, v_reset, True, 0, 4.0,
+                                             True, True)
+            ref, ref_v = R.multistep_neuron(x_at, leaky=True, tau=tau, v_threshold=2.0, v_reset=v_reset)
+            assert torch.equal(spikes, ref) and torch.equal(v_last, ref_v), (tau, v_reset)
+
+
+def test_neuron_sigmoid_accuracy_over_the_exp_range():
+    """The CPU sigmoid (spiking=False emits it) against float64 over alpha u in [-160, 160], beyond
+    where e^-y overflows and underflows: within 4 ulp (its exp is within 1 ulp) down to the normal
+    floats, and 0 below."""
+    alpha = 4.0
+    h = torch.linspace(-39.0, 41.0, 200_003, dtype=torch.float32)  # T = 1 from rest: h = x / 2
+    x = (h * 2.0).reshape(1, -1)
+    out, _ = ops.lif_forward(x, None, torch.tensor([2.0]), True, True, 1.0, 0.0, True, 0, alpha, False, False)
+    y = (alpha * (h - 1.0)).double()  # the kernel's fp32 argument, exactly
+    want = torch.sigmoid(y)
+    torch.testing.assert_close(out[0].double(), want, rtol=4 * 2.0 ** -24, atol=2.0 ** -126)
+
+
 def test_neuron_spike_at_threshold_and_nan():
     """h == v_th fires (Theta(0) = 1); a NaN input gives a NaN spike, not a silent 0, and NaN gradients
     where the reference has them (the triangle surrogate included)."""
