@@ -1,6 +1,5 @@
-// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): an accurate exp that
-// gcc auto-vectorizes, AVX2 dispatch, a cache for large outputs, and block-wise access to rows of
-// tensors of any float dtype.
+// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): AVX2 dispatch, a cache for
+// large outputs, and block-wise access to rows of tensors of any float dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,50 +22,6 @@
 namespace stars_fast {
 
 #define STARS_INLINE inline __attribute__((always_inline))
-
-// ---------------------------------------------------------------------------------------------
-// Math that vectorizes without -ffast-math (setup.py compiles with -ffp-contract=off: no FMA
-// contraction, so every operation is rounded exactly as written).
-
-template <typename To, typename From>
-STARS_INLINE To bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast size mismatch");
-  To r;
-  std::memcpy(&r, &v, sizeof(To));
-  return r;
-}
-
-// exp(x) = 2^n * e^r, n = round(x / ln2), r = x - n ln2 (Cody-Waite split), e^r by the Cephes
-// minimax polynomial: ~1 ulp over the clamped range [-87, 88], NaN propagates. Branch-free, so gcc
-// vectorizes loops calling it (std::exp would not vectorize, and -ffast-math costs accuracy).
-STARS_INLINE float exp_acc(float x) {
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.0f ? -87.0f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds |y| < 2^22 to an integer
-  const float t = x * 1.44269504088896341f + kRound;
-  const float n = t - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  // t's low mantissa bits hold n (two's complement): 2^n built directly in the exponent field.
-  const uint32_t n_int = bit_cast<uint32_t>(t) - bit_cast<uint32_t>(kRound);
-  return p * bit_cast<float>((n_int + 127u) << 23);
-}
-
-STARS_INLINE double exp_acc(double x) { return std::exp(x); }
-
-// sigmoid(x) = 1 / (1 + e^-x)
-template <typename acc_t>
-STARS_INLINE acc_t sigmoid_acc(acc_t x) {
-  return acc_t(1) / (acc_t(1) + exp_acc(-x));
-}
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 dispatch. The extension is built for baseline x86-64 (SSE2); run_vectorized compiles `fn`

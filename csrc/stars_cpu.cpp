@@ -14,12 +14,13 @@
 // normalization constants and theta by selection; (3) student rows: norms, u_S, and the soft
 // exceedance sums of both sides; then per layer the GEMMs D = U_S U_S^T - U_T U_T^T (at::mm +
 // addmm) and E U for the gradient; (4) every row's gradient (the sigmoids recomputed, not stored).
-// The sigmoids use Sleef's 1-ulp vectorized exp (ATen's Vectorized<float>::exp) under AVX2.
+// The sigmoids use exp_avx2.h's inline 1-ulp exp under AVX2.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <numeric>
@@ -29,11 +30,10 @@
 
 #include "common.h"
 
+#include "exp_avx2.h"
+
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
 #define STARS_HAVE_AVX2_KERNELS 1
-// exp of 8 floats, 1 ulp: what ATen's AVX2 Vectorized<float>::exp calls (exported by libtorch_cpu).
-extern "C" __attribute__((target("avx2,fma"))) __m256 Sleef_expf8_u10(__m256);
 #endif
 
 namespace stars_fast {
@@ -77,20 +77,35 @@ at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
 // ---------------------------------------------------------------------------------------------
 // Quantiles as torch.quantile(z.flatten(), q, interpolation='linear'): rank = q (n - 1) and
 // result = lerp(z_(floor rank), z_(ceil rank), rank - floor rank), z_(r) the r-th smallest value.
-// Exact selection without a sort: a histogram of the top 12 bits of order-preserving keys of the
-// values rounded to float (a monotone map, so buckets are ordered for float64 data too) tells which
-// bucket holds each wanted order statistic; only those buckets' values are gathered, and
-// std::nth_element picks the statistics among them (on a shrinking tail for ascending ranks).
+// Exact selection without a sort: a histogram over kBuckets equal-width buckets of [min, max] (a
+// monotone map, so the buckets are ordered) tells which bucket holds each wanted order statistic;
+// only those buckets' values are gathered, and std::nth_element picks the statistics among them (on
+// a shrinking tail for ascending ranks). Equal-width buckets hold ~n / kBuckets values each where
+// the data are dense; the earlier buckets on the float bits' top 12 bits put all of [1, 2) in 8.
 
-constexpr int kBucketBits = 12;
-constexpr int64_t kBuckets = int64_t(1) << kBucketBits;
+constexpr int64_t kBuckets = 4096;
+
+// bucket(x) = min(kBuckets - 1, floor((x - lo) inv_width)): non-decreasing in x (every step rounds
+// monotonically, the clamp catches an overflow to inf); inv_width 0 puts everything in bucket 0.
+template <typename acc_t>
+struct Buckets {
+  acc_t lo, inv_width;
+  STARS_INLINE int64_t operator()(acc_t x) const {
+    return static_cast<int64_t>(std::min(static_cast<acc_t>(kBuckets - 1), (x - lo) * inv_width));
+  }
+};
 
 template <typename acc_t>
-STARS_INLINE int64_t bucket_of(acc_t x) {
-  const uint32_t bits = bit_cast<uint32_t>(static_cast<float>(x));
-  // Negative values: all bits flipped; positive: sign bit set. Unsigned order = float order.
-  const uint32_t key = (bits >> 31) != 0 ? ~bits : bits | (uint32_t(1) << 31);
-  return static_cast<int64_t>(key >> (32 - kBucketBits));
+Buckets<acc_t> equal_width_buckets(const acc_t* v, int64_t n) {
+  acc_t lo = v[0], hi = v[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t e = 0; e < n; ++e) {
+    lo = std::min(lo, v[e]);
+    hi = std::max(hi, v[e]);
+  }
+  const double range = static_cast<double>(hi) - static_cast<double>(lo);  // inf with an infinite value
+  const double inv_width = range > 0 && std::isfinite(range) ? static_cast<double>(kBuckets) / range : 0.0;
+  return {lo, static_cast<acc_t>(inv_width)};
 }
 
 template <typename acc_t>
@@ -116,6 +131,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   }
   std::sort(ranks.begin(), ranks.end());
   ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  const Buckets<acc_t> bucket_of = equal_width_buckets(v, n);
   // start[b] = number of values in the buckets before b.
   std::vector<int64_t> start(kBuckets + 1, 0);
   for (int64_t e = 0; e < n; ++e) ++start[bucket_of(v[e]) + 1];
@@ -254,7 +270,7 @@ void gradient_row(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc
 #ifdef STARS_HAVE_AVX2_KERNELS
 __attribute__((target("avx2,fma"))) inline __m256 sigmoid8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
@@ -269,7 +285,7 @@ __attribute__((target("avx2,fma"))) inline void sigmoids8(__m256 zn, const TarCo
   const __m256 one = _mm256_set1_ps(1.0f), inv_delta = _mm256_set1_ps(k.inv_delta);
   if (k.factored) {
     const __m256 a = _mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta_ref)), inv_delta);
-    const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), a));
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), a));
     for (int64_t m = 0; m < k.M; ++m) {
       s[m] = _mm256_div_ps(one, _mm256_add_ps(one, _mm256_mul_ps(e, _mm256_set1_ps(k.ratio[m]))));
     }
@@ -457,9 +473,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     }
   });
 
-  // (2) per layer: shift, scale (population moments merged from the rows' in a fixed order) and theta.
-  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
-    for (int64_t l = l0; l < l1; ++l) {
+  // (2) per layer: shift, scale (population moments merged from the rows' in a fixed order) and theta;
+  // the layers handed out largest first, so that the selections balance over the threads.
+  std::vector<int64_t> largest_first(L);
+  std::iota(largest_first.begin(), largest_first.end(), int64_t(0));
+  std::stable_sort(largest_first.begin(), largest_first.end(),
+                   [&](int64_t a, int64_t b) { return layers[a].Ct > layers[b].Ct; });
+  parallel_chunks(L, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t l = largest_first[i];
       StarsLayer<acc_t>& y = layers[l];
       TarConsts<acc_t>& k = y.tar;
       k.M = M;

@@ -292,7 +292,9 @@ def test_quantiles(dtype):
     samples[3][:333] = samples[3][0]  # ties
     samples += [torch.full((500,), 2.5, dtype=dtype),  # one value: one histogram bucket holds everything
                 torch.tensor([0.0, -0.0, 3.0, -float("inf"), float("inf"), -2.0, 1e-30, -1e-30], dtype=dtype),
-                torch.rand(3000, generator=gen, dtype=dtype) * 1e-3 + 7.0]  # concentrated
+                torch.rand(3000, generator=gen, dtype=dtype) * 1e-3 + 7.0,  # concentrated
+                torch.tensor([3e38, -3e38, 1.0, 2.0, 0.5, -1.0, 3e38], dtype=dtype),  # max - min overflows fp32
+                torch.cat([torch.randn(2000, generator=gen, dtype=dtype), torch.tensor([1e30], dtype=dtype)])]  # outlier
     for z in samples:
         n = z.numel()
         for q in q_sets:
