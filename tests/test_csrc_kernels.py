@@ -85,6 +85,7 @@ def test_neuron_matches_reference(leaky, v_reset, decay_input, surrogate, spikin
         (4, 1, torch.float32, True, False, True, False),
         (4, 37, torch.float64, False, True, True, False),
         (3, 37, torch.float64, True, False, False, True),
+        (2, 1003, torch.float32, False, True, True, False),  # the backward's groups of 4 vectors, then 1, then a tail
     ]
     for T, N, dtype, detach_reset, with_v_init, with_grad_v_last, decay_is_tau in cases:
         need_decay_grad = leaky and not decay_is_tau
