@@ -86,7 +86,7 @@ def test_lif(measure, smoke, case, mode, variant):
     x = (torch.randn(steps, n, device=device, generator=generator) + 0.5).to(dtype)
     grad = torch.randn(steps, n, device=device, generator=generator).to(dtype)
     bytes_moved = BYTES_PER_ELEMENT[mode] * x.numel() * x.element_size()
-    rounds = 10 if device == "cuda" else 5
+    rounds = 21  # medians of 21: single calls on this shared 2-core VM stray by up to 40%
     group = f"lif {_case_id((device, steps, n, dtype))} {mode}"
 
     if variant == "copy":

@@ -53,7 +53,7 @@ def test_stars_loss(measure, smoke, device, batch, variant):
     generator = torch.Generator(device).manual_seed(0)
     zt = [torch.randn(batch, c, device=device, generator=generator) for c in CHANNELS]
     zs = [torch.randn(batch, c, device=device, generator=generator) for c in CHANNELS]
-    rounds = 20
+    rounds = 41
     if variant == "gemm-floor":
         operands = stars_gemm_operands(zt, zs)
         measure(lambda: stars_gemm_floor(operands), group=group, variant="gemm-floor (GEMMs alone)",
