@@ -2,10 +2,10 @@
 // written with ATen's at::vec::Vectorized and compiled once per CPU capability: the includer
 // defines CPU_CAPABILITY (DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp).
 //
-// A call handles elements [begin, end) of every row, block by block: the forward keeps v of a
-// block in L1 and walks t = 0..T-1 over it (one pass: read x, write spikes, and v_last only when
-// asked); the backward recomputes h of a block for every t into L1/L2 scratch, then runs the
-// reverse scan (read grad_spikes, write grad_x). The neuron options are template parameters,
+// A call handles elements [begin, end) of every row, block by block. Both directions scan the block
+// forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
+// spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
+// runs the reverse scan (read grad_spikes, write grad_x) four vectors at a time. The neuron options are template parameters,
 // except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
 // exactly the order of stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true
 // division by tau; setup.py forbids FMA contraction; the intrinsics never contract), so the spikes
@@ -229,12 +229,6 @@ LIF_INLINE void for_vector_groups(int64_t n, const Fn& fn) {
   if (j < n) fn(j, n - j, std::integral_constant<int, 1>{}, std::false_type{});
 }
 
-// fn(j, count, full) vector by vector.
-template <typename acc_t, typename Fn>
-LIF_INLINE void for_vectors(int64_t n, const Fn& fn) {
-  for_vector_groups<acc_t, 1>(n, [&](int64_t j, int64_t count, auto, auto full) { fn(j, count, full); });
-}
-
 // ---------------------------------------------------------------------------------------------
 // Rows of an operand as acc_t: in place when they already are acc_t with unit stride, else
 // converted (or, for a broadcast, filled) into the caller's block buffer.
@@ -300,33 +294,72 @@ int64_t block_size(int64_t T) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: s[t] = fire(h - v_th), v <- reset(h, s), h = charge(v, x[t]).
+// The recursion h = charge(v, x[t]), s = fire(h - v_th), v <- reset(h, s) over the n elements of a
+// block, eight vectors at a time with their v in registers through all T steps: each step reads
+// and writes 256 contiguous bytes of every row (whole cache lines, which the streaming stores need:
+// one vector per row at a time measured 7x slower streamed, and the block walked row by row
+// reloading v at every step 1.6x slower than this). v holds the block's v before t = 0, and after
+// the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step.
+template <typename acc_t, Charge C, bool kHard, Fire F, typename Emit>
+LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* v, bool keep_v,
+                           const Consts<acc_t>& c, const Emit& emit) {
+  for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
+    constexpr int W = decltype(width)::value;
+    constexpr bool kFull = decltype(full)::value;
+    constexpr int64_t V = Vectorized<acc_t>::size();
+    Vectorized<acc_t> vw[W];
+    LIF_UNROLL for (int w = 0; w < W; ++w) vw[w] = load<kFull>(v + j0 + w * V, cnt);
+    for (int64_t t = 0; t < T; ++t) {
+      LIF_UNROLL for (int w = 0; w < W; ++w) {
+        const int64_t j = j0 + w * V;
+        const auto h = charge<acc_t, C>(vw[w], load<kFull>(xs[t] + j, cnt), c);
+        const auto sj = fire<acc_t, F>(h - c.v_th, c);
+        emit(t, j, h, sj, cnt, full);
+        vw[w] = reset<acc_t, kHard>(h, sj, c);
+      }
+    }
+    if (keep_v) {
+      LIF_UNROLL for (int w = 0; w < W; ++w) store<kFull>(vw[w], v + j0 + w * V, cnt);
+    }
+  });
+}
+
+// The T rows of x at block b0 as acc_t (in place, or converted into xb[t * blk ...]).
+template <typename acc_t>
+void load_rows(c10::ScalarType dtype, const LifOperand& x, int64_t T, int64_t b0, int64_t n, int64_t blk, acc_t* xb,
+               std::vector<const acc_t*>& xs) {
+  for (int64_t t = 0; t < T; ++t) xs[t] = load_block(dtype, x, t, b0, n, xb + t * blk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: the scan, writing s[t] (and v_last when asked).
 
 template <typename acc_t, Charge C, bool kHard, Fire F>
 void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
-  const int64_t blk = block_size<acc_t>(a.T);
-  std::vector<acc_t> scratch(3 * blk);
-  acc_t* xb = scratch.data();
-  acc_t* sb = xb + blk;
-  acc_t* v = sb + blk;
+  const int64_t T = a.T, blk = block_size<acc_t>(T);
+  std::vector<acc_t> scratch((2 * T + 2) * blk);
+  acc_t* xb = scratch.data();  // [T, blk] conversion buffers of x and of the spikes
+  acc_t* sb = xb + T * blk;
+  acc_t* v = sb + T * blk;
+  acc_t* vb = v + blk;
+  std::vector<const acc_t*> xs(T);
+  std::vector<acc_t*> ss(T);
   for (int64_t b0 = begin; b0 < end; b0 += blk) {
     const int64_t n = std::min(blk, end - b0);
-    initial_v(a.dtype, a.v_init, c, b0, n, v, xb);
-    for (int64_t t = 0; t < a.T; ++t) {
-      const acc_t* x = load_block(a.dtype, a.x, t, b0, n, xb);
-      acc_t* s = out_block(a.dtype, a.spikes, t * a.N + b0, sb);
-      const bool stream = streamable(a.dtype, s);
-      for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        const auto h = charge<acc_t, C>(load<kFull>(v + j, cnt), load<kFull>(x + j, cnt), c);
-        const auto sj = fire<acc_t, F>(h - c.v_th, c);
-        store_out<kFull>(sj, s + j, cnt, stream);
-        store<kFull>(reset<acc_t, kHard>(h, sj, c), v + j, cnt);
-      });
-      commit_block(a.dtype, a.spikes, t * a.N + b0, n, s);
+    initial_v(a.dtype, a.v_init, c, b0, n, v, vb);
+    load_rows(a.dtype, a.x, T, b0, n, blk, xb, xs);
+    bool stream = true;
+    for (int64_t t = 0; t < T; ++t) {
+      ss[t] = out_block(a.dtype, a.spikes, t * a.N + b0, sb + t * blk);
+      stream = stream && streamable(a.dtype, ss[t]);
     }
+    scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v, a.v_last != nullptr, c,
+                                   [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
+                                     store_out<decltype(full)::value>(sj, ss[t] + j, cnt, stream);
+                                   });
+    for (int64_t t = 0; t < T; ++t) commit_block(a.dtype, a.spikes, t * a.N + b0, n, ss[t]);
     if (a.v_last != nullptr) {
-      acc_t* out = out_block(a.dtype, a.v_last, b0, sb);
+      acc_t* out = out_block(a.dtype, a.v_last, b0, vb);
       std::copy(v, v + n, out);
       commit_block(a.dtype, a.v_last, b0, n, out);
     }
@@ -345,29 +378,22 @@ template <typename acc_t, Charge C, bool kHard, Fire F, Fire S>
 void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
   const int64_t T = a.T, blk = block_size<acc_t>(T);
   const bool need_k = a.grad_decay != nullptr;
-  std::vector<acc_t> scratch((T + 7) * blk);
-  acc_t* xb = scratch.data();  // I/O conversion buffers
-  acc_t* gsb = xb + blk;
+  std::vector<acc_t> scratch((2 * T + 4) * blk);
+  acc_t* xb = scratch.data();  // [T, blk] conversion buffers of x, then I/O buffers
+  acc_t* gsb = xb + T * blk;
   acc_t* gxb = gsb + blk;
-  acc_t* kb = gxb + blk;
-  acc_t* v0 = kb + blk;  // v before t = 0
-  acc_t* v = v0 + blk;   // running v of the recomputation
-  acc_t* gv = v + blk;   // dL/dv carried backwards in time
+  acc_t* v0 = gxb + blk;  // v before t = 0
+  acc_t* gv = v0 + blk;  // dL/dv carried backwards in time
   acc_t* hs = gv + blk;  // h of every step, [T, blk]
+  std::vector<const acc_t*> xs(T);
   for (int64_t b0 = begin; b0 < end; b0 += blk) {
     const int64_t n = std::min(blk, end - b0);
-    initial_v(a.dtype, a.v_init, c, b0, n, v0, xb);
-    std::copy(v0, v0 + n, v);
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t* x = load_block(a.dtype, a.x, t, b0, n, xb);
-      acc_t* h = hs + t * blk;
-      for_vectors<acc_t>(n, [&](int64_t j, int64_t cnt, auto full) {
-        constexpr bool kFull = decltype(full)::value;
-        const auto hj = charge<acc_t, C>(load<kFull>(v + j, cnt), load<kFull>(x + j, cnt), c);
-        store<kFull>(hj, h + j, cnt);
-        store<kFull>(reset<acc_t, kHard>(hj, fire<acc_t, F>(hj - c.v_th, c), c), v + j, cnt);
-      });
-    }
+    initial_v(a.dtype, a.v_init, c, b0, n, v0, gsb);
+    load_rows(a.dtype, a.x, T, b0, n, blk, xb, xs);
+    scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v0, false, c,
+                                   [&](int64_t t, int64_t j, auto hj, auto, int64_t cnt, auto full) {
+                                     store<decltype(full)::value>(hj, hs + t * blk + j, cnt);
+                                   });
     if (a.grad_v_last.data != nullptr) {
       const acc_t* g = load_block(a.dtype, a.grad_v_last, 0, b0, n, gsb);
       std::copy(g, g + n, gv);
@@ -378,7 +404,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t be
     if (need_k) std::fill(k_acc, k_acc + n, acc_t(0));
     for (int64_t t = T - 1; t >= 0; --t) {
       const acc_t* gs = load_block(a.dtype, a.grad_spikes, t, b0, n, gsb);
-      const acc_t* x = need_k ? load_block(a.dtype, a.x, t, b0, n, xb) : nullptr;
+      const acc_t* x = xs[t];
       const acc_t* h = hs + t * blk;
       acc_t* gx = out_block(a.dtype, a.grad_x, t * a.N + b0, gxb);
       // Four vectors at a time: each stage runs over all four before the next, so that their
