@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -302,7 +303,8 @@ int64_t block_size(int64_t T) {
 // the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step.
 template <typename acc_t, Charge C, bool kHard, Fire F, typename Emit>
 LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* v, bool keep_v,
-                           const Consts<acc_t>& c, const Emit& emit) {
+                           const Consts<acc_t>& consts, const Emit& emit) {
+  const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
     constexpr int W = decltype(width)::value;
     constexpr bool kFull = decltype(full)::value;
@@ -337,8 +339,8 @@ void load_rows(c10::ScalarType dtype, const LifOperand& x, int64_t T, int64_t b0
 template <typename acc_t, Charge C, bool kHard, Fire F>
 void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
   const int64_t T = a.T, blk = block_size<acc_t>(T);
-  std::vector<acc_t> scratch((2 * T + 2) * blk);
-  acc_t* xb = scratch.data();  // [T, blk] conversion buffers of x and of the spikes
+  const auto scratch = std::make_unique_for_overwrite<acc_t[]>((2 * T + 2) * blk);  // not zero-filled
+  acc_t* xb = scratch.get();  // [T, blk] conversion buffers of x and of the spikes
   acc_t* sb = xb + T * blk;
   acc_t* v = sb + T * blk;
   acc_t* vb = v + blk;
@@ -353,10 +355,17 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begi
       ss[t] = out_block(a.dtype, a.spikes, t * a.N + b0, sb + t * blk);
       stream = stream && streamable(a.dtype, ss[t]);
     }
-    scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v, a.v_last != nullptr, c,
-                                   [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
-                                     store_out<decltype(full)::value>(sj, ss[t] + j, cnt, stream);
-                                   });
+    const auto scan = [&](auto streamed) {  // the store kind fixed outside the loops
+      scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v, a.v_last != nullptr, c,
+                                     [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
+                                       store_out<decltype(full)::value>(sj, ss[t] + j, cnt, streamed.value);
+                                     });
+    };
+    if (stream) {
+      scan(std::true_type{});
+    } else {
+      scan(std::false_type{});
+    }
     for (int64_t t = 0; t < T; ++t) commit_block(a.dtype, a.spikes, t * a.N + b0, n, ss[t]);
     if (a.v_last != nullptr) {
       acc_t* out = out_block(a.dtype, a.v_last, b0, vb);
@@ -375,11 +384,12 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begi
 //   (multiply mode: gh k and gh (1 - k));   PLIF: dL/dk += gh (x - (v_prev - v_r)) | gh * -(v_prev - v_r)
 
 template <typename acc_t, Charge C, bool kHard, Fire F, Fire S>
-void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
+void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64_t begin, int64_t end) {
+  const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   const int64_t T = a.T, blk = block_size<acc_t>(T);
   const bool need_k = a.grad_decay != nullptr;
-  std::vector<acc_t> scratch((2 * T + 4) * blk);
-  acc_t* xb = scratch.data();  // [T, blk] conversion buffers of x, then I/O buffers
+  const auto scratch = std::make_unique_for_overwrite<acc_t[]>((2 * T + 4) * blk);  // not zero-filled
+  acc_t* xb = scratch.get();  // [T, blk] conversion buffers of x, then I/O buffers
   acc_t* gsb = xb + T * blk;
   acc_t* gxb = gsb + blk;
   acc_t* v0 = gxb + blk;  // v before t = 0
