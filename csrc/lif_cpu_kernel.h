@@ -5,8 +5,8 @@
 // A call handles elements [begin, end) of every row, block by block. Both directions scan the block
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
 // spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
-// runs the reverse scan (read grad_spikes, write grad_x) four vectors at a time. The neuron options are template parameters,
-// except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
+// runs the reverse scan (read grad_spikes, write grad_x) four vectors at a time. The neuron options
+// are template parameters, except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
 // exactly the order of stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true
 // division by tau; setup.py forbids FMA contraction; the intrinsics never contract), so the spikes
 // are bit-identical to the reference and the backward's h is the forward's. exp is exp_avx2.h's
