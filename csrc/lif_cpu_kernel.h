@@ -303,8 +303,7 @@ int64_t block_size(int64_t T) {
 // the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step.
 template <typename acc_t, Charge C, bool kHard, Fire F, typename Emit>
 LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* v, bool keep_v,
-                           const Consts<acc_t>& consts, const Emit& emit) {
-  const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
+                           const Consts<acc_t>& c, const Emit& emit) {
   for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
     constexpr int W = decltype(width)::value;
     constexpr bool kFull = decltype(full)::value;
@@ -337,7 +336,8 @@ void load_rows(c10::ScalarType dtype, const LifOperand& x, int64_t T, int64_t b0
 // Forward: the scan, writing s[t] (and v_last when asked).
 
 template <typename acc_t, Charge C, bool kHard, Fire F>
-void forward_range(const LifForwardArgs& a, const Consts<acc_t>& c, int64_t begin, int64_t end) {
+void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t begin, int64_t end) {
+  const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   const int64_t T = a.T, blk = block_size<acc_t>(T);
   const auto scratch = std::make_unique_for_overwrite<acc_t[]>((2 * T + 2) * blk);  // not zero-filled
   acc_t* xb = scratch.get();  // [T, blk] conversion buffers of x and of the spikes
