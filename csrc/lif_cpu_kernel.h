@@ -132,6 +132,27 @@ LIF_INLINE Vectorized<acc_t> fire(Vectorized<acc_t> u, const Consts<acc_t>& c) {
   }
 }
 
+// The backward's Heaviside, s = [u >= 0] and 1 - s = [u < 0], one compare each where fire's spike
+// also blends a NaN u through. The backward needs no NaN spike: the surrogate' of a NaN u is NaN and
+// carries it into every gradient, and v after a NaN h is NaN either way. Other F: fire itself.
+template <typename acc_t, Fire F>
+LIF_INLINE Vectorized<acc_t> fired(Vectorized<acc_t> u, const Consts<acc_t>& c) {
+  if constexpr (F == Fire::kHeaviside) {
+    return (u >= c.zero) & c.one;
+  } else {
+    return fire<acc_t, F>(u, c);
+  }
+}
+
+template <typename acc_t, Fire F>
+LIF_INLINE Vectorized<acc_t> not_fired(Vectorized<acc_t> u, const Consts<acc_t>& c) {
+  if constexpr (F == Fire::kHeaviside) {
+    return (u < c.zero) & c.one;
+  } else {
+    return c.one - fire<acc_t, F>(u, c);
+  }
+}
+
 // surrogate'(u) of W vectors   sigmoid: a s(au) (1 - s(au))   atan: (a/2) / (1 + (pi/2 a u)^2)
 //                              triangle: max(0, a - |u|) / a^2 (NaN stays NaN, as torch.clamp)
 // The sigmoid runs stage by stage over the W vectors, so that their exp / divide chains overlap.
@@ -300,8 +321,9 @@ int64_t block_size(int64_t T) {
 // and writes 256 contiguous bytes of every row (whole cache lines, which the streaming stores need:
 // one vector per row at a time measured 7x slower streamed, and the block walked row by row
 // reloading v at every step 1.6x slower than this). v holds the block's v before t = 0, and after
-// the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step.
-template <typename acc_t, Charge C, bool kHard, Fire F, typename Emit>
+// the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step; s is
+// fired's (no NaN spikes) when kBackward.
+template <typename acc_t, Charge C, bool kHard, Fire F, bool kBackward, typename Emit>
 LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* v, bool keep_v,
                            const Consts<acc_t>& c, const Emit& emit) {
   for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
@@ -314,7 +336,7 @@ LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* 
       LIF_UNROLL for (int w = 0; w < W; ++w) {
         const int64_t j = j0 + w * V;
         const auto h = charge<acc_t, C>(vw[w], load<kFull>(xs[t] + j, cnt), c);
-        const auto sj = fire<acc_t, F>(h - c.v_th, c);
+        const auto sj = kBackward ? fired<acc_t, F>(h - c.v_th, c) : fire<acc_t, F>(h - c.v_th, c);
         emit(t, j, h, sj, cnt, full);
         vw[w] = reset<acc_t, kHard>(h, sj, c);
       }
@@ -356,7 +378,7 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t
       stream = stream && streamable(a.dtype, ss[t]);
     }
     const auto scan = [&](auto streamed) {  // the store kind fixed outside the loops
-      scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v, a.v_last != nullptr, c,
+      scan_block<acc_t, C, kHard, F, false>(T, n, xs.data(), v, a.v_last != nullptr, c,
                                      [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
                                        store_out<decltype(full)::value>(sj, ss[t] + j, cnt, streamed.value);
                                      });
@@ -400,7 +422,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
     const int64_t n = std::min(blk, end - b0);
     initial_v(a.dtype, a.v_init, c, b0, n, v0, gsb);
     load_rows(a.dtype, a.x, T, b0, n, blk, xb, xs);
-    scan_block<acc_t, C, kHard, F>(T, n, xs.data(), v0, false, c,
+    scan_block<acc_t, C, kHard, F, true>(T, n, xs.data(), v0, false, c,
                                    [&](int64_t t, int64_t j, auto hj, auto, int64_t cnt, auto full) {
                                      store<decltype(full)::value>(hj, hs + t * blk + j, cnt);
                                    });
@@ -433,7 +455,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
           const int64_t j = j0 + w * V;
           Vectorized<acc_t> dv_dh;
           if constexpr (kHard) {
-            dv_dh = (c.one - fire<acc_t, F>(u[w], c)) + (c.v_reset - hj[w]) * sg[w] * c.not_detached;
+            dv_dh = not_fired<acc_t, F>(u[w], c) + (c.v_reset - hj[w]) * sg[w] * c.not_detached;
           } else {
             dv_dh = c.one - c.v_th * sg[w] * c.not_detached;
           }
@@ -451,7 +473,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
           LIF_UNROLL for (int w = 0; w < W; ++w) {
             const int64_t j = j0 + w * V;
             const auto v_prev = t > 0 ? reset<acc_t, kHard>(load<kFull>(h - blk + j, cnt),
-                                                            fire<acc_t, F>(load<kFull>(h - blk + j, cnt) - c.v_th, c), c)
+                                                            fired<acc_t, F>(load<kFull>(h - blk + j, cnt) - c.v_th, c), c)
                                       : load<kFull>(v0 + j, cnt);
             const auto dh_dk = C == Charge::kDecayInput ? load<kFull>(x + j, cnt) - (v_prev - c.v_r)
                                                         : (v_prev - c.v_r).neg();

@@ -29,6 +29,11 @@ def _extension_status() -> Tuple[bool, bool, str]:
     return True, has_cuda, "extension built without CUDA kernels" if not has_cuda else ""
 
 
+def extension_built() -> bool:
+    """Whether stars_fast._C imports (and so torch.ops.stars_fast.* exist)."""
+    return _extension_status()[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> Tuple[bool, str]:
     try:

@@ -157,7 +157,7 @@ def test_matches_spikingjelly(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend):
     require_backend(backend)
-    from stars_fast.ops.lif import _ext_neuron, _triton_neuron
+    from stars_fast.ops.lif import _triton_neuron
 
     x = torch.randn(3, 20, requires_grad=True)
     v_init = torch.randn(20, requires_grad=True)
@@ -171,8 +171,16 @@ def test_opcheck(backend):
             # check (which traces with fake tensors) cannot run the kernel; on a GPU it runs it all.
             torch.library.opcheck(_triton_neuron, args, test_utils=(
                 "test_schema", "test_autograd_registration", "test_faketensor"))
-        else:
-            torch.library.opcheck(_triton_neuron if backend == "triton" else _ext_neuron, args)
+        elif backend == "triton":
+            torch.library.opcheck(_triton_neuron, args)
+        else:  # the C++ ops under stars_fast.ops.lif._ExtNeuron (autograd: the gradient tests)
+            x_, v_init_, decay = (t.detach() if t is not None else None for t in args[:3])
+            options, need_v_last = args[3:12], args[12]
+            torch.library.opcheck(torch.ops.stars_fast.lif_forward, (x_, v_init_, decay, *options[:-1], need_v_last))
+            grad_v_last = torch.randn(20) if need_v_last else None
+            need_decay_grad = options[0] and not options[1]  # leaky, with decay holding k
+            torch.library.opcheck(torch.ops.stars_fast.lif_backward, (torch.randn(3, 20), grad_v_last, x_, v_init_,
+                                                                     decay, *options, need_decay_grad, v_init_ is not None))
 
 
 @pytest.mark.parametrize("backend", EXTENSION)
@@ -291,7 +299,7 @@ class _RecordBackward(torch.utils._python_dispatch.TorchDispatchMode):
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.stars_fast.neuron.default, torch.ops.stars_fast.neuron_backward.default):
+        if func in (torch.ops.stars_fast.lif_forward.default, torch.ops.stars_fast.lif_backward.default):
             self.calls.append((func, args))
         return func(*args, **(kwargs or {}))
 

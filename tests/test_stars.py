@@ -218,20 +218,42 @@ def test_zero_rows_and_nan(backend):
 @pytest.mark.parametrize("backend", EXTENSION)
 def test_module_opcheck_and_compile(backend):
     require_backend(backend)
-    from stars_fast.ops.stars import _pool_op, _stars_loss_op
+    from stars_fast.ops.stars import _pool_op
 
     zt, zs = _features(6, (4, 8), (5, 8))
+    for quantiles, thresholds, normalize in (([0.5, 0.9], None, True), ([], [0.0, 1.0], False)):
+        # the C++ op under stars_fast.ops.stars._ExtStarsLoss (its autograd: the gradient tests)
+        torch.library.opcheck(torch.ops.stars_fast.stars_loss_fused,
+                              (zt, zs, quantiles, thresholds, normalize, [0.5, 0.5], [0.5, 0.5], 0.5, 1e-12),
+                              test_utils=("test_schema", "test_faketensor"))
     zt = [z.requires_grad_(True) for z in zt]
     zs = [z.requires_grad_(True) for z in zs]
-    for quantiles, thresholds, normalize in (([0.5, 0.9], None, True), ([], [0.0, 1.0], False)):
-        torch.library.opcheck(_stars_loss_op, (zt, zs, quantiles, thresholds, 0.5, [0.5, 0.5], [0.5, 0.5], normalize,
-                                               1e-12, backend),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(_pool_op, (torch.randn(2, 3, 4, 5, 5, requires_grad=True), backend))
     module = stars_fast.StarsLoss(backend=backend, normalize="teacher")
     eager = module(zt, zs)
+    eager_grads = torch.autograd.grad(3.0 * eager, zt + zs)
     compiled = torch.compile(lambda a, b: module(a, b), fullgraph=True, backend="aot_eager")(zt, zs)
     torch.testing.assert_close(compiled, eager)
+    for got, expected in zip(torch.autograd.grad(3.0 * compiled, zt + zs), eager_grads):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_of_unscaled_loss_leaves_the_stored_gradients_intact(backend):
+    """A grad_total of 1 hands autograd the stored gradients themselves: a retained graph run three
+    times (1 + 1 + 3 times the loss) must accumulate 5x the reference gradient, not alias it."""
+    require_backend(backend)
+    zt, zs = _features(9, (8, 16), (8, 12))
+    ref_t = [z.clone().requires_grad_(True) for z in zt]
+    ref_s = [z.clone().requires_grad_(True) for z in zs]
+    expected = torch.autograd.grad(reference.stars_loss(ref_t, ref_s)[0], ref_t + ref_s)
+    leaves = [z.clone().requires_grad_(True) for z in zt + zs]
+    total = stars_fast.stars_loss(leaves[:2], leaves[2:], backend=backend)
+    total.backward(retain_graph=True)
+    total.backward(retain_graph=True)
+    (3.0 * total).backward()
+    for z, g in zip(leaves, expected):
+        torch.testing.assert_close(z.grad, 5.0 * g, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -37,24 +37,34 @@ def _fused_impl(backend: str):
 
 
 @torch.library.custom_op("stars_fast::stars_loss", mutates_args=())
-def _stars_loss_op(z_teacher: List[Tensor], z_student: List[Tensor], quantiles: List[float],
+def _stars_loss_triton(z_teacher: List[Tensor], z_student: List[Tensor], quantiles: List[float],
                    thresholds: Optional[List[float]], delta: float, coef_rca: List[float], coef_tar: List[float],
                    normalize: bool, eps: float, backend: str
                    ) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
-    """(total, parts [L, 2] = raw (l_rca, l_tar) per layer, d total/d z_teacher, d total/d z_student)."""
+    """The Triton kernels as an op that torch.compile keeps whole: (total, parts [L, 2] = raw (l_rca,
+    l_tar) per layer, d total/d z_teacher, d total/d z_student)."""
+    return _run_fused(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps,
+                      backend)
+
+
+def _run_fused(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend):
     with torch.autocast(z_teacher[0].device.type, enabled=False):
         total, parts, grad_t, grad_s = _fused_impl(backend)(
             z_teacher, z_student, quantiles, thresholds, normalize, coef_rca, coef_tar, delta, eps)
     return total, parts, list(grad_t), list(grad_s)
 
 
-@_stars_loss_op.register_fake
-def _(z_teacher, z_student, quantiles, thresholds, delta, coef_rca, coef_tar, normalize, eps, backend):
+def _fake_fused(z_teacher, z_student, *options):
     any_fp64 = any(z.dtype == torch.float64 for z in list(z_teacher) + list(z_student))
     acc = torch.float64 if any_fp64 else torch.float32  # the kernels accumulate fp64 inputs in fp64
     total = z_teacher[0].new_empty((), dtype=acc)
     parts = z_teacher[0].new_empty((len(z_teacher), 2), dtype=acc)
     return total, parts, [torch.empty_like(z) for z in z_teacher], [torch.empty_like(z) for z in z_student]
+
+
+_stars_loss_triton.register_fake(_fake_fused)
+if _backend.extension_built():  # the C++ op's fake kernel, for torch.compile and FakeTensor
+    torch.library.register_fake("stars_fast::stars_loss_fused")(_fake_fused)
 
 
 def _stars_setup_context(ctx, inputs, output):
@@ -95,7 +105,35 @@ def _stars_backward(ctx, grad_total, grad_parts, grad_teacher_unused, grad_stude
     return list(scaled[:n]), list(scaled[n:2 * n]), None, None, None, None, None, None, None, None
 
 
-_stars_loss_op.register_autograd(_stars_backward, setup_context=_stars_setup_context)
+_stars_loss_triton.register_autograd(_stars_backward, setup_context=_stars_setup_context)
+
+
+class _ExtStarsLoss(torch.autograd.Function):
+    """The C++/CUDA op (torch.ops.stars_fast.stars_loss_fused) under autograd, through the same
+    _stars_setup_context / _stars_backward as the Triton op. A plain autograd.Function over the
+    features as separate arguments, not a custom_op over lists (whose pytree handling cost 0.7 ms
+    more per forward + backward at B=16, measured): apply(options, n, *z_teacher, *z_student), options
+    as _stars_loss_triton's arguments after the features. Returns (total, parts)."""
+
+    @staticmethod
+    def forward(ctx, options, num_layers, *features):
+        inputs = (list(features[:num_layers]), list(features[num_layers:]), *options)
+        output = _run_fused(*inputs)
+        _stars_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_parts):
+        if (grad_total is not None and grad_total.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and grad_total.item() == 1.0):
+            # The loss backpropagated as is (or summed with others; on the CPU reading it costs no
+            # device sync): the stored gradients themselves. They are not outputs of this Function, so
+            # a retained graph keeps its own reference to them and autograd copies instead of taking
+            # them over (unlike the custom op's saved outputs, which always take the multiply).
+            return (None, None, *ctx.saved_tensors[:2 * ctx.num_layers])
+        grad_t, grad_s, *_ = _stars_backward(ctx, grad_total, grad_parts, None, None)
+        return (None, None, *grad_t, *grad_s)
 
 
 def _finite(name: str, value) -> float:
@@ -191,8 +229,11 @@ def stars_loss(
     w_sum = sum(weights)
     coef_rca = [lambda_rca * w / w_sum for w in weights]
     coef_tar = [lambda_tar * w / w_sum for w in weights]
-    total, parts, _, _ = _stars_loss_op(list(z_teacher), list(z_student), quantiles, thresholds, float(delta),
-                                        coef_rca, coef_tar, normalize == "teacher", float(eps), chosen)
+    options = (quantiles, thresholds, float(delta), coef_rca, coef_tar, normalize == "teacher", float(eps), chosen)
+    if chosen == "triton":
+        total, parts, _, _ = _stars_loss_triton(list(z_teacher), list(z_student), *options)
+    else:
+        total, parts = _ExtStarsLoss.apply(options, len(z_teacher), *z_teacher, *z_student)
     if not return_parts:
         return total
     layer_weights = parts.new_tensor(weights) / w_sum
