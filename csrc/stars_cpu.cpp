@@ -558,18 +558,20 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     y.D = gram_difference(y.us, y.ut);
     acc_t* e = y.D.template data_ptr<acc_t>();
     const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
-    double sq = 0;
-    for (int64_t i = 0; i < B; ++i) {
-      acc_t* ei = e + i * B;
-      ei[i] = 0;
-      double row = 0;
-      for (int64_t j = 0; j < B; ++j) {
-        row += static_cast<double>(ei[j]) * static_cast<double>(ei[j]);
-        ei[j] *= e_scale;
+    std::vector<double> row_sq(B);  // summed in row order: the same total however the rows were split
+    at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {  // inline inside the per-layer threads
+      for (int64_t i = r0; i < r1; ++i) {
+        acc_t* ei = e + i * B;
+        ei[i] = 0;
+        double sq = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          sq += static_cast<double>(ei[j]) * static_cast<double>(ei[j]);
+          ei[j] *= e_scale;
+        }
+        row_sq[i] = sq;
       }
-      sq += row;
-    }
-    y.rca = sq / pairs;
+    });
+    y.rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
     y.gs = at::mm(y.D, y.us);
     y.gt = at::mm(y.D, y.ut);
   };
