@@ -84,6 +84,65 @@ at::Tensor pool_mean_cpu(const at::Tensor& x_in) {
 // the data are dense; the earlier buckets on the float bits' top 12 bits put all of [1, 2) in 8.
 
 constexpr int64_t kBuckets = 4096;
+static_assert(kBuckets <= 65536, "bucket ids are uint16");
+
+#ifdef STARS_HAVE_AVX2_KERNELS
+// Folds the min and max of v[0, n8) into lo, hi (n8 = n rounded down to a multiple of 8); returns n8.
+__attribute__((target("avx2,fma"))) int64_t min_max_avx2(const float* v, int64_t n, float& lo, float& hi) {
+  const int64_t n8 = n / 8 * 8;
+  __m256 vlo = _mm256_set1_ps(lo), vhi = vlo;
+  for (int64_t e = 0; e < n8; e += 8) {
+    const __m256 x = _mm256_loadu_ps(v + e);
+    vlo = _mm256_min_ps(vlo, x);
+    vhi = _mm256_max_ps(vhi, x);
+  }
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, vlo);
+  _mm256_store_ps(h, vhi);
+  for (int i = 0; i < 8; ++i) {
+    lo = std::min(lo, l[i]);
+    hi = std::max(hi, h[i]);
+  }
+  return n8;
+}
+
+// ids[e] = Buckets{lo, inv_width}(v[e]) for e < n8, 8 values at a time (the same float steps, so the
+// same buckets); returns n8.
+__attribute__((target("avx2,fma"))) int64_t bucket_ids_avx2(const float* v, int64_t n, float lo, float inv_width,
+                                                             uint16_t* ids) {
+  const int64_t n8 = n / 8 * 8;
+  const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv_width);
+  const __m256 last = _mm256_set1_ps(static_cast<float>(kBuckets - 1));
+  for (int64_t e = 0; e < n8; e += 8) {
+    // min(x, last) returns `last` for x = inf, as std::min(last, x) in Buckets.
+    const __m256 x = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + e), vlo), vinv), last);
+    const __m256i b = _mm256_cvttps_epi32(x);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(ids + e), packed);
+  }
+  return n8;
+}
+
+// take(e), in order, for every e < n16 (n rounded down to a multiple of 16) whose ids[e] is one of
+// `wanted`: 16 ids compared with each wanted bucket at a time, the (rare) matches handed over one by
+// one; returns n16.
+template <typename Take>
+__attribute__((target("avx2,fma"))) int64_t for_each_in_buckets_avx2(const uint16_t* ids, int64_t n,
+                                                                     const std::vector<uint16_t>& wanted,
+                                                                     const Take& take) {
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t e = 0; e < n16; e += 16) {
+    const __m256i block = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + e));
+    __m256i hit = _mm256_setzero_si256();
+    for (const uint16_t b : wanted) hit = _mm256_or_si256(hit, _mm256_cmpeq_epi16(block, _mm256_set1_epi16(b)));
+    // Two mask bits per 16-bit lane: keep the even ones.
+    for (uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(hit)) & 0x55555555u; bits; bits &= bits - 1) {
+      take(e + __builtin_ctz(bits) / 2);
+    }
+  }
+  return n16;
+}
+#endif
 
 // bucket(x) = min(kBuckets - 1, floor((x - lo) inv_width)): non-decreasing in x (every step rounds
 // monotonically, the clamp catches an overflow to inf); inv_width 0 puts everything in bucket 0.
@@ -96,16 +155,39 @@ struct Buckets {
 };
 
 template <typename acc_t>
-Buckets<acc_t> equal_width_buckets(const acc_t* v, int64_t n) {
-  acc_t lo = v[0], hi = v[0];
-#pragma omp simd reduction(min : lo) reduction(max : hi)
-  for (int64_t e = 0; e < n; ++e) {
+void min_max(const acc_t* v, int64_t n, acc_t& lo, acc_t& hi) {
+  lo = hi = v[0];
+  int64_t e = 0;
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx2_fma()) e = min_max_avx2(v, n, lo, hi);
+  }
+#endif
+  for (; e < n; ++e) {
     lo = std::min(lo, v[e]);
     hi = std::max(hi, v[e]);
   }
+}
+
+template <typename acc_t>
+Buckets<acc_t> equal_width_buckets(const acc_t* v, int64_t n) {
+  acc_t lo, hi;
+  min_max(v, n, lo, hi);
   const double range = static_cast<double>(hi) - static_cast<double>(lo);  // inf with an infinite value
   const double inv_width = range > 0 && std::isfinite(range) ? static_cast<double>(kBuckets) / range : 0.0;
   return {lo, static_cast<acc_t>(inv_width)};
+}
+
+// ids[e] = bucket_of(v[e]), computed once for the histogram and the gather.
+template <typename acc_t>
+void bucket_ids(const acc_t* v, int64_t n, const Buckets<acc_t>& bucket_of, uint16_t* ids) {
+  int64_t e = 0;
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx2_fma()) e = bucket_ids_avx2(v, n, bucket_of.lo, bucket_of.inv_width, ids);
+  }
+#endif
+  for (; e < n; ++e) ids[e] = static_cast<uint16_t>(bucket_of(v[e]));
 }
 
 template <typename acc_t>
@@ -131,10 +213,11 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   }
   std::sort(ranks.begin(), ranks.end());
   ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
-  const Buckets<acc_t> bucket_of = equal_width_buckets(v, n);
+  std::vector<uint16_t> ids(n);
+  bucket_ids(v, n, equal_width_buckets(v, n), ids.data());
   // start[b] = number of values in the buckets before b.
   std::vector<int64_t> start(kBuckets + 1, 0);
-  for (int64_t e = 0; e < n; ++e) ++start[bucket_of(v[e]) + 1];
+  for (int64_t e = 0; e < n; ++e) ++start[ids[e] + 1];
   std::partial_sum(start.begin(), start.end(), start.begin());
   // The buckets holding the wanted ranks (ascending), each gathered into its slot of `cand`.
   std::vector<int32_t> slot(kBuckets, -1);
@@ -151,10 +234,21 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   }
   fill = offset;
   std::vector<acc_t> cand(total);
-  for (int64_t e = 0; e < n; ++e) {
-    const int32_t s = slot[bucket_of(v[e])];
+  const auto gather = [&](int64_t e) {
+    const int32_t s = slot[ids[e]];
     if (s >= 0) cand[fill[s]++] = v[e];
+  };
+  int64_t e = 0;
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if (cpu_has_avx2_fma()) {
+    std::vector<uint16_t> wanted;
+    for (int64_t b = 0; b < kBuckets; ++b) {
+      if (slot[b] >= 0) wanted.push_back(static_cast<uint16_t>(b));
+    }
+    e = for_each_in_buckets_avx2(ids.data(), n, wanted, gather);
   }
+#endif
+  for (; e < n; ++e) gather(e);
   std::vector<acc_t> value(ranks.size());
   std::vector<int64_t> placed(offset.size(), -1);  // per bucket: index already in its sorted place
   for (size_t k = 0; k < ranks.size(); ++k) {
@@ -280,40 +374,52 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sigmoid(x_m) for the 8 values zn, m = 0..M-1, into s[m]: one exp for all m when factored.
-__attribute__((target("avx2,fma"))) inline void sigmoids8(__m256 zn, const TarConsts<float>& k, __m256* s) {
+// sigmoid(x_m) for the 8 values zn, m = 0..M-1, into s[m]: one exp for all m when factored. kM > 0:
+// M = kM known at compile time (thresholds factored), so that s[] and the callers' accumulators live
+// in registers: at M = 5, C = 512 on one thread the soft sums take 1.3-1.8 ns per value and the
+// gradient rows 2.2-2.8, against 2.7 and 3.4 with a runtime M (arrays through the stack). A
+// reciprocal estimate with a Newton step instead of the divide measured no faster (1.7-1.9).
+template <int kM>
+__attribute__((target("avx2,fma"))) STARS_INLINE void sigmoids8(__m256 zn, const TarConsts<float>& k,
+                                                                const __m256* ratio, __m256* s) {
   const __m256 one = _mm256_set1_ps(1.0f), inv_delta = _mm256_set1_ps(k.inv_delta);
-  if (k.factored) {
+  const int64_t M = kM > 0 ? kM : k.M;
+  if (kM > 0 || k.factored) {
     const __m256 a = _mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta_ref)), inv_delta);
     const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), a));
-    for (int64_t m = 0; m < k.M; ++m) {
-      s[m] = _mm256_div_ps(one, _mm256_add_ps(one, _mm256_mul_ps(e, _mm256_set1_ps(k.ratio[m]))));
-    }
+    for (int64_t m = 0; m < M; ++m) s[m] = _mm256_div_ps(one, _mm256_fmadd_ps(e, ratio[m], one));
   } else {
-    for (int64_t m = 0; m < k.M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
       s[m] = sigmoid8(_mm256_mul_ps(_mm256_sub_ps(zn, _mm256_set1_ps(k.theta[m])), inv_delta));
     }
   }
 }
 
+template <int kM>
 __attribute__((target("avx2,fma"))) void soft_sums_row_avx2(const float* z, int64_t C, const TarConsts<float>& k,
                                                              double* sums) {
-  const int64_t C8 = C / 8 * 8;
+  constexpr int64_t kSize = kM > 0 ? kM : kMaxM;
+  const int64_t M = kM > 0 ? kM : k.M, C8 = C / 8 * 8;
   const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
-  __m256 acc[kMaxM], s[kMaxM];
-  for (int64_t m = 0; m < k.M; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < C8; c += 8) {
-    sigmoids8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, s);
-    for (int64_t m = 0; m < k.M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
+  __m256 acc[kSize], s[kSize], ratio[kSize];
+  for (int64_t m = 0; m < M; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    ratio[m] = _mm256_set1_ps(k.ratio[m]);
   }
-  for (int64_t m = 0; m < k.M; ++m) sums[m] += hsum8(acc[m]);
+  for (int64_t c = 0; c < C8; c += 8) {
+    sigmoids8<kM>(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, ratio, s);
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) sums[m] += hsum8(acc[m]);
   soft_sums_row(z + C8, C - C8, k, sums);
 }
 
+template <int kM>
 __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* u, const float* g, int64_t C,
                                                             float norm, float eps, float coef,
                                                             const TarConsts<float>& k, const float* w, float* out) {
-  const int64_t C8 = C / 8 * 8;
+  constexpr int64_t kSize = kM > 0 ? kM : kMaxM;
+  const int64_t M = kM > 0 ? kM : k.M, C8 = C / 8 * 8;
   __m256 vdot = _mm256_setzero_ps();
   for (int64_t c = 0; c < C8; c += 8) {
     vdot = _mm256_add_ps(vdot, _mm256_mul_ps(_mm256_loadu_ps(u + c), _mm256_loadu_ps(g + c)));
@@ -323,18 +429,39 @@ __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const
   float rca_scale;
   const float proj = rca_projection(dot, norm, eps, coef, rca_scale);
   const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale), one = _mm256_set1_ps(1.0f);
-  __m256 s[kMaxM];
+  __m256 s[kSize], ratio[kSize], vw[kSize];
+  for (int64_t m = 0; m < M; ++m) {
+    ratio[m] = _mm256_set1_ps(k.ratio[m]);
+    vw[m] = _mm256_set1_ps(w[m]);
+  }
   const __m256 vproj = _mm256_set1_ps(proj), vrca = _mm256_set1_ps(rca_scale);
   for (int64_t c = 0; c < C8; c += 8) {
     const __m256 uc = _mm256_loadu_ps(u + c), gc = _mm256_loadu_ps(g + c);
     __m256 o = _mm256_mul_ps(vrca, _mm256_sub_ps(gc, _mm256_mul_ps(uc, vproj)));
-    sigmoids8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, s);
-    for (int64_t m = 0; m < k.M; ++m) {
-      o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w[m]), _mm256_mul_ps(s[m], _mm256_sub_ps(one, s[m]))));
-    }
+    sigmoids8<kM>(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, ratio, s);
+    for (int64_t m = 0; m < M; ++m) o = _mm256_fmadd_ps(vw[m], _mm256_mul_ps(s[m], _mm256_sub_ps(one, s[m])), o);
     _mm256_storeu_ps(out + c, o);
   }
   gradient_tail(z + C8, u + C8, g + C8, C - C8, proj, rca_scale, k, w, out + C8);
+}
+
+// fn(std::integral_constant<int, kM>) with kM = M for factored thresholds, M <= 8; else kM = 0.
+template <typename Fn>
+void with_static_threshold_count(const TarConsts<float>& k, const Fn& fn) {
+  if (k.factored) {
+    switch (k.M) {
+      case 1: return fn(std::integral_constant<int, 1>());
+      case 2: return fn(std::integral_constant<int, 2>());
+      case 3: return fn(std::integral_constant<int, 3>());
+      case 4: return fn(std::integral_constant<int, 4>());
+      case 5: return fn(std::integral_constant<int, 5>());
+      case 6: return fn(std::integral_constant<int, 6>());
+      case 7: return fn(std::integral_constant<int, 7>());
+      case 8: return fn(std::integral_constant<int, 8>());
+      default: break;
+    }
+  }
+  fn(std::integral_constant<int, 0>());
 }
 #endif
 
@@ -351,7 +478,9 @@ template <typename acc_t>
 void soft_sums(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double* sums) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx2<acc_t>()) return soft_sums_row_avx2(z, C, k, sums);
+    if (use_avx2<acc_t>()) {
+      return with_static_threshold_count(k, [&](auto kM) { soft_sums_row_avx2<kM()>(z, C, k, sums); });
+    }
   }
 #endif
   soft_sums_row(z, C, k, sums);
@@ -362,7 +491,10 @@ void gradient(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t n
               const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx2<acc_t>()) return gradient_row_avx2(z, u, g, C, norm, eps, coef, k, w, out);
+    if (use_avx2<acc_t>()) {
+      return with_static_threshold_count(
+          k, [&](auto kM) { gradient_row_avx2<kM()>(z, u, g, C, norm, eps, coef, k, w, out); });
+    }
   }
 #endif
   gradient_row(z, u, g, C, norm, eps, coef, k, w, out);
@@ -371,33 +503,86 @@ void gradient(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t n
 // Row i of z [B, C]: norm = ||z_i||, u_i = z_i / max(norm, eps); with `moments`, also the row's sum,
 // its sum of squared deviations from the row mean, and its NaN count (the teacher's statistics).
 template <typename acc_t>
-void normalize_row(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm, bool moments,
-                   double* row_sum, double* row_m2, int64_t* row_nan) {
-  run_vectorized([&]() __attribute__((always_inline)) {
-    acc_t sq = 0, sum = 0;
-#pragma omp simd reduction(+ : sq, sum)
+void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm,
+                           bool moments, double* row_sum, double* row_m2, int64_t* row_nan) {
+  acc_t sq = 0, sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    sq += z[c] * z[c];
+    sum += z[c];
+  }
+  norm = std::sqrt(sq);
+  const acc_t denom = norm > eps ? norm : eps;
+  for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
+  if (moments) {
+    const acc_t mean = sum / static_cast<acc_t>(C);
+    acc_t m2 = 0;
+    int64_t nan = 0;
     for (int64_t c = 0; c < C; ++c) {
-      sq += z[c] * z[c];
-      sum += z[c];
+      const acc_t d = z[c] - mean;
+      m2 += d * d;
+      nan += z[c] != z[c];
     }
-    norm = std::sqrt(sq);
-    const acc_t denom = norm > eps ? norm : eps;
-    for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
-    if (moments) {
-      const acc_t mean = sum / static_cast<acc_t>(C);
-      acc_t m2 = 0;
-      int64_t nan = 0;
-#pragma omp simd reduction(+ : m2, nan)
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = z[c] - mean;
-        m2 += d * d;
-        nan += z[c] != z[c];
-      }
-      *row_sum = sum;
-      *row_m2 = m2;
-      *row_nan = nan;
-    }
-  });
+    *row_sum = sum;
+    *row_m2 = m2;
+    *row_nan = nan;
+  }
+}
+
+#ifdef STARS_HAVE_AVX2_KERNELS
+// normalize_row_generic, 8 lanes at a time: 0.3 ns per value (0.45 with the moments) at C = 512 on one
+// thread, against 1.2 (2.3) for the auto-vectorized loops it replaced (gcc's `omp simd` reductions
+// kept their lanes in memory).
+__attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int64_t C, float eps, float* u,
+                                                             float& norm, bool moments, double* row_sum,
+                                                             double* row_m2, int64_t* row_nan) {
+  const int64_t C8 = C / 8 * 8;
+  __m256 vsq = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 x = _mm256_loadu_ps(z + c);
+    vsq = _mm256_add_ps(vsq, _mm256_mul_ps(x, x));
+    vsum = _mm256_add_ps(vsum, x);
+  }
+  float sq = hsum8(vsq), sum = hsum8(vsum);
+  for (int64_t c = C8; c < C; ++c) {
+    sq += z[c] * z[c];
+    sum += z[c];
+  }
+  norm = std::sqrt(sq);
+  const float denom = norm > eps ? norm : eps;
+  const __m256 vdenom = _mm256_set1_ps(denom);
+  for (int64_t c = 0; c < C8; c += 8) _mm256_storeu_ps(u + c, _mm256_div_ps(_mm256_loadu_ps(z + c), vdenom));
+  for (int64_t c = C8; c < C; ++c) u[c] = z[c] / denom;
+  if (!moments) return;
+  const float mean = sum / static_cast<float>(C);
+  const __m256 vmean = _mm256_set1_ps(mean);
+  __m256 vm2 = _mm256_setzero_ps();
+  int64_t nan = 0;
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 x = _mm256_loadu_ps(z + c), d = _mm256_sub_ps(x, vmean);
+    vm2 = _mm256_add_ps(vm2, _mm256_mul_ps(d, d));
+    nan += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
+  float m2 = hsum8(vm2);
+  for (int64_t c = C8; c < C; ++c) {
+    const float d = z[c] - mean;
+    m2 += d * d;
+    nan += z[c] != z[c];
+  }
+  *row_sum = sum;
+  *row_m2 = m2;
+  *row_nan = nan;
+}
+#endif
+
+template <typename acc_t>
+void normalize_row(const acc_t* z, int64_t C, acc_t eps, acc_t* u, acc_t& norm, bool moments, double* row_sum,
+                   double* row_m2, int64_t* row_nan) {
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>()) return normalize_row_avx2(z, C, eps, u, norm, moments, row_sum, row_m2, row_nan);
+  }
+#endif
+  normalize_row_generic(z, C, eps, u, norm, moments, row_sum, row_m2, row_nan);
 }
 
 // ---------------------------------------------------------------------------------------------
