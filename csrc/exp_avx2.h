@@ -7,7 +7,8 @@
 // r = x - n ln2/8 (|r| <= ln2/16, ln2/8 split in two: Cody-Waite), 2^(j/8) from an 8-entry table
 // (one in-register permute), e^r - 1 by its degree-4 Taylor polynomial (truncation < 2^-29
 // relative) in Estrin form, 2^k built in the exponent field. Against the Cephes degree-7 polynomial
-// it replaced (Horner: a 7-FMA chain) the LIF backward at T=4 N=2^21 took 0.90-0.94x the time.
+// it replaced (Horner: a 7-FMA chain) the LIF backward took 0.93x the time at T=4 N=2^21 on two
+// threads, 0.90-0.91x on one at N=2^15 (the two kernels alternating in one process).
 // Max error 0.89 ulp over every float of [-86.5, 89] (measured against float64); inputs below -86.5
 // give e^-86.5 ~ 2.7e-38 (the sigmoids 1 / (1 + e) built on it cannot tell that from 0:
 // tests/test_csrc_kernels.py checks them), overflow gives inf, NaN stays NaN.
