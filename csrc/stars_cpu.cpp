@@ -240,7 +240,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   };
   int64_t e = 0;
 #ifdef STARS_HAVE_AVX2_KERNELS
-  if (cpu_has_avx2_fma()) {
+  if (cpu_has_avx2_fma() && offset.size() <= 16) {  // more wanted buckets: the compares cost more than the lookups
     std::vector<uint16_t> wanted;
     for (int64_t b = 0; b < kBuckets; ++b) {
       if (slot[b] >= 0) wanted.push_back(static_cast<uint16_t>(b));
