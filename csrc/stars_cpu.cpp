@@ -500,71 +500,94 @@ void gradient(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t n
   gradient_row(z, u, g, C, norm, eps, coef, k, w, out);
 }
 
-// Row i of z [B, C]: norm = ||z_i||, u_i = z_i / max(norm, eps); with `moments`, also the row's sum,
-// its sum of squared deviations from the row mean, and its NaN count (the teacher's statistics).
+// Row z [C]: norm = ||z||, u = z / max(norm, eps).
 template <typename acc_t>
-void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm,
-                           bool moments, double* row_sum, double* row_m2, int64_t* row_nan) {
-  acc_t sq = 0, sum = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    sq += z[c] * z[c];
-    sum += z[c];
-  }
+void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm) {
+  acc_t sq = 0;
+  for (int64_t c = 0; c < C; ++c) sq += z[c] * z[c];
   norm = std::sqrt(sq);
   const acc_t denom = norm > eps ? norm : eps;
   for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
-  if (moments) {
-    const acc_t mean = sum / static_cast<acc_t>(C);
-    acc_t m2 = 0;
-    int64_t nan = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = z[c] - mean;
-      m2 += d * d;
-      nan += z[c] != z[c];
-    }
-    *row_sum = sum;
-    *row_m2 = m2;
-    *row_nan = nan;
+}
+
+// The teacher's statistics of row z [C]: its sum, its sum of squared deviations from the row mean and
+// its NaN count, accumulated in double (as torch.std does for float), so that features of 1e20 do not
+// overflow to an infinite std.
+template <typename acc_t>
+void row_moments_generic(const acc_t* z, int64_t C, double* row_sum, double* row_m2, int64_t* row_nan) {
+  double sum = 0;
+  for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(z[c]);
+  const double mean = sum / static_cast<double>(C);
+  double m2 = 0;
+  int64_t nan = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = static_cast<double>(z[c]) - mean;
+    m2 += d * d;
+    nan += z[c] != z[c];
   }
+  *row_sum = sum;
+  *row_m2 = m2;
+  *row_nan = nan;
 }
 
 #ifdef STARS_HAVE_AVX2_KERNELS
-// normalize_row_generic, 8 lanes at a time: 0.3 ns per value (0.45 with the moments) at C = 512 on one
-// thread, against 1.2 (2.3) for the auto-vectorized loops it replaced (gcc's `omp simd` reductions
-// kept their lanes in memory).
+// normalize_row_generic and row_moments_generic, 8 lanes at a time (the moments 4 doubles at a time):
+// the norm 0.3 ns per value at C = 512 on one thread, against 1.2 for the auto-vectorized loops it
+// replaced (gcc's `omp simd` reductions kept their lanes in memory).
 __attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int64_t C, float eps, float* u,
-                                                             float& norm, bool moments, double* row_sum,
-                                                             double* row_m2, int64_t* row_nan) {
+                                                             float& norm) {
   const int64_t C8 = C / 8 * 8;
-  __m256 vsq = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+  __m256 vsq = _mm256_setzero_ps();
   for (int64_t c = 0; c < C8; c += 8) {
     const __m256 x = _mm256_loadu_ps(z + c);
     vsq = _mm256_add_ps(vsq, _mm256_mul_ps(x, x));
-    vsum = _mm256_add_ps(vsum, x);
   }
-  float sq = hsum8(vsq), sum = hsum8(vsum);
-  for (int64_t c = C8; c < C; ++c) {
-    sq += z[c] * z[c];
-    sum += z[c];
-  }
+  float sq = hsum8(vsq);
+  for (int64_t c = C8; c < C; ++c) sq += z[c] * z[c];
   norm = std::sqrt(sq);
   const float denom = norm > eps ? norm : eps;
   const __m256 vdenom = _mm256_set1_ps(denom);
   for (int64_t c = 0; c < C8; c += 8) _mm256_storeu_ps(u + c, _mm256_div_ps(_mm256_loadu_ps(z + c), vdenom));
   for (int64_t c = C8; c < C; ++c) u[c] = z[c] / denom;
-  if (!moments) return;
-  const float mean = sum / static_cast<float>(C);
-  const __m256 vmean = _mm256_set1_ps(mean);
-  __m256 vm2 = _mm256_setzero_ps();
+}
+
+__attribute__((target("avx2,fma"))) inline double hsum4d(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+__attribute__((target("avx2,fma"))) STARS_INLINE void load8_as_double(const float* p, __m256d& lo, __m256d& hi) {
+  const __m256 x = _mm256_loadu_ps(p);
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+}
+
+__attribute__((target("avx2,fma"))) void row_moments_avx2(const float* z, int64_t C, double* row_sum, double* row_m2,
+                                                           int64_t* row_nan) {
+  const int64_t C8 = C / 8 * 8;
+  __m256d vsum = _mm256_setzero_pd();
+  for (int64_t c = 0; c < C8; c += 8) {
+    __m256d lo, hi;
+    load8_as_double(z + c, lo, hi);
+    vsum = _mm256_add_pd(vsum, _mm256_add_pd(lo, hi));
+  }
+  double sum = hsum4d(vsum);
+  for (int64_t c = C8; c < C; ++c) sum += static_cast<double>(z[c]);
+  const double mean = sum / static_cast<double>(C);
+  const __m256d vmean = _mm256_set1_pd(mean);
+  __m256d vm2 = _mm256_setzero_pd();
   int64_t nan = 0;
   for (int64_t c = 0; c < C8; c += 8) {
-    const __m256 x = _mm256_loadu_ps(z + c), d = _mm256_sub_ps(x, vmean);
-    vm2 = _mm256_add_ps(vm2, _mm256_mul_ps(d, d));
+    __m256d lo, hi;
+    load8_as_double(z + c, lo, hi);
+    const __m256d dlo = _mm256_sub_pd(lo, vmean), dhi = _mm256_sub_pd(hi, vmean);
+    vm2 = _mm256_add_pd(vm2, _mm256_add_pd(_mm256_mul_pd(dlo, dlo), _mm256_mul_pd(dhi, dhi)));
+    const __m256 x = _mm256_loadu_ps(z + c);
     nan += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
   }
-  float m2 = hsum8(vm2);
+  double m2 = hsum4d(vm2);
   for (int64_t c = C8; c < C; ++c) {
-    const float d = z[c] - mean;
+    const double d = static_cast<double>(z[c]) - mean;
     m2 += d * d;
     nan += z[c] != z[c];
   }
@@ -575,14 +598,23 @@ __attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int6
 #endif
 
 template <typename acc_t>
-void normalize_row(const acc_t* z, int64_t C, acc_t eps, acc_t* u, acc_t& norm, bool moments, double* row_sum,
-                   double* row_m2, int64_t* row_nan) {
+void normalize_row(const acc_t* z, int64_t C, acc_t eps, acc_t* u, acc_t& norm) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx2<acc_t>()) return normalize_row_avx2(z, C, eps, u, norm, moments, row_sum, row_m2, row_nan);
+    if (use_avx2<acc_t>()) return normalize_row_avx2(z, C, eps, u, norm);
   }
 #endif
-  normalize_row_generic(z, C, eps, u, norm, moments, row_sum, row_m2, row_nan);
+  normalize_row_generic(z, C, eps, u, norm);
+}
+
+template <typename acc_t>
+void row_moments(const acc_t* z, int64_t C, double* row_sum, double* row_m2, int64_t* row_nan) {
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>()) return row_moments_avx2(z, C, row_sum, row_m2, row_nan);
+  }
+#endif
+  row_moments_generic(z, C, row_sum, row_m2, row_nan);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,8 +703,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
     acc_t* ut = y.ut.template data_ptr<acc_t>();
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * y.Ct, y.norm_t[i], true, &y.row_sum[i], &y.row_m2[i],
-                    &y.row_nan[i]);
+      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * y.Ct, y.norm_t[i]);
+      row_moments(zt + i * y.Ct, y.Ct, &y.row_sum[i], &y.row_m2[i], &y.row_nan[i]);
     }
   });
 
@@ -725,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     acc_t* us = y.us.template data_ptr<acc_t>();
     std::array<double, 2 * kMaxM> sums{};
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * y.Cs, y.norm_s[i], false, nullptr, nullptr, nullptr);
+      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * y.Cs, y.norm_s[i]);
       soft_sums(zt + i * y.Ct, y.Ct, y.tar, sums.data());
       soft_sums(zs + i * y.Cs, y.Cs, y.tar, sums.data() + M);
     }

@@ -219,6 +219,24 @@ def test_zero_rows_and_nan(backend):
     assert torch.isnan(stars_fast.stars_loss(zt_nan, zs, backend=backend))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_normalize_huge_features(backend):
+    """L_TAR of features of 1e20 with normalize='teacher': the teacher's std (squares of 1e40) must not
+    overflow to inf, which made every normalized feature 0 and L_TAR a silent 0 on the CPU. (L_RCA is
+    left out: the reference's fp32 row norms overflow there, its u is 0.)"""
+    require_backend(backend)
+    zt, zs = _features(8, (16, 24), (12, 20))
+    zt, zs = [z * 1e20 for z in zt], [z * 1e20 for z in zs]
+    options = dict(normalize="teacher", lambda_rca=0.0)
+    ref = _loss_and_grads("reference", zt, zs, **options)
+    got = _loss_and_grads(backend, zt, zs, **options)
+    assert ref[2] > 0
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=0)
+    for g, r in zip(got[3] + got[4], ref[3] + ref[4]):
+        scale = r.abs().max()
+        torch.testing.assert_close(g / scale, r / scale, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", EXTENSION)
 def test_module_opcheck_and_compile(backend):
     require_backend(backend)
