@@ -222,6 +222,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   // The buckets holding the wanted ranks (ascending), each gathered into its slot of `cand`.
   std::vector<int32_t> slot(kBuckets, -1);
   std::vector<int64_t> rank_bucket(ranks.size()), offset, fill;
+  std::vector<uint16_t> wanted;  // the buckets with a slot, in slot order
   int64_t total = 0;
   for (size_t k = 0; k < ranks.size(); ++k) {
     const int64_t b = std::upper_bound(start.begin(), start.end(), ranks[k]) - start.begin() - 1;
@@ -229,6 +230,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
     if (slot[b] < 0) {
       slot[b] = static_cast<int32_t>(offset.size());
       offset.push_back(total);
+      wanted.push_back(static_cast<uint16_t>(b));
       total += start[b + 1] - start[b];
     }
   }
@@ -240,11 +242,7 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   };
   int64_t e = 0;
 #ifdef STARS_HAVE_AVX2_KERNELS
-  if (cpu_has_avx2_fma() && offset.size() <= 16) {  // more wanted buckets: the compares cost more than the lookups
-    std::vector<uint16_t> wanted;
-    for (int64_t b = 0; b < kBuckets; ++b) {
-      if (slot[b] >= 0) wanted.push_back(static_cast<uint16_t>(b));
-    }
+  if (cpu_has_avx2_fma() && wanted.size() <= 16) {  // more wanted buckets: the compares cost more than the lookups
     e = for_each_in_buckets_avx2(ids.data(), n, wanted, gather);
   }
 #endif
@@ -556,8 +554,7 @@ __attribute__((target("avx2,fma"))) inline double hsum4d(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-__attribute__((target("avx2,fma"))) STARS_INLINE void load8_as_double(const float* p, __m256d& lo, __m256d& hi) {
-  const __m256 x = _mm256_loadu_ps(p);
+__attribute__((target("avx2,fma"))) STARS_INLINE void to_double(__m256 x, __m256d& lo, __m256d& hi) {
   lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
   hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
 }
@@ -568,7 +565,7 @@ __attribute__((target("avx2,fma"))) void row_moments_avx2(const float* z, int64_
   __m256d vsum = _mm256_setzero_pd();
   for (int64_t c = 0; c < C8; c += 8) {
     __m256d lo, hi;
-    load8_as_double(z + c, lo, hi);
+    to_double(_mm256_loadu_ps(z + c), lo, hi);
     vsum = _mm256_add_pd(vsum, _mm256_add_pd(lo, hi));
   }
   double sum = hsum4d(vsum);
@@ -578,11 +575,11 @@ __attribute__((target("avx2,fma"))) void row_moments_avx2(const float* z, int64_
   __m256d vm2 = _mm256_setzero_pd();
   int64_t nan = 0;
   for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 x = _mm256_loadu_ps(z + c);
     __m256d lo, hi;
-    load8_as_double(z + c, lo, hi);
+    to_double(x, lo, hi);
     const __m256d dlo = _mm256_sub_pd(lo, vmean), dhi = _mm256_sub_pd(hi, vmean);
     vm2 = _mm256_add_pd(vm2, _mm256_add_pd(_mm256_mul_pd(dlo, dlo), _mm256_mul_pd(dhi, dhi)));
-    const __m256 x = _mm256_loadu_ps(z + c);
     nan += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
   }
   double m2 = hsum4d(vm2);
