@@ -426,7 +426,7 @@ __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const
   for (int64_t c = C8; c < C; ++c) dot += u[c] * g[c];
   float rca_scale;
   const float proj = rca_projection(dot, norm, eps, coef, rca_scale);
-  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale), one = _mm256_set1_ps(1.0f);
+  const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
   __m256 s[kSize], ratio[kSize], vw[kSize];
   for (int64_t m = 0; m < M; ++m) {
     ratio[m] = _mm256_set1_ps(k.ratio[m]);
@@ -437,7 +437,8 @@ __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const
     const __m256 uc = _mm256_loadu_ps(u + c), gc = _mm256_loadu_ps(g + c);
     __m256 o = _mm256_mul_ps(vrca, _mm256_sub_ps(gc, _mm256_mul_ps(uc, vproj)));
     sigmoids8<kM>(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, ratio, s);
-    for (int64_t m = 0; m < M; ++m) o = _mm256_fmadd_ps(vw[m], _mm256_mul_ps(s[m], _mm256_sub_ps(one, s[m])), o);
+    // s (1 - s) as s - s^2, one rounding
+    for (int64_t m = 0; m < M; ++m) o = _mm256_fmadd_ps(vw[m], _mm256_fnmadd_ps(s[m], s[m], s[m]), o);
     _mm256_storeu_ps(out + c, o);
   }
   gradient_tail(z + C8, u + C8, g + C8, C - C8, proj, rca_scale, k, w, out + C8);
