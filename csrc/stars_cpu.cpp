@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -499,12 +500,26 @@ void gradient(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t n
   gradient_row(z, u, g, C, norm, eps, coef, k, w, out);
 }
 
+// ||z|| from the sum of its squares sq; when sq overflowed to inf (float features near 1e20), as
+// m sqrt(sum (z / m)^2) with m = max |z| (the Triton kernel scales its rows the same way). An
+// infinite element keeps the norm at inf; a NaN made sq NaN, which stays.
+template <typename acc_t>
+acc_t row_norm(const acc_t* z, int64_t C, acc_t sq) {
+  if (!std::isinf(sq)) return std::sqrt(sq);
+  acc_t m = 0;
+  for (int64_t c = 0; c < C; ++c) m = std::max(m, std::abs(z[c]));
+  if (std::isinf(m)) return m;
+  acc_t scaled = 0;
+  for (int64_t c = 0; c < C; ++c) scaled += (z[c] / m) * (z[c] / m);
+  return m * std::sqrt(scaled);
+}
+
 // Row z [C]: norm = ||z||, u = z / max(norm, eps).
 template <typename acc_t>
 void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm) {
   acc_t sq = 0;
   for (int64_t c = 0; c < C; ++c) sq += z[c] * z[c];
-  norm = std::sqrt(sq);
+  norm = row_norm(z, C, sq);
   const acc_t denom = norm > eps ? norm : eps;
   for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
 }
@@ -543,7 +558,7 @@ __attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int6
   }
   float sq = hsum8(vsq);
   for (int64_t c = C8; c < C; ++c) sq += z[c] * z[c];
-  norm = std::sqrt(sq);
+  norm = row_norm(z, C, sq);
   const float denom = norm > eps ? norm : eps;
   const __m256 vdenom = _mm256_set1_ps(denom);
   for (int64_t c = 0; c < C8; c += 8) _mm256_storeu_ps(u + c, _mm256_div_ps(_mm256_loadu_ps(z + c), vdenom));

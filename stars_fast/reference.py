@@ -128,10 +128,20 @@ def pool_features(f: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"pool_features expects [B, C, H, W] or [T, B, C, H, W], got shape {tuple(f.shape)}")
 
 
+def _row_norms(z: torch.Tensor) -> torch.Tensor:
+    """||z_i|| [B, 1]; a row whose plain norm overflows (float features near 1e20: squares of 1e40)
+    as m ||z_i / m||, m = max_c |z_ic|. A row with an infinite element keeps the norm inf."""
+    norm = z.norm(dim=1, keepdim=True)
+    m = z.abs().amax(dim=1, keepdim=True)
+    rescale = torch.isinf(norm) & torch.isfinite(m)
+    m_safe = torch.where(rescale, m, torch.ones_like(m))  # no 0 / 0 in the branch where() drops
+    return torch.where(rescale, m_safe * (z / m_safe).norm(dim=1, keepdim=True), norm)
+
+
 def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor, eps: float) -> torch.Tensor:
     """Eq. 14: mean over pairs i<j of (cos_S(i, j) - cos_T(i, j))^2."""
-    ut = zt / zt.norm(dim=1, keepdim=True).clamp_min(eps)
-    us = zs / zs.norm(dim=1, keepdim=True).clamp_min(eps)
+    ut = zt / _row_norms(zt).clamp_min(eps)
+    us = zs / _row_norms(zs).clamp_min(eps)
     i, j = torch.triu_indices(zt.shape[0], zt.shape[0], offset=1, device=zt.device)
     g_t = (ut[i] * ut[j]).sum(dim=1)
     g_s = (us[i] * us[j]).sum(dim=1)

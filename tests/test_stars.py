@@ -219,22 +219,47 @@ def test_zero_rows_and_nan(backend):
     assert torch.isnan(stars_fast.stars_loss(zt_nan, zs, backend=backend))
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_normalize_huge_features(backend):
-    """L_TAR of features of 1e20 with normalize='teacher': the teacher's std (squares of 1e40) must not
-    overflow to inf, which made every normalized feature 0 and L_TAR a silent 0 on the CPU. (L_RCA is
-    left out: the reference's fp32 row norms overflow there, its u is 0.)"""
-    require_backend(backend)
+@pytest.mark.parametrize("normalize", ["teacher", None])
+@pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
+def test_huge_features(backend, normalize):
+    """Features of 1e20, whose squares (1e40) overflow float: the teacher's std and the row norms must
+    not overflow to inf, which made the normalized features 0 and u = 0, so L_TAR and L_RCA silent
+    zeros (the std in the CPU and CUDA ops, the norms in those and in the reference). L_RCA, and with
+    normalize='teacher' the whole loss, does not change when all features are scaled: the oracle is
+    the reference at unit scale, and the gradients at 1e20 are 1e-20 times its gradients."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend != "reference":
+        require_backend(backend, device)
     zt, zs = _features(8, (16, 24), (12, 20))
-    zt, zs = [z * 1e20 for z in zt], [z * 1e20 for z in zs]
-    options = dict(normalize="teacher", lambda_rca=0.0)
-    ref = _loss_and_grads("reference", zt, zs, **options)
-    got = _loss_and_grads(backend, zt, zs, **options)
-    assert ref[2] > 0
-    torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=0)
-    for g, r in zip(got[3] + got[4], ref[3] + ref[4]):
+    options = dict(normalize="teacher") if normalize else dict(lambda_tar=0.0)
+    unit = _loss_and_grads("reference", zt, zs, **options)
+    total, rca, tar, grad_t, grad_s = _loss_and_grads(
+        backend, [(z * 1e20).to(device) for z in zt], [(z * 1e20).to(device) for z in zs], **options)
+    assert unit[1] > 0 and (normalize is None or unit[2] > 0)
+    invariant = (total, rca, tar) if normalize else (total, rca)  # raw L_TAR (weight 0 here) does change
+    for got, want in zip(invariant, unit):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=0)
+    for g, r in zip(grad_t + grad_s, unit[3] + unit[4]):
         scale = r.abs().max()
-        torch.testing.assert_close(g / scale, r / scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g.cpu() * 1e20 / scale, r / scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["cuda"])
+def test_one_huge_feature(backend):
+    """One feature of 1e30 per side, whose square overflows float: its row's norm is 1e30, not inf
+    (which gave u = 0 for the whole row). Oracle: the reference in float64 on the same features."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    require_backend(backend, device)
+    zt, zs = _features(8, (16,), (12,))
+    zt[0][1, 2], zs[0][3, 4] = 1e30, -1e30
+    want = _loss_and_grads("reference", [z.double() for z in zt], [z.double() for z in zs])
+    total, rca, tar, grad_t, grad_s = _loss_and_grads(backend, [z.to(device) for z in zt],
+                                                      [z.to(device) for z in zs])
+    for got, ref in zip((total, rca, tar), want):
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-7)
+    for g, r in zip(grad_t + grad_s, want[3] + want[4]):
+        scale = r.abs().max()
+        torch.testing.assert_close(g.cpu().double() / scale, r / scale, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", EXTENSION)

@@ -34,6 +34,29 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;  // complete in lane 0
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;  // in every lane
+}
+
+// ||z_i|| of the warp's row from its lanes' partial sums of squares sq; when their total overflowed to
+// inf (float features near 1e20), as m sqrt(sum (z / m)^2) with m = max |z| (as the CPU op and the
+// Triton kernel). An infinite element keeps the norm at inf; a NaN made the sum NaN, which stays.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_row_norm(const acc_t* __restrict__ z, int64_t C, acc_t sq) {
+  const int lane = threadIdx.x % 32;
+  const acc_t total = __shfl_sync(0xffffffffu, warp_sum(sq), 0);
+  if (!isinf(total)) return sqrt(total);  // the same in every lane
+  acc_t m = 0;
+  for (int64_t c = lane; c < C; c += 32) m = fmax(m, fabs(z[c]));
+  m = warp_max(m);
+  if (isinf(m)) return m;
+  acc_t scaled = 0;
+  for (int64_t c = lane; c < C; c += 32) scaled += (z[c] / m) * (z[c] / m);
+  return m * sqrt(__shfl_sync(0xffffffffu, warp_sum(scaled), 0));
+}
+
 // Sum over the block, complete in thread 0 (fixed order). `smem` holds kWarps values.
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* smem) {
@@ -183,7 +206,7 @@ __global__ void normalize_rows_kernel(const acc_t* __restrict__ zs, const acc_t*
        i += static_cast<int64_t>(gridDim.x) * kWarps) {
     acc_t sq = 0;
     for (int64_t c = lane; c < C; c += 32) sq += z[i * C + c] * z[i * C + c];
-    const acc_t norm = sqrt(__shfl_sync(0xffffffffu, warp_sum(sq), 0));
+    const acc_t norm = warp_row_norm(z + i * C, C, sq);
     if (lane == 0) norms[blockIdx.y * B + i] = norm;
     const acc_t denom = norm > eps ? norm : eps;
     for (int64_t c = lane; c < C; c += 32) {
@@ -323,7 +346,11 @@ std::pair<at::Tensor, at::Tensor> layer_constants(const at::Tensor& zt, at::Arra
                                                   double eps) {
   const auto opts = zt.options();
   at::Tensor shift = normalize ? zt.mean() : at::zeros({}, opts);
-  at::Tensor scale = normalize ? at::clamp_min(zt.std(/*dim=*/{}, /*correction=*/0), eps).reciprocal()
+  // The std in double (torch.std of float on the GPU accumulates in float: squares of features near 1e20
+  // overflow it to inf, which made every normalized feature 0 and L_TAR a silent 0), as the CPU op does.
+  at::Tensor scale = normalize ? at::clamp_min(zt.to(at::kDouble).std(/*dim=*/{}, /*correction=*/0), eps)
+                                     .reciprocal()
+                                     .to(opts.dtype())
                                : at::ones({}, opts);
   const at::Tensor shift_scale = at::stack({shift, scale});
   if (thresholds.has_value()) {  // fills on the device (kernel arguments), not a host-to-device copy
