@@ -6,13 +6,13 @@
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
 // spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
 // runs the reverse scan (read grad_spikes, write grad_x) four vectors at a time, prefetching the
-// next block's rows. The neuron options
-// are template parameters, except divide-or-multiply (a uniform branch). The charge / fire / reset arithmetic is written in
-// exactly the order of stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true
-// division by tau; setup.py forbids FMA contraction; the intrinsics never contract), so the spikes
-// are bit-identical to the reference and the backward's h is the forward's (the gradient arithmetic
-// after it uses explicit FMAs, within the tolerance tests/test_csrc_kernels.py sets). exp is exp_avx2.h's
-// inline one under AVX2 (1 ulp) and ATen's otherwise; atan is ATen's (Sleef, 1 ulp, under AVX2).
+// next block's rows. The neuron options are template parameters, except divide-or-multiply (a
+// uniform branch). The charge / fire / reset arithmetic is written in exactly the order of
+// stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true division by tau;
+// setup.py forbids FMA contraction; the intrinsics never contract), so the spikes are bit-identical
+// to the reference and the backward's h is the forward's (the gradient arithmetic after it uses
+// explicit FMAs, within the tolerance tests/test_csrc_kernels.py sets). exp is exp_avx2.h's inline
+// one under AVX2 (1 ulp) and ATen's otherwise; atan is ATen's (Sleef, 1 ulp, under AVX2).
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -470,8 +470,8 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
       const acc_t* h = hs + t * blk;
       acc_t* gx = out_block(a.dtype, a.grad_x, t * a.N + b0, gxb);
       // Row t of the next block's x and grad_spikes, prefetched while this one computes: the hardware
-      // prefetcher alone kept 2T read streams too shallow (T=4 N=2^21 on 2 threads: 0.54 -> 0.40 ns
-      // per element and step in a standalone harness). The forward gains nothing from it.
+      // prefetcher alone kept 2T read streams too shallow (T=4 N=2^21 on 2 threads: 0.70-0.75 -> 0.46-0.50
+      // ns per element and step in a standalone harness). The forward gains nothing from it.
       const int64_t next = b0 + blk, n_next = std::min(blk, end - next);
       const char* x_next = prefetch_row<acc_t>(a.dtype, a.x, t, next, end);
       const char* gs_next = prefetch_row<acc_t>(a.dtype, a.grad_spikes, t, next, end);
