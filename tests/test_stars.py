@@ -219,6 +219,14 @@ def test_zero_rows_and_nan(backend):
     assert torch.isnan(stars_fast.stars_loss(zt_nan, zs, backend=backend))
 
 
+def _device_for(backend):
+    """Where a backend's features go ('cuda' for the CUDA op, else the CPU); skips an unusable backend."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend != "reference":
+        require_backend(backend, device)
+    return device
+
+
 @pytest.mark.parametrize("normalize", ["teacher", None])
 @pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
 def test_huge_features(backend, normalize):
@@ -227,9 +235,7 @@ def test_huge_features(backend, normalize):
     zeros (the std in the CPU and CUDA ops, the norms in those and in the reference). L_RCA, and with
     normalize='teacher' the whole loss, does not change when all features are scaled: the oracle is
     the reference at unit scale, and the gradients at 1e20 are 1e-20 times its gradients."""
-    device = "cuda" if backend == "cuda" else "cpu"
-    if backend != "reference":
-        require_backend(backend, device)
+    device = _device_for(backend)
     zt, zs = _features(8, (16, 24), (12, 20))
     options = dict(normalize="teacher") if normalize else dict(lambda_tar=0.0)
     unit = _loss_and_grads("reference", zt, zs, **options)
@@ -248,8 +254,7 @@ def test_huge_features(backend, normalize):
 def test_one_huge_feature(backend):
     """One feature of 1e30 per side, whose square overflows float: its row's norm is 1e30, not inf
     (which gave u = 0 for the whole row). Oracle: the reference in float64 on the same features."""
-    device = "cuda" if backend == "cuda" else "cpu"
-    require_backend(backend, device)
+    device = _device_for(backend)
     zt, zs = _features(8, (16,), (12,))
     zt[0][1, 2], zs[0][3, 4] = 1e30, -1e30
     want = _loss_and_grads("reference", [z.double() for z in zt], [z.double() for z in zs])
