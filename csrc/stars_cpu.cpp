@@ -12,8 +12,10 @@
 // Passes of stars_loss_fused over all layers at once (each a parallel loop over row blocks of every
 // layer, handed out dynamically): (1) teacher rows: norms, u_T, row moments; (2) per layer: the
 // normalization constants and theta by selection; (3) student rows: norms, u_S, and the soft
-// exceedance sums of both sides; then per layer (a thread each) the GEMMs D = U_S U_S^T - U_T U_T^T
-// (at::mm + addmm) and E U for the gradient; (4) every row's gradient (the sigmoids recomputed).
+// exceedance sums of both sides; then per layer (a thread each) the GEMMs D = A A_-^T with the
+// operands side by side, A = [U_S | U_T], A_- = [U_S | -U_T] (so D = U_S U_S^T - U_T U_T^T in one
+// product, its lower block triangle only), and E A_- = [E U_S | -E U_T] for the gradient; (4) every
+// row's gradient (the sigmoids recomputed).
 // The sigmoids use exp_avx2.h's inline 1-ulp exp under AVX2.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -620,6 +622,17 @@ void normalize_row(const acc_t* z, int64_t C, acc_t eps, acc_t* u, acc_t& norm) 
   normalize_row_generic(z, C, eps, u, norm);
 }
 
+// dst = -src (the teacher's half of A_-) or a copy (the student's).
+template <typename acc_t>
+void copy_row(const acc_t* src, int64_t C, bool negate, acc_t* dst) {
+  if (!negate) {
+    std::copy(src, src + C, dst);
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) dst[c] = -src[c];
+}
+
 template <typename acc_t>
 void row_moments(const acc_t* z, int64_t C, double* row_sum, double* row_m2, int64_t* row_nan) {
 #ifdef STARS_HAVE_AVX2_KERNELS
@@ -637,31 +650,39 @@ template <typename acc_t>
 struct StarsLayer {
   at::Tensor zt, zs;        // [B, Ct], [B, Cs] acc_t contiguous
   int64_t Ct = 0, Cs = 0;
-  at::Tensor ut, us;        // u rows
+  at::Tensor a, a_minus;    // [B, Cs + Ct]: [u_S | u_T] and [u_S | -u_T]
   std::vector<acc_t> norm_t, norm_s;
   std::vector<double> row_sum, row_m2;
   std::vector<int64_t> row_nan;
   TarConsts<acc_t> tar{};
-  at::Tensor D, gt, gs;     // D then E [B, B]; E U_T, E U_S
+  at::Tensor D, grad_u;     // D then E [B, B]; E A_- = [E U_S | -E U_T] [B, Cs + Ct]
   double rca = 0, l_tar = 0;
   std::array<acc_t, kMaxM> w_s{}, w_t{};  // per-threshold TAR gradient weights of each side
 };
 
-// D = U_S U_S^T - U_T U_T^T [B, B] from three of its quadrants (D is symmetric: the fourth is the
-// transpose of its mirror), 3/4 of the GEMM work: at B = 256, C = 512 on one thread 1.4-1.7 ms against
-// 1.7-1.8 ms for the whole products, and bit-identical here.
-at::Tensor gram_difference(const at::Tensor& us, const at::Tensor& ut) {
-  const int64_t B = us.size(0), h = B / 2;
-  at::Tensor D = at::empty({B, B}, us.options());
-  const auto quadrant = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    at::Tensor out = D.slice(0, r0, r1).slice(1, c0, c1);
-    at::mm_out(out, us.slice(0, r0, r1), us.slice(0, c0, c1).t());
-    out.addmm_(ut.slice(0, r0, r1), ut.slice(0, c0, c1).t(), 1, -1);
-  };
-  quadrant(0, h, 0, h);
-  quadrant(h, B, 0, h);
-  quadrant(h, B, h, B);
-  D.slice(0, 0, h).slice(1, h, B).copy_(D.slice(0, h, B).slice(1, 0, h).t());
+// D = A A_-^T = U_S U_S^T - U_T U_T^T [B, B], symmetric: only its lower block triangle is computed,
+// in strips of 64 rows (D[r0:r1, :r1] = A[r0:r1] A_-[:r1]^T, 62.5% of the whole product at B = 256),
+// then the strict upper triangle is mirrored from the lower, so that D is exactly symmetric. One
+// product over K = Cs + Ct instead of a product per side: the 4 layers C = 64..512 at B = 256 on one
+// thread 1.89-1.91 ms, against 2.44-2.49 ms from three quadrants of each side's product (mm + addmm)
+// and 2.57-2.59 ms for the whole single product; the whole op (interleaved A/B in one process, 2 threads)
+// 2-3% faster (5.06-5.47 ms against 5.17-5.66 on a slow hour of the Zen 4 VM).
+template <typename acc_t>
+at::Tensor gram_difference(const at::Tensor& a, const at::Tensor& a_minus) {
+  constexpr int64_t kStrip = 64;
+  const int64_t B = a.size(0);
+  at::Tensor D = at::empty({B, B}, a.options());
+  for (int64_t r0 = 0; r0 < B; r0 += kStrip) {
+    const int64_t r1 = std::min(B, r0 + kStrip);
+    at::Tensor strip = D.slice(0, r0, r1).slice(1, 0, r1);
+    at::mm_out(strip, a.slice(0, r0, r1), a_minus.slice(0, 0, r1).t());
+  }
+  acc_t* d = D.template data_ptr<acc_t>();
+  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {  // rows write their upper part, read only the lower
+    for (int64_t i = r0; i < r1; ++i) {
+      for (int64_t j = i + 1; j < B; ++j) d[i * B + j] = d[j * B + i];
+    }
+  });
   return D;
 }
 
@@ -699,8 +720,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     y.zs = z_student[l].to(acc).contiguous();
     y.Ct = y.zt.size(1);
     y.Cs = y.zs.size(1);
-    y.ut = at::empty({B, y.Ct}, y.zt.options());
-    y.us = at::empty({B, y.Cs}, y.zt.options());
+    y.a = at::empty({B, y.Cs + y.Ct}, y.zt.options());
+    y.a_minus = at::empty({B, y.Cs + y.Ct}, y.zt.options());
     y.norm_t.resize(B);
     y.norm_s.resize(B);
     y.row_sum.resize(B);
@@ -710,13 +731,16 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     for (int64_t r = 0; r < B; r += rows) tasks.push_back({l, r, std::min(B, r + rows)});
   }
 
-  // (1) teacher rows: norms, u_T, moments.
+  // (1) teacher rows: norms, u_T (and -u_T), moments.
   for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
     StarsLayer<acc_t>& y = layers[l];
     const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
-    acc_t* ut = y.ut.template data_ptr<acc_t>();
+    const int64_t width = y.Cs + y.Ct;
+    acc_t* ut = y.a.template data_ptr<acc_t>() + y.Cs;
+    acc_t* ut_minus = y.a_minus.template data_ptr<acc_t>() + y.Cs;
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * y.Ct, y.norm_t[i]);
+      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * width, y.norm_t[i]);
+      copy_row(ut + i * width, y.Ct, true, ut_minus + i * width);
       row_moments(zt + i * y.Ct, y.Ct, &y.row_sum[i], &y.row_m2[i], &y.row_nan[i]);
     }
   });
@@ -767,10 +791,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     StarsLayer<acc_t>& y = layers[l];
     const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
     const acc_t* zs = y.zs.template const_data_ptr<acc_t>();
-    acc_t* us = y.us.template data_ptr<acc_t>();
+    const int64_t width = y.Cs + y.Ct;
+    acc_t* us = y.a.template data_ptr<acc_t>();
+    acc_t* us_copy = y.a_minus.template data_ptr<acc_t>();
     std::array<double, 2 * kMaxM> sums{};
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * y.Cs, y.norm_s[i]);
+      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * width, y.norm_s[i]);
+      copy_row(us + i * width, y.Cs, false, us_copy + i * width);
       soft_sums(zt + i * y.Ct, y.Ct, y.tar, sums.data());
       soft_sums(zs + i * y.Cs, y.Cs, y.tar, sums.data() + M);
     }
@@ -778,14 +805,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   });
 
   // RCA: D = U_S U_S^T - U_T U_T^T, then E = 4 D (1 - I) / (B (B - 1)) = d l_rca / d G_S (G_S = U_S U_S^T,
-  // both factors) and d l_rca / dU_S = E U_S, d l_rca / dU_T = -E U_T. With at least as many layers as
+  // both factors) and [d l_rca / dU_S | d l_rca / dU_T] = [E U_S | -E U_T] = E A_-. With at least as many layers as
   // threads, each layer runs on one thread (largest first) with its GEMMs single-threaded inside the
   // parallel region (MKL does not nest): the whole op at 4 layers C = 64..512 on 2 threads took 7.5 ms
   // (B = 256) and 1.3-1.6 ms (B = 64), against 8.2-8.5 and 1.5-1.9 ms with every GEMM on both threads
   // in turn; the results are bit-identical. With fewer layers, the layers run in turn, GEMMs threaded.
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   const auto rca_layer = [&](StarsLayer<acc_t>& y) {
-    y.D = gram_difference(y.us, y.ut);
+    y.D = gram_difference<acc_t>(y.a, y.a_minus);
     acc_t* e = y.D.template data_ptr<acc_t>();
     const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
     std::vector<double> row_sq(B);  // summed in row order: the same total however the rows were split
@@ -802,8 +829,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       }
     });
     y.rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
-    y.gs = at::mm(y.D, y.us);
-    y.gt = at::mm(y.D, y.ut);
+    y.grad_u = at::mm(y.D, y.a_minus);
   };
   if (L >= at::get_num_threads()) {
     parallel_chunks(L, 1, [&](int64_t i0, int64_t i1) {
@@ -842,13 +868,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
     const StarsLayer<acc_t>& y = layers[l];
     const acc_t coef = static_cast<acc_t>(coef_rca[l]);
+    const int64_t width = y.Cs + y.Ct;
+    const acc_t* a = y.a.template const_data_ptr<acc_t>();
+    const acc_t* grad_u = y.grad_u.template const_data_ptr<acc_t>();  // [E U_S | -E U_T]: both signs in it
     for (int64_t i = r0; i < r1; ++i) {
-      gradient(y.zs.template const_data_ptr<acc_t>() + i * y.Cs, y.us.template const_data_ptr<acc_t>() + i * y.Cs,
-               y.gs.template const_data_ptr<acc_t>() + i * y.Cs, y.Cs, y.norm_s[i], eps, coef, y.tar, y.w_s.data(),
-               grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
-      gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, y.ut.template const_data_ptr<acc_t>() + i * y.Ct,
-               y.gt.template const_data_ptr<acc_t>() + i * y.Ct, y.Ct, y.norm_t[i], eps, -coef, y.tar, y.w_t.data(),
-               grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
+      gradient(y.zs.template const_data_ptr<acc_t>() + i * y.Cs, a + i * width, grad_u + i * width, y.Cs,
+               y.norm_s[i], eps, coef, y.tar, y.w_s.data(), grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
+      gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, a + i * width + y.Cs, grad_u + i * width + y.Cs,
+               y.Ct, y.norm_t[i], eps, coef, y.tar, y.w_t.data(), grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
     }
   });
 
