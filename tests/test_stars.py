@@ -38,6 +38,8 @@ CASES = [
     dict(batch=17, tc=(10,), sc=(9,), options=dict(thresholds=(0.0, 1.0), normalize="teacher", quantiles=(0.2, 0.4, 0.6, 0.8))),
     # thresholds too far apart for one shared exp (|theta_m - theta_ref| / delta > 20): a sigmoid each
     dict(batch=17, tc=(10, 24), sc=(6, 20), options=dict(thresholds=(-8.0, 0.0, 8.0), delta=0.25)),
+    # B = 100: the CPU op's Gram strips of 64 rows end in a partial one (36 rows)
+    dict(batch=100, tc=(24, 40), sc=(32, 16), options={}),
     # more than 8 thresholds: the CPU kernels' runtime-M path
     dict(batch=33, tc=(16, 40), sc=(24, 16), options=dict(quantiles=tuple(i / 10 for i in range(1, 10)))),
 ]
