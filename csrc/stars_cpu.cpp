@@ -10,12 +10,13 @@
 //       total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar, and d total / d z for both sides.
 //
 // Passes of stars_loss_fused over all layers at once (each a parallel loop over row blocks of every
-// layer, handed out dynamically): (1) teacher rows: norms, u_T, row moments; (2) per layer: the
-// normalization constants and theta by selection; (3) student rows: norms, u_S, and the soft
-// exceedance sums of both sides; then per layer (a thread each) the GEMMs D = A A_-^T with the
-// operands side by side, A = [U_S | U_T], A_- = [U_S | -U_T] (so D = U_S U_S^T - U_T U_T^T in one
-// product, its lower block triangle only), and E A_- = [E U_S | -E U_T] for the gradient; (4) every
-// row's gradient (the sigmoids recomputed, from the stored exp on the AVX2 path).
+// layer, handed out dynamically): (1) rows of both sides: norms, u_T, u_S, the teacher's row moments;
+// (2) per layer: the normalization constants and theta by selection; (3) one queue of the per-layer
+// RCA (a thread each: the GEMMs D = A A_-^T with the operands side by side, A = [U_S | U_T],
+// A_- = [U_S | -U_T], so D = U_S U_S^T - U_T U_T^T in one product, its lower block triangle only,
+// then E from D and E A_- = [E U_S | -E U_T] for the gradient) followed by the row blocks' soft
+// exceedance sums of both sides; (4) every row's gradient (the sigmoids recomputed, from the exp the
+// soft sums stored on the AVX2 path).
 // The sigmoids use exp_avx2.h's inline 1-ulp exp under AVX2.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -644,6 +645,43 @@ __attribute__((target("avx2,fma"))) void row_moments_avx2(const float* z, int64_
   *row_m2 = m2;
   *row_nan = nan;
 }
+
+// scale_row's first n8 = n / 8 * 8 values, adding their squares (in double) to sq; returns n8.
+__attribute__((target("avx2,fma"))) int64_t scale_row_avx2(float* row, int64_t n, float scale, double& sq) {
+  const int64_t n8 = n / 8 * 8;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 x = _mm256_loadu_ps(row + j);
+    __m256d lo, hi;
+    to_double(x, lo, hi);
+    acc_lo = _mm256_fmadd_pd(lo, lo, acc_lo);
+    acc_hi = _mm256_fmadd_pd(hi, hi, acc_hi);
+    _mm256_storeu_ps(row + j, _mm256_mul_ps(x, vscale));
+  }
+  sq += hsum4d(_mm256_add_pd(acc_lo, acc_hi));
+  return n8;
+}
+
+// dst[c * stride + r] = src[r * stride + c] for r, c < 8.
+__attribute__((target("avx2,fma"))) void transpose8x8_avx2(const float* src, float* dst, int64_t stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
 #endif
 
 template <typename acc_t>
@@ -712,13 +750,65 @@ at::Tensor gram_difference(const at::Tensor& a, const at::Tensor& a_minus) {
     at::Tensor strip = D.slice(0, r0, r1).slice(1, 0, r1);
     at::mm_out(strip, a.slice(0, r0, r1), a_minus.slice(0, 0, r1).t());
   }
+  return D;
+}
+
+// sum_j row[j]^2 in double, and row[j] *= scale, over j < n.
+template <typename acc_t>
+double scale_row(acc_t* row, int64_t n, acc_t scale) {
+  int64_t j = 0;
+  double sq = 0;
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>()) j = scale_row_avx2(row, n, scale, sq);
+  }
+#endif
+  for (; j < n; ++j) {
+    sq += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    row[j] *= scale;
+  }
+  return sq;
+}
+
+// d[j][i] = d[i][j] for the rows i of [r0, r1) and every j < i: the 8 x 8 tiles below the diagonal
+// transposed whole (AVX2), the rest one value at a time. Rows [r0, r1) write columns [r0, r1) only.
+template <typename acc_t>
+void mirror_lower(acc_t* d, int64_t B, int64_t r0, int64_t r1) {
+  int64_t i0 = r0;
+#ifdef STARS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx2<acc_t>() && r0 % 8 == 0) {
+      for (; i0 + 8 <= r1; i0 += 8) {
+        for (int64_t j0 = 0; j0 < i0; j0 += 8) transpose8x8_avx2(d + i0 * B + j0, d + j0 * B + i0, B);
+        for (int64_t i = i0; i < i0 + 8; ++i) {
+          for (int64_t j = i0; j < i; ++j) d[j * B + i] = d[i * B + j];
+        }
+      }
+    }
+  }
+#endif
+  for (int64_t i = i0; i < r1; ++i) {
+    for (int64_t j = 0; j < i; ++j) d[j * B + i] = d[i * B + j];
+  }
+}
+
+// E = e_scale D with a zero diagonal, from the lower triangle of D (gram_difference): each row's part
+// left of the diagonal scaled in place, then mirrored into the strict upper triangle, so that E is
+// exactly symmetric. Returns sum_{i != j} D_ij^2 = 2 sum_{j < i} D_ij^2, in double, summed in row order
+// (the same total however the rows are split).
+template <typename acc_t>
+double gram_to_weights(at::Tensor& D, acc_t e_scale) {
+  const int64_t B = D.size(0);
   acc_t* d = D.template data_ptr<acc_t>();
-  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {  // rows write their upper part, read only the lower
+  std::vector<double> row_sq(B);
+  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {  // inline inside the per-layer threads
     for (int64_t i = r0; i < r1; ++i) {
-      for (int64_t j = i + 1; j < B; ++j) d[i * B + j] = d[j * B + i];
+      row_sq[i] = scale_row(d + i * B, i, e_scale);
+      d[i * B + i] = 0;
     }
   });
-  return D;
+  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) { mirror_lower(d, B, r0, r1); });
+  return 2.0 * std::accumulate(row_sq.begin(), row_sq.end(), 0.0);
 }
 
 // Row blocks of every layer, handed out dynamically to the intra-op threads; fn(layer, row_begin,
@@ -766,17 +856,22 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     for (int64_t r = 0; r < B; r += rows) tasks.push_back({l, r, std::min(B, r + rows)});
   }
 
-  // (1) teacher rows: norms, u_T (and -u_T), moments.
+  // (1) rows of both sides: norms, u_T (and -u_T), u_S (twice), the teacher's moments.
   for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
     StarsLayer<acc_t>& y = layers[l];
     const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
+    const acc_t* zs = y.zs.template const_data_ptr<acc_t>();
     const int64_t width = y.Cs + y.Ct;
-    acc_t* ut = y.a.template data_ptr<acc_t>() + y.Cs;
-    acc_t* ut_minus = y.a_minus.template data_ptr<acc_t>() + y.Cs;
+    acc_t* a = y.a.template data_ptr<acc_t>();
+    acc_t* a_minus = y.a_minus.template data_ptr<acc_t>();
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zt + i * y.Ct, y.Ct, eps, ut + i * width, y.norm_t[i]);
-      copy_row(ut + i * width, y.Ct, true, ut_minus + i * width);
+      acc_t* us = a + i * width;
+      acc_t* ut = us + y.Cs;
+      normalize_row(zt + i * y.Ct, y.Ct, eps, ut, y.norm_t[i]);
+      copy_row(ut, y.Ct, true, a_minus + i * width + y.Cs);
       row_moments(zt + i * y.Ct, y.Ct, &y.row_sum[i], &y.row_m2[i], &y.row_nan[i]);
+      normalize_row(zs + i * y.Cs, y.Cs, eps, us, y.norm_s[i]);
+      copy_row(us, y.Cs, false, a_minus + i * width);
     }
   });
 
@@ -820,9 +915,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     }
   });
 
-  // (3) student rows: norms, u_S; soft exceedance sums of both sides, per block [task][side][m]; the
-  // factored exp of every value kept for (4) where the row kernels take M at compile time: the op
-  // 2.5-3.5% faster than with (4) recomputing it (B = 256, 4 layers, one and two threads, interleaved).
+  // (3) soft exceedance sums of both sides, per block [task][side][m]; the factored exp of every value
+  // kept for (4) where the row kernels take M at compile time: the op 2.5-3.5% faster than with (4)
+  // recomputing it (B = 256, 4 layers, one and two threads, interleaved). Run below, with the RCA.
   std::vector<double> soft(tasks.size() * 2 * M, 0.0);
 #ifdef STARS_HAVE_AVX2_KERNELS
   for (StarsLayer<acc_t>& y : layers) {
@@ -831,23 +926,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     }
   }
 #endif
-  for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t t) {
+  const auto soft_sums_block = [&](int64_t l, int64_t r0, int64_t r1, int64_t t) {
     StarsLayer<acc_t>& y = layers[l];
     const acc_t* zt = y.zt.template const_data_ptr<acc_t>();
     const acc_t* zs = y.zs.template const_data_ptr<acc_t>();
     const int64_t width = y.Cs + y.Ct;
-    acc_t* us = y.a.template data_ptr<acc_t>();
-    acc_t* us_copy = y.a_minus.template data_ptr<acc_t>();
     std::array<double, 2 * kMaxM> sums{};
     for (int64_t i = r0; i < r1; ++i) {
-      normalize_row(zs + i * y.Cs, y.Cs, eps, us + i * width, y.norm_s[i]);
-      copy_row(us + i * width, y.Cs, false, us_copy + i * width);
       acc_t* expo = y.expo.defined() ? y.expo.template data_ptr<acc_t>() + i * width : nullptr;
       soft_sums(zt + i * y.Ct, y.Ct, y.tar, sums.data(), expo ? expo + y.Cs : nullptr);
       soft_sums(zs + i * y.Cs, y.Cs, y.tar, sums.data() + M, expo);
     }
     std::copy(sums.begin(), sums.begin() + 2 * M, soft.begin() + t * 2 * M);
-  });
+  };
 
   // RCA: D = U_S U_S^T - U_T U_T^T, then E = 4 D (1 - I) / (B (B - 1)) = d l_rca / d G_S (G_S = U_S U_S^T,
   // both factors) and [d l_rca / dU_S | d l_rca / dU_T] = [E U_S | -E U_T] = E A_-. With at least as many layers as
@@ -858,29 +949,25 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   const auto rca_layer = [&](StarsLayer<acc_t>& y) {
     y.D = gram_difference<acc_t>(y.a, y.a_minus);
-    acc_t* e = y.D.template data_ptr<acc_t>();
-    const acc_t e_scale = static_cast<acc_t>(4.0 / pairs);
-    std::vector<double> row_sq(B);  // summed in row order: the same total however the rows were split
-    at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {  // inline inside the per-layer threads
-      for (int64_t i = r0; i < r1; ++i) {
-        acc_t* ei = e + i * B;
-        ei[i] = 0;
-        double sq = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          sq += static_cast<double>(ei[j]) * static_cast<double>(ei[j]);
-          ei[j] *= e_scale;
-        }
-        row_sq[i] = sq;
-      }
-    });
-    y.rca = std::accumulate(row_sq.begin(), row_sq.end(), 0.0) / pairs;
+    y.rca = gram_to_weights(y.D, static_cast<acc_t>(4.0 / pairs)) / pairs;
     y.grad_u = at::mm(y.D, y.a_minus);
   };
+  // The soft-sum blocks go into the same queue, after the layers, so that a thread done with its GEMMs
+  // takes them while the other still runs its own: the op 1-3% faster at B = 256 on 2 threads than with
+  // the soft sums a pass of their own before the RCA (interleaved in one process, two runs).
   if (L >= at::get_num_threads()) {
-    parallel_chunks(L, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) rca_layer(layers[largest_first[i]]);
+    parallel_chunks(L + static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i < L) {
+          rca_layer(layers[largest_first[i]]);
+        } else {
+          const RowTask& task = tasks[i - L];
+          soft_sums_block(task.layer, task.begin, task.end, i - L);
+        }
+      }
     });
   } else {
+    for_each_row_block(tasks, soft_sums_block);
     for (StarsLayer<acc_t>& y : layers) rca_layer(y);
   }
 
