@@ -129,3 +129,25 @@ def test_lif(measure, smoke, case, mode, variant):
         label = f"spikingjelly ({spikingjelly_implementation(x)})"
     measure(run, group=group, variant=label, role=role, rounds=3 if role in ("eager", "spikingjelly") else rounds,
             bytes_moved=bytes_moved, sync=sync, first_call_s=first_call_s if role == "compiled" else None)
+
+
+def test_lif_interleaved(interleave, smoke):
+    """The headline CPU case (T=4, N=2^21 fp32, fwd+bwd) with our op, the baselines that can run and the
+    copy timed in turn."""
+    steps, n = 4, SMOKE_N if smoke else 2 ** 21
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(steps, n, generator=generator) + 0.5
+    grad = torch.randn(steps, n, generator=generator)
+    ours_spikes, ours_grad = _forward_backward(functools.partial(stars_fast.multistep_lif, tau=TAU), x, grad)
+    variants = {}
+    for variant in ["fused-cpu", "loop-eager", "spikingjelly"] + ([] if smoke else ["loop-compiled"]):
+        if variant == "spikingjelly" and spikingjelly_lif(TAU)[0] is None:
+            continue  # test_lif[...-spikingjelly] reports why it cannot run
+        fn, role = _neuron(variant, "cpu", steps)
+        spikes, grad_x = _forward_backward(fn, x, grad)
+        _assert_same_as_ours(spikes, grad_x, ours_spikes, ours_grad, torch.float32, variant)
+        variants[variant] = (functools.partial(_forward_backward, fn, x, grad), role,
+                             BYTES_PER_ELEMENT["fwd+bwd"] * x.numel() * x.element_size())
+    dst = torch.empty_like(x)
+    variants["copy_ (bandwidth)"] = (lambda: dst.copy_(x), "copy", 2 * x.numel() * x.element_size())
+    interleave(variants, group=f"lif {_case_id(('cpu', steps, n, torch.float32))} fwd+bwd", rounds=21)

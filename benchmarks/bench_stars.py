@@ -60,6 +60,13 @@ def test_stars_loss(measure, smoke, device, batch, variant):
                 role="gemm-floor", rounds=rounds, sync=sync)
         return
     fn, role = _loss(variant, device)
+    first_call_s = _check_against_ours(fn, variant, zt, zs)
+    measure(_timed_step(fn, zt, zs), group=group, variant=variant, role=role, rounds=rounds, sync=sync,
+            first_call_s=first_call_s if role == "compiled" else None)
+
+
+def _check_against_ours(fn, variant, zt, zs) -> float:
+    """Asserts fn's loss and gradients equal stars_fast.stars_loss's; returns the time of fn's first call."""
     ours_total, ours_grads = _loss_and_grads(stars_fast.stars_loss, zt, zs)
     start = time.perf_counter()
     total, grads = _loss_and_grads(fn, zt, zs)
@@ -69,7 +76,11 @@ def test_stars_loss(measure, smoke, device, batch, variant):
     for i, (g, ours) in enumerate(zip(grads, ours_grads)):
         torch.testing.assert_close(g, ours, rtol=1e-3, atol=1e-7,
                                    msg=lambda m: f"{variant}: gradient {i} differs from stars_fast.stars_loss: {m}")
+    return first_call_s
 
+
+def _timed_step(fn, zt, zs):
+    """One forward + backward of fn on leaves of its own (their grads reset each call)."""
     leaves = [z.detach().requires_grad_(True) for z in zt + zs]
 
     def run():
@@ -77,8 +88,23 @@ def test_stars_loss(measure, smoke, device, batch, variant):
             z.grad = None
         fn(leaves[:len(zt)], leaves[len(zt):]).backward()
 
-    measure(run, group=group, variant=variant, role=role, rounds=rounds, sync=sync,
-            first_call_s=first_call_s if role == "compiled" else None)
+    return run
+
+
+def test_stars_loss_interleaved(interleave, smoke):
+    """The headline CPU case (B = 256) with our op, both baselines and the GEMM floor timed in turn."""
+    batch = 16 if smoke else 256
+    generator = torch.Generator().manual_seed(0)
+    zt = [torch.randn(batch, c, generator=generator) for c in CHANNELS]
+    zs = [torch.randn(batch, c, generator=generator) for c in CHANNELS]
+    variants = {}
+    for variant in ["fused-cpu", "gram-eager"] + ([] if smoke else ["gram-compiled"]):
+        fn, role = _loss(variant, "cpu")
+        _check_against_ours(fn, variant, zt, zs)
+        variants[variant] = (_timed_step(fn, zt, zs), role)
+    operands = stars_gemm_operands(zt, zs)
+    variants["gemm-floor (GEMMs alone)"] = (lambda: stars_gemm_floor(operands), "gemm-floor")
+    interleave(variants, group=f"stars_loss cpu fwd+bwd B={batch} C={CHANNELS}", rounds=41)
 
 
 @pytest.mark.parametrize("variant", ["fused", "mean"])

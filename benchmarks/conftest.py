@@ -1,5 +1,11 @@
-"""Benchmark plumbing: allocator control, the `measure` fixture and the summary table printed after
-`pytest benchmarks/ --benchmark-only`.
+"""Benchmark plumbing: allocator control, the `measure` and `interleave` fixtures and the summary
+tables printed after `pytest benchmarks/ --benchmark-only`.
+
+Two ways of timing. `measure`: one pytest-benchmark test per variant, run one after another (each
+on caches warmed by its own previous call); a shared machine's speed drifts between them, which
+moves their ratios (on the 2-core VM: STARS vs eager 4.9x-6.3x over four runs of the same code).
+`interleave`: the headline cases' variants timed in turn within every round, ratios paired per
+round; drift hits all alike, and every call starts on caches the other variants left.
 
 Allocator. Freshly allocated large CPU outputs are page-faulted in on every call under glibc's
 defaults (a 32 MiB clone: ~17 ms instead of ~2 ms), which swings CPU ratios 2-3x with heap state.
@@ -116,6 +122,42 @@ def measure(benchmark, smoke):
 
 
 @pytest.fixture
+def interleave(benchmark, smoke):
+    """interleave({variant: (fn, role[, bytes])}, group=..., rounds=...): the variants timed in turn within each
+    round (the order rotated every round), so that drift of a shared machine hits all of them alike and
+    none runs on caches warmed by its own previous call. Records each variant's median and, for every
+    variant against ours, the median over rounds of the paired ratio (its time / ours in that round),
+    printed as their own table in the summary (with GB/s and % of the `copy` variant's for those given
+    the bytes they move)."""
+
+    def run(variants, *, group, rounds, warmup=2):
+        samples = {name: [] for name in variants}
+        order = list(variants)
+
+        def one_round():
+            for name in order:
+                start = time.perf_counter()
+                variants[name][0]()
+                samples[name].append(time.perf_counter() - start)
+            order.append(order.pop(0))
+
+        for _ in range(0 if smoke else warmup):
+            one_round()
+        for values in samples.values():
+            values.clear()
+        benchmark.group = group
+        benchmark.pedantic(one_round, rounds=1 if smoke else rounds, iterations=1, warmup_rounds=0)
+        ours = next(name for name, (_, role, *_) in variants.items() if role == "ours")
+        benchmark.extra_info["interleaved"] = {
+            name: {"role": role, "median_s": statistics.median(samples[name]), "bytes": (extra or [None])[0],
+                   "paired_ratio": statistics.median(b / a for a, b in zip(samples[ours], samples[name]))}
+            for name, (_, role, *extra) in variants.items()}
+        benchmark.extra_info["threads"] = torch.get_num_threads()
+
+    return run
+
+
+@pytest.fixture
 def cpu_threads():
     """The thread count the numbers were measured with (recorded in extra_info)."""
     return torch.get_num_threads()
@@ -165,12 +207,15 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    groups = {}
+    groups, interleaved = {}, []
     for bench in session.benchmarks:
         if bench.stats is None:  # --benchmark-disable
             continue
-        groups.setdefault(bench.group, []).append(bench)
-    if not groups:
+        if "interleaved" in bench.extra_info:
+            interleaved.append(bench)
+        else:
+            groups.setdefault(bench.group, []).append(bench)
+    if not groups and not interleaved:
         return
     write = terminalreporter.write_line
     terminalreporter.write_sep("-", "medians, ratios (baseline time / this time) from this one process")
@@ -205,3 +250,23 @@ def pytest_terminal_summary(terminalreporter, config):
         write(group)
         for row in [header] + rows:
             write("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for bench in interleaved:
+        write("")
+        write(f"{bench.group} (interleaved: {bench.stats.rounds} rounds, variants in turn, order rotated; "
+              f"{bench.extra_info['threads']} threads)")
+        entries = bench.extra_info["interleaved"]
+        copy = next((e for e in entries.values() if e["role"] == "copy" and e["bytes"]), None)
+        gemm = next((e for e in entries.values() if e["role"] == "gemm-floor"), None)
+        rows = [("variant", "median ms", "paired ratio (its time / ours, median over rounds)", "GB/s", "floor")]
+        for name, entry in sorted(entries.items(), key=lambda kv: -kv[1]["median_s"]):
+            gbs = entry["bytes"] / entry["median_s"] / 1e9 if entry["bytes"] else None
+            floor = "-"
+            if gbs is not None and copy is not None and entry is not copy:
+                floor = f"{100 * gbs / (copy['bytes'] / copy['median_s'] / 1e9):.0f}% of copy"
+            elif gemm is not None and entry is not gemm:
+                floor = f"{entry['median_s'] / gemm['median_s']:.2f}x GEMMs"
+            rows.append((name, f"{entry['median_s'] * 1e3:.3f}", f"{entry['paired_ratio']:.2f}x",
+                         "-" if gbs is None else f"{gbs:.1f}", floor))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            write("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
