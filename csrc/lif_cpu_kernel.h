@@ -5,8 +5,8 @@
 // A call handles elements [begin, end) of every row, block by block. Both directions scan the block
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
 // spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
-// runs the reverse scan (read grad_spikes, write grad_x) four vectors at a time, prefetching the
-// next block's rows. The neuron options are template parameters, except divide-or-multiply (a
+// runs the reverse scan (read grad_spikes, write grad_x, streamed) four vectors at a time, prefetching
+// the next block's rows. The neuron options are template parameters, except divide-or-multiply (a
 // uniform branch). The charge / fire / reset arithmetic is written in exactly the order of
 // stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true division by tau;
 // setup.py forbids FMA contraction; the intrinsics never contract), so the spikes are bit-identical
@@ -213,10 +213,12 @@ LIF_INLINE void store(Vectorized<acc_t> v, acc_t* p, int64_t count) {
   }
 }
 
-// Stores of the forward's spikes row: non-temporal (streaming, no read-for-ownership of a line that
-// is written whole) when `stream`, i.e. the row is written in place and 32-byte aligned; else plain.
-// (Measured at T=4 N=2^21: streaming wins for the forward; the backward's grad_x stores are plain,
-// 8.6 ms against 9.7 ms streamed.)
+// Stores of the forward's spikes row and the backward's grad_x row: non-temporal (streaming, no
+// read-for-ownership of a line that is written whole) when `stream`, i.e. the row is written in place
+// and 32-byte aligned; else plain. (Measured at T=4 N=2^21 on 2 threads, interleaved in one process:
+// streaming wins for the forward; for grad_x it lost before the backward prefetched its reads (9.7 ms
+// against 8.6 plain) and wins since: fwd+bwd 6.73 and 6.12 ms against 7.26 and 6.58, bwd 4.83 and
+// 4.52 against 5.30 and 4.83, two runs of 80 rounds on the Zen 4 VM.)
 template <bool kFull, typename acc_t>
 LIF_INLINE void store_out(Vectorized<acc_t> v, acc_t* p, int64_t count, bool stream) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -469,6 +471,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
       const acc_t* x = xs[t];
       const acc_t* h = hs + t * blk;
       acc_t* gx = out_block(a.dtype, a.grad_x, t * a.N + b0, gxb);
+      const bool stream_gx = streamable(a.dtype, gx);
       // Row t of the next block's x and grad_spikes, prefetched while this one computes: the hardware
       // prefetcher alone kept 2T read streams too shallow (T=4 N=2^21 on 2 threads: 0.70-0.75 -> 0.46-0.50
       // ns per element and step in a standalone harness). The forward gains nothing from it.
@@ -502,11 +505,11 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
             g[w] = at::vec::fmadd(sg[w], minus_product(gv_j, c.threshold_gain, gs_j), gv_j);
           }
           if constexpr (C == Charge::kIF) {
-            store<kFull>(g[w], gx + j, cnt);
+            store_out<kFull>(g[w], gx + j, cnt, stream_gx);
             store<kFull>(g[w], gv + j, cnt);
           } else {
             const auto g_leak = leak(g[w], c);
-            store<kFull>(C == Charge::kDecayInput ? g_leak : g[w], gx + j, cnt);
+            store_out<kFull>(C == Charge::kDecayInput ? g_leak : g[w], gx + j, cnt, stream_gx);
             store<kFull>(c.divide ? g[w] - g_leak : g[w] * c.one_minus_k, gv + j, cnt);
           }
         }
@@ -530,6 +533,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
       commit_block(a.dtype, a.grad_v_init, b0, n, out);
     }
   }
+  fence_streams();
 }
 
 // ---------------------------------------------------------------------------------------------
