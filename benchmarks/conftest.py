@@ -3,7 +3,8 @@ tables printed after `pytest benchmarks/ --benchmark-only`.
 
 Two ways of timing. `measure`: one pytest-benchmark test per variant, run one after another (each
 on caches warmed by its own previous call); a shared machine's speed drifts between them, which
-moves their ratios (on the 2-core VM: STARS vs eager 4.9x-6.3x over four runs of the same code).
+moves their ratios (on the 2-core VM: STARS vs eager 6.34x, then 4.90x, in two consecutive runs of
+the same code).
 `interleave`: the headline cases' variants timed in turn within every round, ratios paired per
 round; drift hits all alike, and every call starts on caches the other variants left.
 
