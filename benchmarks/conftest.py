@@ -129,28 +129,31 @@ def interleave(benchmark, smoke):
     none runs on caches warmed by its own previous call. Records each variant's median and, for every
     variant against ours, the median over rounds of the paired ratio (its time / ours in that round),
     printed as their own table in the summary (with GB/s and % of the `copy` variant's for those given
-    the bytes they move)."""
+    the bytes they move, and page faults per timed call)."""
 
     def run(variants, *, group, rounds, warmup=2):
         samples = {name: [] for name in variants}
+        faults = {name: [] for name in variants}
         order = list(variants)
 
         def one_round():
             for name in order:
-                start = time.perf_counter()
+                before, start = _minor_faults(), time.perf_counter()
                 variants[name][0]()
                 samples[name].append(time.perf_counter() - start)
+                faults[name].append(_minor_faults() - before)
             order.append(order.pop(0))
 
         for _ in range(0 if smoke else warmup):
             one_round()
-        for values in samples.values():
+        for values in list(samples.values()) + list(faults.values()):
             values.clear()
         benchmark.group = group
         benchmark.pedantic(one_round, rounds=1 if smoke else rounds, iterations=1, warmup_rounds=0)
         ours = next(name for name, (_, role, *_) in variants.items() if role == "ours")
         benchmark.extra_info["interleaved"] = {
             name: {"role": role, "median_s": statistics.median(samples[name]), "bytes": (extra or [None])[0],
+                   "faults_per_call": round(statistics.mean(faults[name])),
                    "paired_ratio": statistics.median(b / a for a, b in zip(samples[ours], samples[name]))}
             for name, (_, role, *extra) in variants.items()}
         benchmark.extra_info["threads"] = torch.get_num_threads()
@@ -258,7 +261,8 @@ def pytest_terminal_summary(terminalreporter, config):
         entries = bench.extra_info["interleaved"]
         copy = next((e for e in entries.values() if e["role"] == "copy" and e["bytes"]), None)
         gemm = next((e for e in entries.values() if e["role"] == "gemm-floor"), None)
-        rows = [("variant", "median ms", "paired ratio (its time / ours, median over rounds)", "GB/s", "floor")]
+        rows = [("variant", "median ms", "paired ratio (its time / ours, median over rounds)", "GB/s", "floor",
+                 "faults")]
         for name, entry in sorted(entries.items(), key=lambda kv: -kv[1]["median_s"]):
             gbs = entry["bytes"] / entry["median_s"] / 1e9 if entry["bytes"] else None
             floor = "-"
@@ -267,7 +271,7 @@ def pytest_terminal_summary(terminalreporter, config):
             elif gemm is not None and entry is not gemm:
                 floor = f"{entry['median_s'] / gemm['median_s']:.2f}x GEMMs"
             rows.append((name, f"{entry['median_s'] * 1e3:.3f}", f"{entry['paired_ratio']:.2f}x",
-                         "-" if gbs is None else f"{gbs:.1f}", floor))
+                         "-" if gbs is None else f"{gbs:.1f}", floor, str(entry["faults_per_call"])))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             write("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
