@@ -420,26 +420,25 @@ __attribute__((target("avx2,fma"))) void soft_sums_row_avx2(const float* z, int6
     acc[m] = _mm256_setzero_ps();
     ratio[m] = _mm256_set1_ps(k.ratio[m]);
   }
-  if (kM > 0 && exp_out != nullptr) {
-    for (int64_t c = 0; c < C8; c += 8) {
-      const __m256 e = factored_exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k);
+  const bool keep_exp = kM > 0 && exp_out != nullptr;  // the same for the whole row: a predictable branch
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 zn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale);
+    if (keep_exp) {
+      const __m256 e = factored_exp8(zn, k);
       _mm256_storeu_ps(exp_out + c, e);
       sigmoids_from_exp8(e, M, ratio, s);
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
+    } else {
+      sigmoids8<kM>(zn, k, ratio, s);
     }
-  } else {
-    for (int64_t c = 0; c < C8; c += 8) {
-      sigmoids8<kM>(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(z + c), shift), scale), k, ratio, s);
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
-    }
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_add_ps(acc[m], s[m]);
   }
   for (int64_t m = 0; m < M; ++m) sums[m] += hsum8(acc[m]);
   soft_sums_row(z + C8, C - C8, k, sums);
 }
 
 template <int kM>
-__attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* expo, const float* u, const float* g, int64_t C,
-                                                            float norm, float eps, float coef,
+__attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* expo, const float* u,
+                                                            const float* g, int64_t C, float norm, float eps, float coef,
                                                             const TarConsts<float>& k, const float* w, float* out) {
   constexpr int64_t kSize = kM > 0 ? kM : kMaxM;
   const int64_t M = kM > 0 ? kM : k.M, C8 = C / 8 * 8;
@@ -520,8 +519,8 @@ void soft_sums(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double* sum
 }
 
 template <typename acc_t>
-void gradient(const acc_t* z, const acc_t* expo, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps, acc_t coef,
-              const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
+void gradient(const acc_t* z, const acc_t* expo, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps,
+              acc_t coef, const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx2<acc_t>()) {
@@ -1003,8 +1002,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       const acc_t* expo = y.expo.defined() ? y.expo.template const_data_ptr<acc_t>() + i * width : nullptr;
       gradient(y.zs.template const_data_ptr<acc_t>() + i * y.Cs, expo, a + i * width, grad_u + i * width, y.Cs,
                y.norm_s[i], eps, coef, y.tar, y.w_s.data(), grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
-      gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, expo ? expo + y.Cs : nullptr, a + i * width + y.Cs, grad_u + i * width + y.Cs,
-               y.Ct, y.norm_t[i], eps, coef, y.tar, y.w_t.data(), grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
+      gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, expo ? expo + y.Cs : nullptr, a + i * width + y.Cs,
+               grad_u + i * width + y.Cs, y.Ct, y.norm_t[i], eps, coef, y.tar, y.w_t.data(),
+               grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
     }
   });
 
