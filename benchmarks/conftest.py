@@ -183,6 +183,13 @@ def _clone_check() -> str:
             f"faults per call (8192 = every page faulted in anew, the untuned behaviour)")
 
 
+def _write_table(write, rows):
+    """rows[0] the header: columns padded to their widest cell, the first left-aligned, the rest right."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        write("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
 def _ratio(base, t):
     return f"{base / t:.2f}x" if base else "-"
 
@@ -249,11 +256,9 @@ def pytest_terminal_summary(terminalreporter, config):
                          *(_ratio(roles.get(r), t) for r in BASELINE_ROLES),
                          f"{gbs:.1f}" if gbs is not None else "-", floor, str(info.get("faults_per_call", "-")),
                          str(info.get("threads", "-")), str(info.get("first_call_s", "-"))))
-        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         write("")
         write(group)
-        for row in [header] + rows:
-            write("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        _write_table(write, [header] + rows)
     for bench in interleaved:
         write("")
         write(f"{bench.group} (interleaved: {bench.stats.rounds} rounds, variants in turn, order rotated; "
@@ -272,6 +277,4 @@ def pytest_terminal_summary(terminalreporter, config):
                 floor = f"{entry['median_s'] / gemm['median_s']:.2f}x GEMMs"
             rows.append((name, f"{entry['median_s'] * 1e3:.3f}", f"{entry['paired_ratio']:.2f}x",
                          "-" if gbs is None else f"{gbs:.1f}", floor, str(entry["faults_per_call"])))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            write("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        _write_table(write, rows)
