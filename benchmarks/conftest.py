@@ -62,6 +62,8 @@ else:
 
 import torch  # noqa: E402  (after mallopt: the tuning must precede torch's first large allocations)
 
+import stars_fast  # noqa: E402
+
 torch._dynamo.config.recompile_limit = 64  # one graph per benchmarked shape and grad mode
 
 BASELINE_ROLES = ("eager", "compiled", "spikingjelly")  # the ratio columns, in this order
@@ -231,6 +233,8 @@ def pytest_terminal_summary(terminalreporter, config):
     write = terminalreporter.write_line
     terminalreporter.write_sep("-", "medians, ratios (baseline time / this time) from this one process")
     write(f"allocator: {ALLOCATOR}")
+    write(f"cpu kernels: {stars_fast.cpu_isa() or 'not built'} (ATEN_CPU_CAPABILITY caps them; PyTorch's own: "
+          f"{torch.backends.cpu.get_cpu_capability()})")
     write(_clone_check())
     write(f"torch.compile: {INDUCTOR_CACHE}; first call (compile + run) in its own column, not in the median")
     header = ("variant", "median ms", "vs eager", "vs compiled", "vs SpikingJelly", "GB/s", "floor", "faults",

@@ -1,9 +1,10 @@
-// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): AVX2 dispatch, a cache for
+// Helpers shared by the CPU kernels (lif_cpu.cpp, stars_cpu.cpp): ISA dispatch, a cache for
 // large outputs, and block-wise access to rows of tensors of any float dtype.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
 #include <sys/mman.h>
 
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "op_args.h"
@@ -24,19 +26,43 @@ namespace stars_fast {
 #define STARS_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------
-// AVX2 dispatch. The extension is built for baseline x86-64 (SSE2); run_vectorized compiles `fn`
-// (a lambda whose loops gcc auto-vectorizes, with everything it calls on the hot path marked
-// STARS_INLINE) a second time for AVX2+FMA and picks that copy when the CPU has it. FMA is only
-// enabled as an instruction set: -ffp-contract=off still forbids fusing a*b+c behind our back.
+// ISA dispatch. The extension is built for baseline x86-64 (SSE2). The LIF kernels are compiled
+// once more for AVX2 + FMA + F16C and once for AVX-512 (F, BW, VL, DQ: ATen's AVX512 set);
+// run_vectorized compiles `fn` (a lambda whose loops gcc auto-vectorizes, with everything it calls on
+// the hot path marked STARS_INLINE) a second time for AVX2+FMA. FMA is only enabled as an
+// instruction set: -ffp-contract=off still forbids fusing a*b+c behind our back.
 
-inline bool cpu_has_avx2_fma() {
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest ISA the kernels may use: the CPU's, capped by the one ATen dispatches its own kernels
+// to, so that PyTorch's ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too (read once).
+inline CpuIsa cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  static const CpuIsa isa = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const std::string aten = at::get_cpu_capability();  // "DEFAULT", "AVX2" or "AVX512"
+    if (avx512 && aten == "AVX512") return CpuIsa::kAvx512;
+    if (avx2 && (aten == "AVX2" || aten == "AVX512")) return CpuIsa::kAvx2;
+    return CpuIsa::kBaseline;
+  }();
+  return isa;
 #else
-  return false;
+  return CpuIsa::kBaseline;
 #endif
 }
+
+inline const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+inline bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::kAvx2; }
 
 #if defined(__x86_64__) || defined(__i386__)
 template <typename Fn>

@@ -1,8 +1,8 @@
 // CPU op of the multi-step LIF / IF neuron (docs/design.md section 2.1) over x[T, N]: argument
 // checks, outputs, and the split of the N neurons into parallel chunks of kChunk elements (a
 // multiple of 64 bytes, so threads never write the same cache line of a row whose start is
-// aligned), each run by the kernels of lif_cpu_kernel.h for the CPU's capability (AVX2 + FMA, or
-// the DEFAULT build). The DEFAULT kernels are compiled in this file.
+// aligned), each run by the kernels of lif_cpu_kernel.h for the CPU's capability (AVX-512, AVX2 +
+// FMA, or the DEFAULT build: cpu_isa() in common.h). The DEFAULT kernels are compiled in this file.
 #define CPU_CAPABILITY DEFAULT
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -39,27 +39,19 @@ LifOptions options(const at::Tensor& decay, bool leaky, bool decay_is_tau, doubl
                     d,            v_threshold, v_reset.value_or(0.0), alpha};
 }
 
-bool cpu_has_avx2_fma_f16c() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// Runs the AVX2 kernel `avx2` (x86 CPUs with AVX2, FMA and F16C) or the DEFAULT one over all chunks.
+// Runs the kernels of the widest ISA cpu_isa() allows over all chunks.
 template <typename Args>
-void run_chunks(const Args& a, void (*avx2)(const Args&, int64_t, int64_t),
-                void (*baseline)(const Args&, int64_t, int64_t)) {
-  const auto range = cpu_has_avx2_fma_f16c() ? avx2 : baseline;
+void run_chunks(const Args& a, void (*avx512)(const Args&, int64_t, int64_t),
+                void (*avx2)(const Args&, int64_t, int64_t), void (*baseline)(const Args&, int64_t, int64_t)) {
+  const CpuIsa isa = cpu_isa();
+  const auto range = isa == CpuIsa::kAvx512 ? avx512 : isa == CpuIsa::kAvx2 ? avx2 : baseline;
   parallel_chunks(a.N, kChunk, [&](int64_t begin, int64_t end) { range(a, begin, end); });
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-#define LIF_AVX2(fn) &AVX2::fn
+#define LIF_KERNELS(fn) &AVX512::fn, &AVX2::fn, &DEFAULT::fn
 #else
-#define LIF_AVX2(fn) &DEFAULT::fn  // never chosen: cpu_has_avx2_fma_f16c() is false
+#define LIF_KERNELS(fn) &DEFAULT::fn, &DEFAULT::fn, &DEFAULT::fn  // cpu_isa() is kBaseline
 #endif
 
 std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& v_init,
@@ -81,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                          need_v_last ? v_last.data_ptr() : nullptr,
                          options(decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
                                  spiking, false, "lif_forward")};
-  run_chunks(a, LIF_AVX2(lif_forward_range), &DEFAULT::lif_forward_range);
+  run_chunks(a, LIF_KERNELS(lif_forward_range));
   return {spikes, v_last};
 }
 
@@ -113,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
                           need_decay_grad ? grad_decay.data_ptr() : nullptr,
                           options(decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
                                   spiking, detach_reset, "lif_backward")};
-  run_chunks(a, LIF_AVX2(lif_backward_range), &DEFAULT::lif_backward_range);
+  run_chunks(a, LIF_KERNELS(lif_backward_range));
   return {grad_x, grad_v_init, grad_decay};
 }
 

@@ -1,5 +1,5 @@
 // What the LIF CPU op (lif_cpu.cpp) hands its kernels (lif_cpu_kernel.h, compiled once per CPU
-// capability: DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp): raw pointers and the neuron's
+// capability: DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp, AVX512 in lif_cpu_avx512.cpp): raw pointers and the neuron's
 // options, so that the kernels never touch at::Tensor.
 #pragma once
 
@@ -51,5 +51,9 @@ namespace AVX2 {
 void lif_forward_range(const LifForwardArgs& a, int64_t begin, int64_t end);
 void lif_backward_range(const LifBackwardArgs& a, int64_t begin, int64_t end);
 }  // namespace AVX2
+namespace AVX512 {
+void lif_forward_range(const LifForwardArgs& a, int64_t begin, int64_t end);
+void lif_backward_range(const LifBackwardArgs& a, int64_t begin, int64_t end);
+}  // namespace AVX512
 
 }  // namespace stars_fast

@@ -1,6 +1,7 @@
 // CPU kernels of the multi-step LIF / IF neuron (docs/design.md section 2.1) over x[T, N],
 // written with ATen's at::vec::Vectorized and compiled once per CPU capability: the includer
-// defines CPU_CAPABILITY (DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp).
+// defines CPU_CAPABILITY (DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp, AVX512 in
+// lif_cpu_avx512.cpp).
 //
 // A call handles elements [begin, end) of every row, block by block. Both directions scan the block
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
@@ -12,7 +13,9 @@
 // setup.py forbids FMA contraction; the intrinsics never contract), so the spikes are bit-identical
 // to the reference and the backward's h is the forward's (the gradient arithmetic after it uses
 // explicit FMAs, within the tolerance tests/test_csrc_kernels.py sets). exp is exp_avx2.h's inline
-// one under AVX2 (1 ulp) and ATen's otherwise; atan is ATen's (Sleef, 1 ulp, under AVX2).
+// one under AVX2 (1 ulp), exp_avx512.h's (the same, 16 lanes) under AVX-512 and ATen's otherwise;
+// atan is ATen's (Sleef, 1 ulp, under AVX2 and AVX-512). The AVX2 and AVX-512 builds do the same
+// operations lane for lane, so they return the same bits.
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "exp_avx2.h"
+#include "exp_avx512.h"
 #include "lif_cpu.h"
 
 namespace stars_fast {
@@ -101,11 +105,13 @@ LIF_INLINE Vectorized<acc_t> charge(Vectorized<acc_t> v, Vectorized<acc_t> x, co
   }
 }
 
-// e^y: exp_avx2 (inline) for float under AVX2, else ATen's.
+// e^y: exp_avx2 / exp_avx512 (inline) for float under AVX2 / AVX-512, else ATen's.
 template <typename acc_t>
 LIF_INLINE Vectorized<acc_t> exp(Vectorized<acc_t> y) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) return Vectorized<float>(exp_avx2(y));
+#elif defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return Vectorized<float>(exp_avx512(y));
 #endif
   return y.exp();
 }
@@ -158,10 +164,18 @@ LIF_INLINE Vectorized<acc_t> times_not_fired(Vectorized<acc_t> g, Vectorized<acc
   }
 }
 
-// c - a b with one rounding (AVX2: vfnmadd; the DEFAULT build rounds twice).
+// c - a b with one rounding (vfnmadd; the DEFAULT build rounds twice). ATen has no AVX-512 fnmadd.
 template <typename acc_t>
 LIF_INLINE Vectorized<acc_t> minus_product(Vectorized<acc_t> a, Vectorized<acc_t> b, Vectorized<acc_t> c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_fnmadd_ps(a, b, c);
+  } else {
+    return _mm512_fnmadd_pd(a, b, c);
+  }
+#else
   return at::vec::fnmadd(a, b, c);
+#endif
 }
 
 // surrogate'(u) of W vectors   sigmoid: a (s(au) - s(au)^2)   atan: (a/2) / (1 + (pi/2 a u)^2)
@@ -172,7 +186,11 @@ LIF_INLINE void surrogate_grads(const Vectorized<acc_t>* u, Vectorized<acc_t>* s
   if constexpr (S == Fire::kSigmoid) {
     LIF_UNROLL for (int w = 0; w < W; ++w) sg[w] = exp(c.neg_alpha * u[w]);
     LIF_UNROLL for (int w = 0; w < W; ++w) sg[w] = c.one / (c.one + sg[w]);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     LIF_UNROLL for (int w = 0; w < W; ++w) sg[w] = c.alpha * minus_product(sg[w], sg[w], sg[w]);
+#else  // s - s^2 rounded twice cancels near s = 1; s (1 - s) does not (1 - s is exact for s >= 1/2)
+    LIF_UNROLL for (int w = 0; w < W; ++w) sg[w] = c.alpha * (sg[w] * (c.one - sg[w]));
+#endif
   } else if constexpr (S == Fire::kAtan) {
     LIF_UNROLL for (int w = 0; w < W; ++w) {
       const auto a = c.atan_scale * u[w];
@@ -215,20 +233,28 @@ LIF_INLINE void store(Vectorized<acc_t> v, acc_t* p, int64_t count) {
 
 // Stores of the forward's spikes row and the backward's grad_x row: non-temporal (streaming, no
 // read-for-ownership of a line that is written whole) when `stream`, i.e. the row is written in place
-// and 32-byte aligned; else plain. (Measured at T=4 N=2^21 on 2 threads, interleaved in one process:
-// streaming wins for the forward; for grad_x it lost before the backward prefetched its reads (9.7 ms
+// and aligned to the vector (32 / 64 bytes); else plain. (Measured at T=4 N=2^21 on 2 threads,
+// interleaved in one process: streaming wins for the forward; for grad_x it lost before the backward prefetched its reads (9.7 ms
 // against 8.6 plain) and wins since: fwd+bwd 6.73 and 6.12 ms against 7.26 and 6.58, bwd 4.83 and
 // 4.52 against 5.30 and 4.83, two runs of 80 rounds on the Zen 4 VM.)
 template <bool kFull, typename acc_t>
 LIF_INLINE void store_out(Vectorized<acc_t> v, acc_t* p, int64_t count, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (kFull) {
     if (stream) {
+#if defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<acc_t, float>) {
         _mm256_stream_ps(p, v);
       } else {
         _mm256_stream_pd(p, v);
       }
+#else
+      if constexpr (std::is_same_v<acc_t, float>) {
+        _mm512_stream_ps(p, v);
+      } else {
+        _mm512_stream_pd(p, v);
+      }
+#endif
       return;
     }
   }
@@ -239,8 +265,9 @@ LIF_INLINE void store_out(Vectorized<acc_t> v, acc_t* p, int64_t count, bool str
 // Whether out_block's pointer p (in place when direct) takes streaming stores.
 template <typename acc_t>
 bool streamable(c10::ScalarType dtype, const acc_t* p) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return dtype == c10::CppTypeToScalarType<acc_t>::value && reinterpret_cast<uintptr_t>(p) % 32 == 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  constexpr uintptr_t kVectorBytes = sizeof(Vectorized<acc_t>);
+  return dtype == c10::CppTypeToScalarType<acc_t>::value && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
 #else
   return false;
 #endif
@@ -248,7 +275,7 @@ bool streamable(c10::ScalarType dtype, const acc_t* p) {
 
 // Makes the streaming stores of this thread visible before the op returns.
 LIF_INLINE void fence_streams() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   _mm_sfence();
 #endif
 }
@@ -336,17 +363,19 @@ void initial_v(c10::ScalarType dtype, const LifOperand& v_init, const Consts<acc
   }
 }
 
-// Elements per block: multiples of 64 bytes; the backward keeps T blocks of h (T * block values) in cache.
+// Elements per block: multiples of 64 bytes; the backward keeps T blocks of h (T * block values, 8 KiB
+// in fp32) in L1. T * block = 2048 (block >= 256) against 8192 before: backward 0.86x the time at T=4 N=2^21 and
+// T=2/8/16 N=2^20 (2 threads, AVX-512, interleaved in one process); the forward is indifferent.
 template <typename acc_t>
 int64_t block_size(int64_t T) {
-  const int64_t blk = std::clamp<int64_t>(8192 / std::max<int64_t>(T, 1), 256, 2048);
+  const int64_t blk = std::clamp<int64_t>(2048 / std::max<int64_t>(T, 1), 256, 2048);
   return blk / 16 * 16;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The recursion h = charge(v, x[t]), s = fire(h - v_th), v <- reset(h, s) over the n elements of a
 // block, eight vectors at a time with their v in registers through all T steps: each step reads
-// and writes 256 contiguous bytes of every row (whole cache lines, which the streaming stores need:
+// and writes 256 (AVX-512: 512) contiguous bytes of every row (whole cache lines, which the streaming stores need:
 // one vector per row at a time measured 7x slower streamed, and the block walked row by row
 // reloading v at every step 1.6x slower than this). v holds the block's v before t = 0, and after
 // the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step; s is

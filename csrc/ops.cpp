@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 extern "C" {
 // Importing stars_fast._C registers the operators below (Python loads the .so as a module).
 PyObject* PyInit__C(void) {
@@ -44,4 +46,7 @@ TORCH_LIBRARY(stars_fast, m) {
   m.def("quantiles(Tensor z, float[] q) -> Tensor");
   // Mean of x[T, R, S] over T and S -> [R] (T = 1 for the teacher): the Eq. 12 pooling.
   m.def("pool_mean(Tensor x) -> Tensor");
+  // The vector ISA the CPU kernels run here: "avx512", "avx2" or "baseline" (common.h cpu_isa:
+  // the CPU's, capped by PyTorch's ATEN_CPU_CAPABILITY).
+  m.def("cpu_isa() -> str", [] { return std::string(stars_fast::cpu_isa_name(stars_fast::cpu_isa())); });
 }

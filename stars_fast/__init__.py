@@ -1,16 +1,17 @@
 """stars_fast: fused kernels and a driver for data-free ANN-to-SNN distillation with STARS.
 
 Public API: multistep_lif (the spiking neuron op), stars_loss / StarsLoss (RCA + TAR),
-pool_features (Eq. 12 pooling), available_backends (what runs here and why not the others).
+pool_features (Eq. 12 pooling), available_backends (what runs here and why not the others), cpu_isa
+(the vector ISA of the cpu backend's kernels).
 """
 import importlib
 
 # name -> the module defining it; imported on first use (PEP 562), so that `python -m stars_fast.train
 # --help` and other torch-free entry points do not pay for importing torch
 _EXPORTS = {"multistep_lif": ".ops.lif", "stars_loss": ".ops.stars", "StarsLoss": ".ops.stars",
-            "pool_features": ".ops.stars", "available_backends": "._backend"}
+            "pool_features": ".ops.stars", "available_backends": "._backend", "cpu_isa": "._backend"}
 
-__all__ = ["multistep_lif", "stars_loss", "StarsLoss", "pool_features", "available_backends"]
+__all__ = ["multistep_lif", "stars_loss", "StarsLoss", "pool_features", "available_backends", "cpu_isa"]
 __version__ = "0.1.0"
 
 

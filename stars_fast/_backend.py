@@ -2,7 +2,8 @@
 
 Order of preference for backend="auto", by the input's device and dtype: CUDA float64 -> cuda,
 reference (Triton has no float64); other CUDA tensors -> triton, cuda, reference; CPU tensors -> cpu,
-reference. STARS_FAST_BACKEND overrides "auto" (e.g. STARS_FAST_BACKEND=reference).
+reference. STARS_FAST_BACKEND overrides "auto" (e.g. STARS_FAST_BACKEND=reference). The cpu backend
+runs AVX-512, AVX2 or baseline kernels (cpu_isa(); ATEN_CPU_CAPABILITY caps them as it caps PyTorch's).
 The "triton" backend also accepts CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter; slow,
 used by the tests).
 """
@@ -32,6 +33,12 @@ def _extension_status() -> Tuple[bool, bool, str]:
 def extension_built() -> bool:
     """Whether stars_fast._C imports (and so torch.ops.stars_fast.* exist)."""
     return _extension_status()[0]
+
+
+def cpu_isa() -> str:
+    """The vector ISA the cpu backend's kernels use here: "avx512", "avx2" or "baseline" (the CPU's
+    widest, capped by PyTorch's ATEN_CPU_CAPABILITY=default|avx2|avx512), or "" when not built."""
+    return torch.ops.stars_fast.cpu_isa() if extension_built() else ""
 
 
 @functools.lru_cache(maxsize=None)
