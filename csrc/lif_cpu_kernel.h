@@ -164,18 +164,10 @@ LIF_INLINE Vectorized<acc_t> times_not_fired(Vectorized<acc_t> g, Vectorized<acc
   }
 }
 
-// c - a b with one rounding (vfnmadd; the DEFAULT build rounds twice). ATen has no AVX-512 fnmadd.
+// c - a b with one rounding (AVX2 / AVX-512: vfnmadd; the DEFAULT build rounds twice).
 template <typename acc_t>
 LIF_INLINE Vectorized<acc_t> minus_product(Vectorized<acc_t> a, Vectorized<acc_t> b, Vectorized<acc_t> c) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return _mm512_fnmadd_ps(a, b, c);
-  } else {
-    return _mm512_fnmadd_pd(a, b, c);
-  }
-#else
   return at::vec::fnmadd(a, b, c);
-#endif
 }
 
 // surrogate'(u) of W vectors   sigmoid: a (s(au) - s(au)^2)   atan: (a/2) / (1 + (pi/2 a u)^2)
