@@ -1,7 +1,7 @@
 // e^x of 16 floats, inlined into the LIF CPU kernels' AVX-512 build (lif_cpu_avx512.cpp): the
 // algorithm of exp_avx2.h lane for lane (the same clamp, Cody-Waite split, 8-entry table, degree-4
 // polynomial and exponent-field scaling, in the same order), so that it returns exactly what
-// exp_avx2 returns for every float (tests/test_csrc_kernels.py compares the two builds' results).
+// exp_avx2 returns for every float (tests/test_cpu_isa.py compares the two builds' LIF outputs).
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -1,6 +1,6 @@
 // What the LIF CPU op (lif_cpu.cpp) hands its kernels (lif_cpu_kernel.h, compiled once per CPU
-// capability: DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp, AVX512 in lif_cpu_avx512.cpp): raw pointers and the neuron's
-// options, so that the kernels never touch at::Tensor.
+// capability: DEFAULT in lif_cpu.cpp, AVX2 in lif_cpu_avx2.cpp, AVX512 in lif_cpu_avx512.cpp): raw
+// pointers and the neuron's options, so that the kernels never touch at::Tensor.
 #pragma once
 
 #include <c10/core/ScalarType.h>

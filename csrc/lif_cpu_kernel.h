@@ -226,8 +226,8 @@ LIF_INLINE void store(Vectorized<acc_t> v, acc_t* p, int64_t count) {
 // Stores of the forward's spikes row and the backward's grad_x row: non-temporal (streaming, no
 // read-for-ownership of a line that is written whole) when `stream`, i.e. the row is written in place
 // and aligned to the vector (32 / 64 bytes); else plain. (Measured at T=4 N=2^21 on 2 threads,
-// interleaved in one process: streaming wins for the forward; for grad_x it lost before the backward prefetched its reads (9.7 ms
-// against 8.6 plain) and wins since: fwd+bwd 6.73 and 6.12 ms against 7.26 and 6.58, bwd 4.83 and
+// interleaved in one process: streaming wins for the forward; for grad_x it lost before the backward
+// prefetched its reads (9.7 ms against 8.6 plain) and wins since: fwd+bwd 6.73 and 6.12 ms against 7.26 and 6.58, bwd 4.83 and
 // 4.52 against 5.30 and 4.83, two runs of 80 rounds on the Zen 4 VM.)
 template <bool kFull, typename acc_t>
 LIF_INLINE void store_out(Vectorized<acc_t> v, acc_t* p, int64_t count, bool stream) {
