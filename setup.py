@@ -53,6 +53,8 @@ setup(
     name="stars_fast",
     version="0.1.0",
     description="Fused spiking-neuron and STARS-loss kernels for data-free ANN-to-SNN distillation",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
     packages=["stars_fast", "stars_fast.ops", "stars_fast.models", "stars_fast.synthesis", "stars_fast.kernels"],
     package_dir={"stars_fast.kernels": "kernels"},
     ext_modules=[_extension()],

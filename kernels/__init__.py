@@ -7,7 +7,27 @@ torch.library.wrap_triton, so they can be called inside a torch.library.triton_o
     lif_forward, lif_backward   the multi-step LIF / IF neuron (lif.py)
     stars_loss_fused, pool_mean the STARS loss with its gradients, and the Eq. 12 pooling (stars.py)
 """
-from .lif import lif_backward, lif_forward
-from .stars import pool_mean, stars_loss_fused
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`: the repository root is on sys.path (`python -m ...` or
+    # `python -m pytest` run from it). That name belongs to whatever is installed (PyPI's `kernels`,
+    # which transformers imports), so the name is handed over to it, or to nobody, as it would be
+    # anywhere else; this folder is only ever stars_fast.kernels.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["lif_forward", "lif_backward", "stars_loss_fused", "pool_mean"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _installed
+    _spec.loader.exec_module(_installed)
+else:
+    from .lif import lif_backward, lif_forward
+    from .stars import pool_mean, stars_loss_fused
+
+    __all__ = ["lif_forward", "lif_backward", "stars_loss_fused", "pool_mean"]

@@ -1,0 +1,56 @@
+"""The source checkout as a working directory: commands run from the repository root (python -m puts
+it first on sys.path) import the installed packages, not folders of the repository that share a name."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_from_root(code, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_repository_kernels_folder_does_not_shadow_an_installed_kernels(tmp_path):
+    """PyPI's `kernels` (imported by transformers) must win over the repository's kernels/ folder."""
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("WHO = 'installed'\n")
+    (installed / "sub.py").write_text("WHAT = 'installed submodule'\n")
+    out = _run_from_root("import kernels, kernels.sub; print(kernels.WHO, '|', kernels.sub.WHAT)",
+                         pythonpath=str(tmp_path / "site"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "installed | installed submodule"
+
+
+def test_repository_kernels_folder_is_no_top_level_package(tmp_path):
+    """Without an installed `kernels`, the name is unknown from the root too (as from anywhere else)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+            "else:\n    print('found', kernels.__file__)")
+    out = _run_from_root(code, pythonpath=str(empty))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "missing kernels"
+
+
+def test_triton_kernels_import_as_stars_fast_kernels():
+    out = _run_from_root("import stars_fast.kernels as k; print(k.__name__, sorted(k.__all__))")
+    if "No module named 'triton'" in out.stderr:
+        pytest.skip("triton is not installed")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "stars_fast.kernels"
+
+
+def test_transformers_imports_from_the_repository_root():
+    """transformers' hub-kernels integration imports `kernels` at import time (when installed)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("kernels")
+    out = _run_from_root("import transformers.integrations.hub_kernels")
+    assert out.returncode == 0, out.stderr[-2000:]
