@@ -26,6 +26,11 @@ inline void check_float(const at::Tensor& t, const c10::Device& device, const ch
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// RCA's silent rows (docs/design.md section 2.2): a row whose norm is at most this times the largest
+// row norm of its side and layer has no direction; it leaves the pairs on both sides and gets no RCA
+// gradient. The same value as stars_fast.reference.RCA_SILENT_TOL and the Triton kernel's.
+constexpr double kRcaSilentTol = 1e-3;
+
 // ---------------------------------------------------------------------------------------------
 // Neuron (lif_forward / lif_backward).
 

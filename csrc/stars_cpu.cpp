@@ -2,16 +2,18 @@
 //
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                  (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() by exact selection
-//   stars_loss_fused   per layer l, with u = z / max(||z||, eps) row-wise, zn = (z - shift) scale
-//                      (shift = mean(zT), scale = 1 / max(std_pop(zT), eps) when normalize, else 0, 1)
-//                      and theta_m the fixed thresholds or the quantiles of zn_T:
-//       RCA  D = U_S U_S^T - U_T U_T^T,  l_rca = sum_{i != j} D_ij^2 / (B (B - 1))         (Eq. 14)
+//   stars_loss_fused   per layer l, with u = z / ||z|| on the rows active on both sides (a row is silent
+//                      when ||z_i|| <= tau max_j ||z_j|| on its side, tau = kRcaSilentTol; its u is 0),
+//                      zn = (z - shift) scale (shift = mean(zT), scale = 1 / max(std_pop(zT), eps) when
+//                      normalize, else 0, 1) and theta_m the fixed thresholds or the quantiles of zn_T:
+//       RCA  D = U_S U_S^T - U_T U_T^T,  l_rca = sum_{i != j} D_ij^2 / (n_A (n_A - 1))     (Eq. 14)
+//            over the n_A active rows (0 when n_A < 2)
 //       TAR  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
 //       total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar, and d total / d z for both sides.
 //
 // Passes of stars_loss_fused over all layers at once (each a parallel loop over row blocks of every
 // layer, handed out dynamically): (1) rows of both sides: norms, u_T, u_S, the teacher's row moments;
-// (2) per layer: the normalization constants and theta by selection; (3) one queue of the per-layer
+// (2) per layer: the silent rows (their u zeroed), the normalization constants and theta by selection; (3) one queue of the per-layer
 // RCA (a thread each: the GEMMs D = A A_-^T with the operands side by side, A = [U_S | U_T],
 // A_- = [U_S | -U_T], so D = U_S U_S^T - U_T U_T^T in one product, its lower block triangle only,
 // then E from D and E A_- = [E U_S | -E U_T] for the gradient) followed by the row blocks' soft
@@ -328,13 +330,13 @@ void soft_sums_row(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double*
   }
 }
 
-// RCA part of row i's gradient: dz = (g - u (u . g)) / ||z|| (g / eps, no projection, when ||z|| < eps),
-// times coef: returns the projection (u . g or 0) and sets rca_scale = coef / max(||z||, eps).
+// RCA part of row i's gradient: dz = (g - u (u . g)) / ||z||, times coef: returns the projection u . g
+// and sets rca_scale = coef / ||z||. A silent row comes with coef = 0 (u = 0, g = 0): no RCA gradient,
+// and no 0 / 0 from its norm of 0.
 template <typename acc_t>
-STARS_INLINE acc_t rca_projection(acc_t dot, acc_t norm, acc_t eps, acc_t coef, acc_t& rca_scale) {
-  const bool clamped = norm < eps;
-  rca_scale = coef / (clamped ? eps : norm);
-  return clamped ? acc_t(0) : dot;
+STARS_INLINE acc_t rca_projection(acc_t dot, acc_t norm, acc_t coef, acc_t& rca_scale) {
+  rca_scale = coef == acc_t(0) ? acc_t(0) : coef / norm;
+  return dot;
 }
 
 // out_c = rca_scale (g_c - u_c proj) + sum_m w_m s_m (1 - s_m), s_m = sigmoid(x_m(z_c))
@@ -354,12 +356,12 @@ void gradient_tail(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, ac
 
 // d total / d z of one row: RCA (coef_rca, signed: + student, - teacher) and TAR (weights w).
 template <typename acc_t>
-void gradient_row(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps, acc_t coef,
+void gradient_row(const acc_t* z, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t coef,
                   const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
   acc_t dot = 0;
   for (int64_t c = 0; c < C; ++c) dot += u[c] * g[c];
   acc_t rca_scale;
-  const acc_t proj = rca_projection(dot, norm, eps, coef, rca_scale);
+  const acc_t proj = rca_projection(dot, norm, coef, rca_scale);
   gradient_tail(z, u, g, C, proj, rca_scale, k, w, out);
 }
 
@@ -438,7 +440,7 @@ __attribute__((target("avx2,fma"))) void soft_sums_row_avx2(const float* z, int6
 
 template <int kM>
 __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const float* expo, const float* u,
-                                                            const float* g, int64_t C, float norm, float eps, float coef,
+                                                            const float* g, int64_t C, float norm, float coef,
                                                             const TarConsts<float>& k, const float* w, float* out) {
   constexpr int64_t kSize = kM > 0 ? kM : kMaxM;
   const int64_t M = kM > 0 ? kM : k.M, C8 = C / 8 * 8;
@@ -449,7 +451,7 @@ __attribute__((target("avx2,fma"))) void gradient_row_avx2(const float* z, const
   float dot = hsum8(vdot);
   for (int64_t c = C8; c < C; ++c) dot += u[c] * g[c];
   float rca_scale;
-  const float proj = rca_projection(dot, norm, eps, coef, rca_scale);
+  const float proj = rca_projection(dot, norm, coef, rca_scale);
   const __m256 shift = _mm256_set1_ps(k.shift), scale = _mm256_set1_ps(k.scale);
   __m256 s[kSize], ratio[kSize], vw[kSize];
   for (int64_t m = 0; m < M; ++m) {
@@ -519,40 +521,42 @@ void soft_sums(const acc_t* z, int64_t C, const TarConsts<acc_t>& k, double* sum
 }
 
 template <typename acc_t>
-void gradient(const acc_t* z, const acc_t* expo, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t eps,
-              acc_t coef, const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
+void gradient(const acc_t* z, const acc_t* expo, const acc_t* u, const acc_t* g, int64_t C, acc_t norm, acc_t coef,
+              const TarConsts<acc_t>& k, const acc_t* w, acc_t* out) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx2<acc_t>()) {
       return with_static_threshold_count(
-          k, [&](auto kM) { gradient_row_avx2<kM()>(z, expo, u, g, C, norm, eps, coef, k, w, out); });
+          k, [&](auto kM) { gradient_row_avx2<kM()>(z, expo, u, g, C, norm, coef, k, w, out); });
     }
   }
 #endif
-  gradient_row(z, u, g, C, norm, eps, coef, k, w, out);
+  gradient_row(z, u, g, C, norm, coef, k, w, out);
 }
 
-// ||z|| from the sum of its squares sq; when sq overflowed to inf (float features near 1e20), as
-// m sqrt(sum (z / m)^2) with m = max |z| (the Triton kernel scales its rows the same way). An
-// infinite element keeps the norm at inf; a NaN made sq NaN, which stays.
+// ||z|| from the sum of its squares sq; when sq overflowed to inf (float features near 1e20) or is so
+// small that subnormal squares lost its digits (features near 1e-20), as m sqrt(sum (z / m)^2) with
+// m = max |z| (the Triton kernel scales its rows the same way). A zero row has norm 0, an infinite
+// element keeps the norm at inf; a NaN made sq NaN, which stays.
 template <typename acc_t>
 acc_t row_norm(const acc_t* z, int64_t C, acc_t sq) {
-  if (!std::isinf(sq)) return std::sqrt(sq);
+  constexpr acc_t kFullPrecision = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
+  if (!std::isinf(sq) && !(sq < kFullPrecision)) return std::sqrt(sq);
   acc_t m = 0;
   for (int64_t c = 0; c < C; ++c) m = std::max(m, std::abs(z[c]));
-  if (std::isinf(m)) return m;
+  if (std::isinf(m) || m == acc_t(0)) return m;
   acc_t scaled = 0;
   for (int64_t c = 0; c < C; ++c) scaled += (z[c] / m) * (z[c] / m);
   return m * std::sqrt(scaled);
 }
 
-// Row z [C]: norm = ||z||, u = z / max(norm, eps).
+// Row z [C]: norm = ||z||, u = z / norm (u = 0 for a zero row).
 template <typename acc_t>
-void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t eps, acc_t* __restrict u, acc_t& norm) {
+void normalize_row_generic(const acc_t* __restrict z, int64_t C, acc_t* __restrict u, acc_t& norm) {
   acc_t sq = 0;
   for (int64_t c = 0; c < C; ++c) sq += z[c] * z[c];
   norm = row_norm(z, C, sq);
-  const acc_t denom = norm > eps ? norm : eps;
+  const acc_t denom = norm > acc_t(0) ? norm : acc_t(1);
   for (int64_t c = 0; c < C; ++c) u[c] = z[c] / denom;
 }
 
@@ -580,8 +584,7 @@ void row_moments_generic(const acc_t* z, int64_t C, double* row_sum, double* row
 // normalize_row_generic and row_moments_generic, 8 lanes at a time (the moments 4 doubles at a time):
 // the norm 0.3 ns per value at C = 512 on one thread, against 1.2 for the auto-vectorized loops it
 // replaced (gcc's `omp simd` reductions kept their lanes in memory).
-__attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int64_t C, float eps, float* u,
-                                                             float& norm) {
+__attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int64_t C, float* u, float& norm) {
   const int64_t C8 = C / 8 * 8;
   __m256 vsq = _mm256_setzero_ps();
   for (int64_t c = 0; c < C8; c += 8) {
@@ -591,7 +594,7 @@ __attribute__((target("avx2,fma"))) void normalize_row_avx2(const float* z, int6
   float sq = hsum8(vsq);
   for (int64_t c = C8; c < C; ++c) sq += z[c] * z[c];
   norm = row_norm(z, C, sq);
-  const float denom = norm > eps ? norm : eps;
+  const float denom = norm > 0.0f ? norm : 1.0f;
   const __m256 vdenom = _mm256_set1_ps(denom);
   for (int64_t c = 0; c < C8; c += 8) _mm256_storeu_ps(u + c, _mm256_div_ps(_mm256_loadu_ps(z + c), vdenom));
   for (int64_t c = C8; c < C; ++c) u[c] = z[c] / denom;
@@ -680,13 +683,13 @@ __attribute__((target("avx2,fma"))) void transpose8x8_avx2(const float* src, flo
 #endif
 
 template <typename acc_t>
-void normalize_row(const acc_t* z, int64_t C, acc_t eps, acc_t* u, acc_t& norm) {
+void normalize_row(const acc_t* z, int64_t C, acc_t* u, acc_t& norm) {
 #ifdef STARS_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx2<acc_t>()) return normalize_row_avx2(z, C, eps, u, norm);
+    if (use_avx2<acc_t>()) return normalize_row_avx2(z, C, u, norm);
   }
 #endif
-  normalize_row_generic(z, C, eps, u, norm);
+  normalize_row_generic(z, C, u, norm);
 }
 
 // dst = -src (the teacher's half of A_-) or a copy (the student's).
@@ -720,6 +723,9 @@ struct StarsLayer {
   at::Tensor a, a_minus;    // [B, Cs + Ct]: [u_S | u_T] and [u_S | -u_T]
   at::Tensor expo;          // [B, Cs + Ct]: the factored exp of every value, from the soft sums to the gradient
   std::vector<acc_t> norm_t, norm_s;
+  std::vector<char> active;  // RCA: the row has a direction on both sides
+  double pairs = 0;          // n_A (n_A - 1), n_A the active rows
+  bool non_finite = false;   // a NaN or inf feature: l_rca is NaN even with no pair left
   std::vector<double> row_sum, row_m2;
   std::vector<int64_t> row_nan;
   TarConsts<acc_t> tar{};
@@ -727,6 +733,41 @@ struct StarsLayer {
   double rca = 0, l_tar = 0;
   std::array<acc_t, kMaxM> w_s{}, w_t{};  // per-threshold TAR gradient weights of each side
 };
+
+// tau max_i norms[i]: rows at or below it are silent. -inf (no row silent) where the largest norm is not
+// finite (NaN or inf features), so that those reach the loss as they would without the rule.
+template <typename acc_t>
+acc_t silent_threshold(const std::vector<acc_t>& norms) {
+  acc_t top = 0;
+  for (const acc_t n : norms) {
+    if (!std::isfinite(n)) return -std::numeric_limits<acc_t>::infinity();
+    top = std::max(top, n);
+  }
+  return static_cast<acc_t>(kRcaSilentTol) * top;
+}
+
+// RCA's silent rows (docs/design.md section 2.2): a row silent on either side leaves the pairs, its u
+// zeroed in A and A_- on both sides; y.active and y.pairs = n_A (n_A - 1) for the E scale and the gradient.
+template <typename acc_t>
+void mark_silent_rows(StarsLayer<acc_t>& y) {
+  const int64_t B = static_cast<int64_t>(y.norm_s.size()), width = y.Cs + y.Ct;
+  const acc_t silent_s = silent_threshold(y.norm_s), silent_t = silent_threshold(y.norm_t);
+  acc_t* a = y.a.template data_ptr<acc_t>();
+  acc_t* a_minus = y.a_minus.template data_ptr<acc_t>();
+  y.active.assign(B, 1);
+  int64_t n_active = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    if (y.norm_s[i] <= silent_s || y.norm_t[i] <= silent_t) {
+      y.active[i] = 0;
+      std::fill(a + i * width, a + (i + 1) * width, acc_t(0));
+      std::fill(a_minus + i * width, a_minus + (i + 1) * width, acc_t(0));
+    } else {
+      ++n_active;
+    }
+  }
+  y.pairs = static_cast<double>(n_active) * static_cast<double>(n_active - 1);
+  y.non_finite = !std::isfinite(silent_s) || !std::isfinite(silent_t);
+}
 
 // D = A A_-^T = U_S U_S^T - U_T U_T^T [B, B], symmetric: only its lower block triangle is computed,
 // in strips of 64 rows (D[r0:r1, :r1] = A[r0:r1] A_-[:r1]^T, 62.5% of the whole product at B = 256),
@@ -862,10 +903,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     for (int64_t i = r0; i < r1; ++i) {
       acc_t* us = a + i * width;
       acc_t* ut = us + y.Cs;
-      normalize_row(zt + i * y.Ct, y.Ct, eps, ut, y.norm_t[i]);
+      normalize_row(zt + i * y.Ct, y.Ct, ut, y.norm_t[i]);
       copy_row(ut, y.Ct, true, a_minus + i * width + y.Cs);
       row_moments(zt + i * y.Ct, y.Ct, &y.row_sum[i], &y.row_m2[i], &y.row_nan[i]);
-      normalize_row(zs + i * y.Cs, y.Cs, eps, us, y.norm_s[i]);
+      normalize_row(zs + i * y.Cs, y.Cs, us, y.norm_s[i]);
       copy_row(us, y.Cs, false, a_minus + i * width);
     }
   });
@@ -880,6 +921,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t l = largest_first[i];
       StarsLayer<acc_t>& y = layers[l];
+      mark_silent_rows(y);
       TarConsts<acc_t>& k = y.tar;
       k.M = M;
       k.inv_delta = static_cast<acc_t>(1.0 / delta);
@@ -941,10 +983,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   // parallel region (MKL does not nest): the whole op at 4 layers C = 64..512 on 2 threads took 7.5 ms
   // (B = 256) and 1.3-1.6 ms (B = 64), against 8.2-8.5 and 1.5-1.9 ms with every GEMM on both threads
   // in turn; the results are bit-identical. With fewer layers, the layers run in turn, GEMMs threaded.
-  const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
+  // Silent rows have u = 0 on both sides, so their rows and columns of D are 0; with fewer than two
+  // active rows there is no pair, and E = 0.
   const auto rca_layer = [&](StarsLayer<acc_t>& y) {
     y.D = gram_difference<acc_t>(y.a, y.a_minus);
-    y.rca = gram_to_weights(y.D, static_cast<acc_t>(4.0 / pairs)) / pairs;
+    const double squares = gram_to_weights(y.D, static_cast<acc_t>(y.pairs > 0 ? 4.0 / y.pairs : 0.0));
+    y.rca = y.pairs > 0 ? squares / y.pairs : y.non_finite ? std::numeric_limits<double>::quiet_NaN() : 0.0;
     y.grad_u = at::mm(y.D, y.a_minus);
   };
   // The soft-sum blocks go into the same queue, after the layers, so that a thread done with its GEMMs
@@ -994,16 +1038,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   }
   for_each_row_block(tasks, [&](int64_t l, int64_t r0, int64_t r1, int64_t) {
     const StarsLayer<acc_t>& y = layers[l];
-    const acc_t coef = static_cast<acc_t>(coef_rca[l]);
+    const acc_t layer_coef = static_cast<acc_t>(coef_rca[l]);
     const int64_t width = y.Cs + y.Ct;
     const acc_t* a = y.a.template const_data_ptr<acc_t>();
     const acc_t* grad_u = y.grad_u.template const_data_ptr<acc_t>();  // [E U_S | -E U_T]: both signs in it
     for (int64_t i = r0; i < r1; ++i) {
       const acc_t* expo = y.expo.defined() ? y.expo.template const_data_ptr<acc_t>() + i * width : nullptr;
+      const acc_t coef = y.active[i] ? layer_coef : acc_t(0);
       gradient(y.zs.template const_data_ptr<acc_t>() + i * y.Cs, expo, a + i * width, grad_u + i * width, y.Cs,
-               y.norm_s[i], eps, coef, y.tar, y.w_s.data(), grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
+               y.norm_s[i], coef, y.tar, y.w_s.data(), grad_s[l].template data_ptr<acc_t>() + i * y.Cs);
       gradient(y.zt.template const_data_ptr<acc_t>() + i * y.Ct, expo ? expo + y.Cs : nullptr, a + i * width + y.Cs,
-               grad_u + i * width + y.Cs, y.Ct, y.norm_t[i], eps, coef, y.tar, y.w_t.data(),
+               grad_u + i * width + y.Cs, y.Ct, y.norm_t[i], coef, y.tar, y.w_t.data(),
                grad_t[l].template data_ptr<acc_t>() + i * y.Ct);
     }
   });

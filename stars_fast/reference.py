@@ -128,21 +128,43 @@ def pool_features(f: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"pool_features expects [B, C, H, W] or [T, B, C, H, W], got shape {tuple(f.shape)}")
 
 
+RCA_SILENT_TOL = 1e-3  # tau of docs/design.md section 2.2: a row is silent when ||z_i|| <= tau max_j ||z_j||
+
+
 def _row_norms(z: torch.Tensor) -> torch.Tensor:
-    """||z_i|| [B, 1]; a row whose plain norm overflows (float features near 1e20: squares of 1e40)
-    as m ||z_i / m||, m = max_c |z_ic|. A row with an infinite element keeps the norm inf."""
-    norm = z.norm(dim=1, keepdim=True)
+    """||z_i|| [B, 1], taken as m ||z_i / m|| with m = max_c |z_ic|, so that neither huge rows (squares of
+    1e20 overflow float) nor tiny ones (squares of 1e-20 are subnormal) lose the norm. A zero row has
+    norm 0; a row with an infinite element keeps the norm inf; NaN stays NaN."""
     m = z.abs().amax(dim=1, keepdim=True)
-    rescale = torch.isinf(norm) & torch.isfinite(m)
+    rescale = (m > 0) & torch.isfinite(m)
     m_safe = torch.where(rescale, m, torch.ones_like(m))  # no 0 / 0 in the branch where() drops
-    return torch.where(rescale, m_safe * (z / m_safe).norm(dim=1, keepdim=True), norm)
+    return torch.where(rescale, m_safe * (z / m_safe).norm(dim=1, keepdim=True), z.norm(dim=1, keepdim=True))
 
 
-def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor, eps: float) -> torch.Tensor:
-    """Eq. 14: mean over pairs i<j of (cos_S(i, j) - cos_T(i, j))^2."""
-    ut = zt / _row_norms(zt).clamp_min(eps)
-    us = zs / _row_norms(zs).clamp_min(eps)
-    i, j = torch.triu_indices(zt.shape[0], zt.shape[0], offset=1, device=zt.device)
+def rca_active_rows(norms: torch.Tensor) -> torch.Tensor:
+    """Rows of one side of one layer that have a direction: not ||z_i|| <= tau max_j ||z_j|| [B] (bool).
+
+    Where the layer's largest norm is not finite (NaN or inf features) no row is silent, so that NaN
+    and inf reach the loss as they would without the rule."""
+    norms = norms.detach().reshape(-1)
+    threshold = RCA_SILENT_TOL * norms.amax()
+    if not torch.isfinite(threshold):
+        return torch.ones_like(norms, dtype=torch.bool)
+    return ~(norms <= threshold)
+
+
+def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """Eq. 14 over the rows active on both sides: mean over their pairs i<j of (cos_S(i, j) - cos_T(i, j))^2.
+
+    Fewer than two active rows leave no pair: the loss is 0 with zero gradients (still a function of
+    both inputs, so that NaN reaches it)."""
+    norm_t, norm_s = _row_norms(zt), _row_norms(zs)
+    active = rca_active_rows(norm_t) & rca_active_rows(norm_s)
+    if int(active.sum()) < 2:
+        return (zt * 0).sum() + (zs * 0).sum()
+    ut = zt[active] / norm_t[active]
+    us = zs[active] / norm_s[active]
+    i, j = torch.triu_indices(ut.shape[0], ut.shape[0], offset=1, device=zt.device)
     g_t = (ut[i] * ut[j]).sum(dim=1)
     g_s = (us[i] * us[j]).sum(dim=1)
     return ((g_s - g_t) ** 2).mean()
@@ -174,7 +196,7 @@ def stars_loss(
     weights = [1.0] * len(z_teacher) if weights is None else list(weights)
     rca_terms, tar_terms = [], []
     for zt, zs in zip(z_teacher, z_student):
-        rca_terms.append(_pairwise_rca(zt, zs, eps))
+        rca_terms.append(_pairwise_rca(zt, zs))
         if normalize == "teacher":
             mu = zt.detach().mean()
             sd = zt.detach().std(correction=0).clamp_min(eps)

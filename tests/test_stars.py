@@ -229,6 +229,109 @@ def _device_for(backend):
     return device
 
 
+def _rca_oracle(zt, zs, active):
+    """Eq. 14 over the rows `active` (a list of indices), in float64 from the definition: the mean over
+    their pairs i<j of (cos_S(i, j) - cos_T(i, j))^2, cosines by F.cosine_similarity."""
+    zt, zs = zt.double()[active], zs.double()[active]
+    n = len(active)
+    if n < 2:
+        return 0.0
+    terms = [(F.cosine_similarity(zs[i], zs[j], dim=0) - F.cosine_similarity(zt[i], zt[j], dim=0)) ** 2
+             for i in range(n) for j in range(i + 1, n)]
+    return torch.stack(terms).mean().item()
+
+
+def _silent_case(name):
+    """(zt, zs, active rows) of one layer: unit-scale Gaussian features with silent or near-silent rows."""
+    torch.manual_seed(3)
+    batch = 2 if name == "B2" else 16
+    zt, zs = torch.randn(batch, 8) + 0.3, torch.randn(batch, 8) * 0.7
+    active = list(range(batch))
+    if name == "zero_student_row":
+        zs[5] = 0.0
+        active.remove(5)
+    elif name == "student_row_at_1e-7":
+        zs[5] *= 1e-7
+        active.remove(5)
+    elif name == "zero_teacher_row":
+        zt[9] = 0.0
+        active.remove(9)
+    elif name == "all_zero_student":
+        zs.zero_()
+        active = []
+    elif name == "all_zero_teacher":
+        zt.zero_()
+        active = []
+    elif name == "one_student_row_left":
+        zs[1:] = 0.0
+        active = [0]
+    elif name == "just_above_and_below_tolerance":
+        top = zs.norm(dim=1).max()
+        zs[4] *= 2e-3 * top / zs[4].norm()   # 2 tau of the largest norm: active
+        zs[7] *= 5e-4 * top / zs[7].norm()   # tau / 2: silent
+        active.remove(7)
+    return zt, zs, active
+
+
+SILENT_CASES = ["zero_student_row", "student_row_at_1e-7", "zero_teacher_row", "all_zero_student",
+                "all_zero_teacher", "one_student_row_left", "just_above_and_below_tolerance", "B2"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e20])
+@pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
+@pytest.mark.parametrize("case", SILENT_CASES)
+def test_rca_silent_rows(backend, case, scale):
+    """RCA compares the relation only where both nets have a direction (docs/design.md 2.2): silent rows
+    (norm <= 1e-3 x the largest of their side) leave the pairs and get no RCA gradient. The loss must be
+    Eq. 14 over the active rows (oracle from the definition), finite, scale-invariant; the gradients the
+    reference's, bounded: no entry above 1e3 x the median row's (the old max(||z||, 1e-12) gave ~1e10)."""
+    device = _device_for(backend)
+    zt, zs, active = _silent_case(case)
+    want = _rca_oracle(zt, zs, active)
+    ref = _loss_and_grads("reference", [zt], [zs], lambda_tar=0.0)
+    total, rca, _, grad_t, grad_s = _loss_and_grads(backend, [(zt * scale).to(device)], [(zs * scale).to(device)],
+                                                    lambda_tar=0.0)
+    assert rca.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert total.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    silent = [i for i in range(zt.shape[0]) if i not in active]
+    for got, want_grad in ((grad_t[0].cpu(), ref[3][0]), (grad_s[0].cpu(), ref[4][0])):
+        assert torch.isfinite(got).all()
+        assert (got[silent] == 0).all(), "a silent row got an RCA gradient"
+        got_unit = got.double() * scale
+        peak = want_grad.abs().max().item()
+        torch.testing.assert_close(got_unit, want_grad.double(), rtol=1e-4, atol=1e-5 * max(peak, 1e-30))
+        row_norms = got_unit.norm(dim=1)
+        if len(active) >= 2:
+            assert got_unit.abs().max() <= 1e3 * row_norms[active].median()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + EXTENSION)
+def test_gradcheck_with_a_silent_row(backend):
+    """Away from the tolerance the loss is smooth: float64 gradcheck with one zero student row (finite
+    differences of 1e-6 keep it far below 1e-3 of the largest norm) and one zero teacher row."""
+    require_backend(backend)
+    zt = torch.randn(6, 4, dtype=torch.float64)
+    zs = torch.randn(6, 5, dtype=torch.float64)
+    zt[1] = 0.0
+    zs[4] = 0.0
+    zt.requires_grad_(True)
+    zs.requires_grad_(True)
+
+    def fn(a, b):
+        return stars_fast.stars_loss([a], [b], thresholds=(0.0, 0.5), backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (zt, zs), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_silent_rows_keep_their_tar_gradient(backend):
+    """The silent-row rule is RCA's: TAR still sees a silent row (its values do cross thresholds)."""
+    require_backend(backend)
+    zt, zs, _ = _silent_case("zero_student_row")
+    got = _loss_and_grads(backend, [zt], [zs], lambda_rca=0.0, thresholds=(-0.2, 0.1))
+    assert got[4][0][5].abs().max() > 0
+
+
 @pytest.mark.parametrize("normalize", ["teacher", None])
 @pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
 def test_huge_features(backend, normalize):
