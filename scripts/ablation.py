@@ -1,16 +1,20 @@
-"""The STARS component ablation (the paper's Table 3) on the offline default, as a Markdown table.
+"""The STARS component ablation (the components of the paper's Table 3, in the offline digits setting,
+not the paper's CIFAR-100 one) as a Markdown table.
 
     python scripts/ablation.py ablation.md                    # 4 variants x 3 seeds of `python -m stars_fast.train`
     python scripts/ablation.py ablation.md --seeds 0 1 2 3 4  # the README's table (5 seeds)
+    python scripts/ablation.py ablation.md --lambdas 10 100   # BN-only and STARS at lambda_rca = lambda_tar = 10, 100
     python scripts/ablation.py ablation.md --quick            # the tiniest sizes: checks that it runs, not a result
     python scripts/ablation.py ablation.md -- --method nayer  # flags after `--` go to every run
 
 Variants: BN-only (--no-stars), RCA only (--lambda-tar 0), TAR only (--lambda-rca 0), STARS (both
-terms). Each run is its own process with its own run folder under --runs; a finished run of the
+terms); with --lambdas, BN-only and STARS at each lambda instead. Each run is its own process with its own run folder under --runs; a finished run of the
 same configuration is reused and an interrupted one resumed, so the script can be stopped and
 started again (a folder holding another configuration is an error: pick another --runs). The table
-gives the final student top-1 accuracy and the wall time of each run as mean ± sample standard
-deviation over the seeds, and the command that produced it; it is rewritten after every seed (all
+gives the best epoch's student top-1 (the protocol of Fast-Datafree, NAYER and the paper) and the last
+epoch's, as mean ± sample standard deviation over the seeds, the paired difference of each variant to
+BN-only at the same seed (mean and 95% t-interval over the seeds), the median synthesis gradient norm
+and the wall time of each run, and the command that produced it; it is rewritten after every seed (all
 four variants of a seed run before the next seed), so a stopped ablation leaves a table of the
 seeds it finished.
 """
@@ -24,6 +28,8 @@ import statistics
 import subprocess
 import sys
 from typing import Dict, List
+
+from scipy import stats
 
 VARIANTS = (
     ("BN-only", ["--no-stars"]),
@@ -66,19 +72,46 @@ def mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def paired_difference(values: List[float], baseline: List[float]) -> str:
+    """mean of values - baseline over the seeds, in points, with its 95% t-interval."""
+    diffs = [100 * (v - b) for v, b in zip(values, baseline)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.2f}"
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
 def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
     lines = [
-        "| variant | flags | student top-1 (%) | per seed (%) | wall time per run (s) |",
-        "|---|---|---|---|---|",
+        "| variant | flags | best top-1 (%) | last top-1 (%) | best - BN-only (pp, 95% CI) | "
+        "last - BN-only (pp, 95% CI) | per seed best / last (%) | synthesis grad norm (median) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    baseline = rows[0]
     for row in rows:
-        accs = row["accs"]
-        lines.append(f"| {row['name']} | `{shlex.join(row['flags']) or '(defaults)'}` | {mean_std(accs, 100)} | "
-                     f"{', '.join(f'{100 * a:.2f}' for a in accs)} | {mean_std(row['times'], digits=1)} |")
+        is_baseline = row is baseline
+        per_seed = ", ".join(f"{100 * b:.2f} / {100 * a:.2f}" for b, a in zip(row["best"], row["accs"]))
+        grads = [g for g in row["grads"] if g is not None]
+        lines.append(
+            f"| {row['name']} | `{shlex.join(row['flags']) or '(defaults)'}` | {mean_std(row['best'], 100)} | "
+            f"{mean_std(row['accs'], 100)} | {'-' if is_baseline else paired_difference(row['best'], baseline['best'])} | "
+            f"{'-' if is_baseline else paired_difference(row['accs'], baseline['accs'])} | {per_seed} | "
+            f"{f'{statistics.median(grads):.3g}' if grads else '-'} | {mean_std(row['times'], digits=1)} |")
     lines += ["", f"Teacher top-1: {100 * teacher_acc:.2f}%. Mean ± sample standard deviation over "
-              f"{len(rows[0]['accs'])} seeds; wall time of the training (summary.json's wall_time_s). Produced by:",
+              f"{len(rows[0]['accs'])} seeds; differences paired by seed; the gradient norm is the median over the "
+              "seeds of each run's median per-step norm on the synthesized variables (metrics.jsonl); wall time of "
+              "the training (summary.json's wall_time_s). Produced by:",
               "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+def median_gradient_norm(out: str):
+    """The median over a run's epochs of their median synthesis gradient norm (None if not recorded)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        values = [json.loads(line).get("synth_grad_median") for line in f]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def main(argv=None) -> str:
@@ -90,18 +123,26 @@ def main(argv=None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each variant")
     parser.add_argument("--runs", default=os.path.join("runs", "ablation"), help="folder of the run folders")
     parser.add_argument("--quick", action="store_true", help=f"append {' '.join(QUICK)} (a smoke test)")
+    parser.add_argument("--lambdas", type=float, nargs="+",
+                        help="instead of the components: BN-only and STARS at lambda_rca = lambda_tar = each value")
     args = parser.parse_args(own)
     common = extra + (QUICK if args.quick else [])
 
-    rows = [{"name": name, "flags": flags, "accs": [], "times": []} for name, flags in VARIANTS]
+    variants = VARIANTS
+    if args.lambdas:
+        variants = [VARIANTS[0]] + [(f"STARS lambda {lam:g}", ["--lambda-rca", f"{lam:g}", "--lambda-tar", f"{lam:g}"])
+                                    for lam in args.lambdas]
+    rows = [{"name": name, "flags": flags, "accs": [], "best": [], "grads": [], "times": []} for name, flags in variants]
     command = shlex.join(["python", "scripts/ablation.py", *argv])
     text = ""
     for seed in args.seeds:  # seed-major, so that a stopped ablation has every variant at the same seeds
         for row in rows:
             tag = row["name"].lower().replace(" ", "-")
-            summary = run_once(os.path.join(args.runs, f"{tag}-seed{seed}"),
-                               [*common, *row["flags"], "--seed", str(seed)])
+            out = os.path.join(args.runs, f"{tag}-seed{seed}")
+            summary = run_once(out, [*common, *row["flags"], "--seed", str(seed)])
             row["accs"].append(summary["student_acc"])
+            row["best"].append(summary["best_student_acc"])
+            row["grads"].append(median_gradient_norm(out))
             row["times"].append(summary["wall_time_s"])
             teacher_acc = summary["teacher_acc"]
         text = markdown(rows, teacher_acc, command)  # the table so far, rewritten after every seed

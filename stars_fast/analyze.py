@@ -1,6 +1,8 @@
 """`python -m stars_fast.analyze RUN_DIR`: figures of a finished (or running) run, written into the run folder.
 
   curves.png         test top-1 (student, best, teacher) and the loss terms per epoch (metrics.jsonl)
+  gradients.png      the synthesis steps' gradient norm per epoch (median, max, spikes), and with
+                     --grad-shares each loss term's share of the summed term gradient norms
   tsne.png           t-SNE of the student's penultimate features on test images, coloured by class
                      (the paper's Fig. 2)
   firing_rates.png   mean firing rate of every spiking layer of the student, on real test images and on
@@ -24,8 +26,24 @@ from typing import Dict, List, Optional, Sequence
 
 from .cli import DATASET_NAMES
 
-# metrics.jsonl entries that are not loss terms
+# metrics.jsonl entries that are not loss terms (besides the gradient statistics, GRADIENT_PREFIXES)
 NOT_LOSSES = ("epoch", "student_acc", "best_acc", "teacher_acc", "lr", "time_s", "memory_size", "synthesis_time_s")
+GRADIENT_PREFIXES = ("synth_grad_", "grad_")
+
+
+def is_loss(key: str) -> bool:
+    return key not in NOT_LOSSES and not key.startswith(GRADIENT_PREFIXES)
+
+
+def gradient_shares(series: Dict[str, List[Optional[float]]]) -> Dict[str, List[Optional[float]]]:
+    """Per epoch, each term's gradient norm (grad_<term>, --grad-shares) over the sum of all terms' norms."""
+    terms = [k for k in series if k.startswith("grad_")]
+    shares = {}
+    for key in terms:
+        shares[key[5:]] = [None if series[key][i] is None else
+                           series[key][i] / max(sum(series[k][i] or 0.0 for k in terms), 1e-30)
+                           for i in range(len(series["epoch"]))]
+    return shares
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +252,7 @@ def plot_curves(series, teacher_acc: Optional[float], path: str) -> None:
     left.set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
     left.legend()
     left.grid(alpha=0.3)
-    losses = [k for k in series if k not in NOT_LOSSES]
+    losses = [k for k in series if is_loss(k)]
     values = [abs(v) for k in losses for v in series[k] if v is not None]
     for key in losses:
         right.plot(epochs, series[key], marker="o", markersize=3, label=key)
@@ -250,6 +268,39 @@ def plot_curves(series, teacher_acc: Optional[float], path: str) -> None:
     right.grid(alpha=0.3)
     _save(figure, path)
     plt.close(figure)
+
+
+def plot_gradients(series, path: str) -> bool:
+    """gradients.png: the synthesis gradient norm per epoch and, where measured, the terms' shares.
+    False (nothing drawn) for a run without the statistics (written before they existed)."""
+    if not any(v is not None for v in series.get("synth_grad_median", [])):
+        return False
+    plt = _pyplot()
+    shares = gradient_shares(series)
+    figure, axes = plt.subplots(1, 2 if shares else 1, figsize=(11 if shares else 6, 4), squeeze=False)
+    left = axes[0][0]
+    epochs = series["epoch"]
+    left.plot(epochs, series["synth_grad_median"], marker="o", markersize=3, label="median step")
+    left.plot(epochs, series["synth_grad_max"], marker="^", markersize=3, label="largest step")
+    spiky = [e for e, n in zip(epochs, series.get("synth_grad_spikes", [])) if n]
+    if spiky:
+        left.scatter(spiky, [m for e, m in zip(epochs, series["synth_grad_max"]) if e in spiky], color="red",
+                     zorder=3, label="epoch with spikes")
+    left.set(yscale="log", xlabel="epoch", ylabel="||grad|| on the synthesized variables",
+             title="synthesis gradient norm")
+    left.legend()
+    left.grid(alpha=0.3)
+    if shares:
+        right = axes[0][1]
+        for term, values in shares.items():
+            right.plot(epochs, values, marker="o", markersize=3, label=term)
+        right.set(xlabel="epoch", ylabel="share of the summed term norms", ylim=(0, 1),
+                  title="gradient share of each loss term (--grad-shares)")
+        right.legend(fontsize=8)
+        right.grid(alpha=0.3)
+    _save(figure, path)
+    plt.close(figure)
+    return True
 
 
 def plot_tsne(coords, labels, names: Sequence[str], accuracy: float, path: str) -> None:
@@ -401,11 +452,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     figures = {}
     figures["curves"] = os.path.join(run, "curves.png")
     plot_curves(series, summary.get("teacher_acc"), figures["curves"])
+    if plot_gradients(series, os.path.join(run, "gradients.png")):
+        figures["gradients"] = os.path.join(run, "gradients.png")
+    else:
+        print("no gradients.png: the run's metrics.jsonl has no synthesis gradient statistics")
     analysis: Dict[str, object] = {
         "run": os.path.abspath(run), "dataset": name, "model": os.path.basename(student_file),
         "student": {k: meta.get(k) for k in ("arch", "T", "neuron", "epoch", "acc")},
         "teacher": config.get("teacher"), "images": {s: int(v.shape[0]) for s, v in sources.items()},
-        "curves": series, "teacher_acc": summary.get("teacher_acc"),
+        "curves": series, "gradient_shares": gradient_shares(series), "teacher_acc": summary.get("teacher_acc"),
         "student_top1_on_subset": accuracy,
         "firing_rates": {s: out["firing_rates"] for s, out in outputs.items()},
         "tail_masses": {"quantiles": None if thresholds is not None else list(quantiles),

@@ -1,8 +1,9 @@
 """Atomic file writes for the run folder and checkpoints, and the clean-up of what a kill leaves.
 
-A write goes to a temporary file `.<name>.tmp-<random>` in the target's folder, is fsynced and then
-os.replace'd over the target: readers see the old file or the new one, never half of one. A
-process killed mid-write leaves the temporary file behind; `remove_stale_temp_files` deletes them.
+A write goes to a temporary file `.<name>.stars_fast-tmp-<random>` in the target's folder, is fsynced
+and then os.replace'd over the target: readers see the old file or the new one, never half of one. A
+process killed mid-write leaves the temporary file behind; `remove_stale_temp_files` deletes them, and
+only them: the infix is this package's, so other programs' temporary files in a shared folder stay.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import tempfile
 from typing import BinaryIO, Callable, List
 
-TEMP_INFIX = ".tmp-"
+TEMP_INFIX = ".stars_fast-tmp-"
 
 
 def _creation_mode() -> int:

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
              "configuration (flags given again override it); starts the run if there is no checkpoint")
     add(g, "--no-progress", dest="progress", action="store_false",
         help="no progress bars (the one line per epoch is still printed; bars are shown only on a terminal)")
+    add(g, "--grad-shares", type=int, metavar="N",
+        help="every N-th synthesis step, also the gradient norm of each weighted loss term on the synthesized "
+             "variables (one extra backward per term) into metrics.jsonl as grad_<term> (0: off, the default)")
     add(g, "--tensorboard", action="store_true",
         help="also write the metrics as TensorBoard scalars to <out>/tensorboard")
     add(g, "--export-synthetic", metavar="DIR",
@@ -220,6 +223,8 @@ def _check_config(config: Dict[str, object]) -> None:
     if not 0 <= config["warmup"] < config["epochs"]:
         raise SystemExit(f"--warmup ({config['warmup']}) must be >= 0 and < --epochs ({config['epochs']}): "
                          "KD starts after the warm-up epochs, so this run would never distill")
+    if config["grad_shares"] < 0:
+        raise SystemExit(f"--grad-shares must be >= 0 (0: off), got {config['grad_shares']}")
     if config["threads"] < 0:
         raise SystemExit(f"--threads must be >= 0, got {config['threads']}")
     if config["ep_steps"] < config["kd_steps"]:

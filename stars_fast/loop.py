@@ -7,6 +7,7 @@ checkpointed, so the run folder keeps the last good epoch.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional
@@ -23,6 +24,9 @@ from .synthesis.factory import build_synthesizer
 from .teacher_cache import load_run_teacher
 
 GRID_PER_CLASS = 8  # images per class in a synthetic_epochNNN.png
+# A synthesis step whose gradient norm exceeds this multiple of its round's median is a spike: one such
+# step (a singular loss term, say) fills Adam's second moments and stalls the rest of the batch.
+SPIKE_FACTOR = 100.0
 
 
 class NonFiniteError(RuntimeError):
@@ -59,12 +63,34 @@ def _set_rng_state(state: Dict[str, object], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def gradient_statistics(rounds: List[List[float]]) -> Dict[str, Optional[float]]:
+    """An epoch's synthesis gradient norms (one list per round): their median and max, and the steps
+    above SPIKE_FACTOR x their round's median."""
+    norms = [n for steps in rounds for n in steps]
+    if not norms:
+        return {"synth_grad_median": None, "synth_grad_max": None, "synth_grad_spikes": 0}
+    spikes = sum(n > SPIKE_FACTOR * statistics.median(steps) for steps in rounds if steps for n in steps)
+    return {"synth_grad_median": statistics.median(norms), "synth_grad_max": max(norms), "synth_grad_spikes": spikes}
+
+
+def spike_warning(record: Dict[str, object], losses: Dict[str, float]) -> str:
+    """The one-line warning of a run's first epoch with gradient spikes, naming the terms then active."""
+    active = [key[5:] for key, value in losses.items() if key.startswith("loss_") and value != 0]
+    return (f"warning: {record['synth_grad_spikes']} synthesis step(s) of epoch {record['epoch']} had a gradient "
+            f"norm above {SPIKE_FACTOR:g}x their round's median (largest {record['synth_grad_max']:.3g}, epoch "
+            f"median {record['synth_grad_median']:.3g}); terms active: {', '.join(active) or 'none'}. "
+            f"metrics.jsonl has synth_grad_median / _max / _spikes for every epoch")
+
+
 def epoch_line(record: Dict[str, object], epochs: int) -> str:
     """The console / log.txt line of one epoch."""
     losses = "  ".join(f"{key[5:] if key.startswith('loss_') else key} {value:.4g}" for key, value in record.items()
                        if (key.startswith("loss_") or key in ("kd_loss", "synth_loss")) and value is not None)
+    grad = ""
+    if record.get("synth_grad_median") is not None:
+        grad = f"grad {record['synth_grad_median']:.3g} (max {record['synth_grad_max']:.3g})  "
     return (f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  student {record['student_acc']:.2%}  "
-            f"best {record['best_acc']:.2%}  {losses or 'kd_loss -'}  lr {record['lr']:.4g}  "
+            f"best {record['best_acc']:.2%}  {losses or 'kd_loss -'}  {grad}lr {record['lr']:.4g}  "
             f"{record['time_s']:.1f} s (synthesis {record['synthesis_time_s']:.1f} s)")
 
 
@@ -94,6 +120,7 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
                                    backend=config["backend"], in_channels=info.in_channels).to(device)
     torch.manual_seed(config["seed"] + ctx.rank)  # the same student everywhere, then a random stream per process
     synthesizer = build_synthesizer(config, teacher, student, info, device, synthesis_batch)
+    synthesizer.grad_shares_every = config.get("grad_shares", 0)
     memory = SyntheticMemory(info, config["memory_size"], folder.path, device, writer=ctx.is_main)
     optimizer = make_optimizer(student, config["lr"], weight_decay=config["weight_decay"])
     scheduler = make_scheduler(optimizer, config["epochs"] - config["warmup"])
@@ -128,6 +155,7 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
                         T=config["T"], neuron=config["neuron"])
     epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", unit="epoch", disable=not progress,
                   initial=start_epoch, total=config["epochs"])
+    warned_spikes = any(r.get("synth_grad_spikes") for r in history)
     for epoch in epochs:
         record, result = _train_epoch(epoch, config, teacher, student, kd_student, synthesizer, memory, optimizer,
                                       scheduler, test_set, ctx, kd_batch, progress)
@@ -149,6 +177,9 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
             folder.append_metrics(record)
             folder.write_summary(_summary(config, teacher_acc, history, elapsed, ctx.world_size, run_env))
             log(epoch_line(record, config["epochs"]))
+            if record["synth_grad_spikes"] and not warned_spikes:
+                log(spike_warning(record, result.losses))
+        warned_spikes = warned_spikes or bool(record["synth_grad_spikes"])
     epochs.close()
     summary = _summary(config, teacher_acc, history, elapsed, ctx.world_size, run_env)
     if ctx.is_main:
@@ -178,12 +209,15 @@ def _train_epoch(epoch: int, config, teacher, student, kd_student, synthesizer: 
     rounds = config["ep_steps"] // config["kd_steps"]
     steps = tqdm(total=rounds * (synthesizer.steps_per_round + (config["kd_steps"] if kd_on else 0)), leave=False,
                  desc=f"epoch {epoch + 1}", unit="step", disable=not progress)
-    kd_losses, synthesis_time = [], 0.0
+    kd_losses, synthesis_time, grad_norms, term_norms = [], 0.0, [], {}
     for _ in range(rounds):
         t0 = time.time()
         result = synthesizer.synthesize(progress=steps)
         synthesis_time += time.time() - t0
         _check_finite(result.losses, epoch, "synthesis loss")
+        grad_norms.append(result.grad_norms)
+        for name, norms in result.term_grad_norms.items():
+            term_norms.setdefault(name, []).extend(norms)
         result.images, result.targets = ctx.gather(result.images), ctx.gather(result.targets)
         memory.add(result.images, result.targets)  # every process keeps the same memory
         ctx.barrier()  # rank 0 has written it
@@ -200,6 +234,8 @@ def _train_epoch(epoch: int, config, teacher, student, kd_student, synthesizer: 
     ctx.broadcast_buffers(student)  # rank 0's BatchNorm statistics, as its checkpoint holds them
     record = {"epoch": epoch + 1, "student_acc": ctx.evaluate(student, test_set, amp=config["amp"]),
               "kd_loss": sum(kd_losses) / len(kd_losses) if kd_losses else None, **result.losses,
+              **gradient_statistics(grad_norms),
+              **{f"grad_{name}": statistics.median(norms) for name, norms in term_norms.items()},
               "lr": lr, "memory_size": len(memory), "synthesis_time_s": round(synthesis_time, 3),
               "time_s": round(time.time() - started, 3)}
     return record, result

@@ -14,12 +14,19 @@
   tensorboard/     with --tensorboard: the metrics as TensorBoard scalars
 Only rank 0 writes. Files are written atomically with open()'s mode (stars_fast.atomic); the
 temporary files of a killed write are removed when a run starts or resumes.
+
+One writer per folder: rank 0 holds an advisory lock (flock on `.stars_fast.lock`, which names its
+holder) for the run's life; the kernel releases it on any exit, SIGKILL included, so no stale lock
+survives a dead run. A second run or a --resume of a live one is refused with one line. A folder is
+ours when `.stars_fast_run` (written when a run takes it) is in it: `--out` must be new, empty or ours.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
@@ -33,6 +40,8 @@ from .data import DatasetInfo
 
 CHECKPOINT_FORMAT = 3
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".stars_fast.lock"
+MARKER = ".stars_fast_run"
 RESULT_HEADER = ("| method | STARS | teacher → student | T | neuron | last top-1 | best top-1 | synthesis time |\n"
                  "|---|---|---|---|---|---|---|---|")
 
@@ -44,27 +53,54 @@ class RunFolder:
         self.path, self.writer = path, writer
         self.created = False  # whether this process made the folder (then an early error removes it)
         self._tensorboard = None
+        self._lock_fd: Optional[int] = None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def create(self) -> None:
-        """Make the folder (SystemExit with one line if that fails) and drop stale temporary files."""
+        """Make or take the folder, lock it for this run and drop stale temporary files; SystemExit with
+        one line if the folder is another program's, another run holds it, or it cannot be written."""
         if not self.writer:
             return
         try:
-            if not os.path.isdir(self.path):
+            try:
                 os.makedirs(self.path)
                 self.created = True
-            probe = self.file(".write-test")
-            with open(probe, "wb"):
+            except FileExistsError:
+                if not os.path.isdir(self.path):
+                    raise SystemExit(f"--out {self.path}: a file, not a folder") from None
+                if os.listdir(self.path) and not os.path.isfile(self.file(MARKER)):
+                    raise SystemExit(f"--out {self.path}: the folder is not empty and is not a stars_fast run folder "
+                                     f"(no {MARKER}); choose a new or empty folder") from None
+            self._lock()
+            with open(self.file(MARKER), "a"):
                 pass
-            os.unlink(probe)
         except OSError as exc:
             raise SystemExit(f"--out {self.path}: cannot write the run folder ({exc.strerror or exc})") from None
         for folder in (self.path, self.file("synthetic")):
             if os.path.isdir(folder):
                 remove_stale_temp_files(folder)
+
+    def _lock(self) -> None:
+        """Take the folder's lock, or SystemExit naming the process that holds it."""
+        fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SystemExit(f"--out {self.path}: another run is writing this folder ({holder}); wait for it to "
+                             f"end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Give the folder's lock back (the run is over, in this process)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def remove_if_unfinished(self) -> None:
         """After an error: remove the folder if this run made it and no epoch was checkpointed."""

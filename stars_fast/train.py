@@ -11,7 +11,9 @@ torch (device, teacher/student pair, teacher checkpoint), the run folder (run_fo
 resuming its checkpoint), then the loop (loop.py). Several processes: `torchrun --nproc_per_node N
 -m stars_fast.train ...` trains with DistributedDataParallel (distributed.py).
 `--resume` continues the run in `--out` from its checkpoint up to `--epochs`; a run killed
-mid-epoch loses that epoch only. Errors a user can fix end the run with one line (SystemExit),
+mid-epoch loses that epoch only. A resume is the same run: it may change only RESUMABLE_FLAGS
+(each change is recorded in the configuration, so in summary.json); any other flag given with a
+value other than the run's is refused with one line listing them. Errors a user can fix end the run with one line (SystemExit),
 and an error before the first checkpoint leaves no run folder behind.
 
 Imports are lazy, so that `--help` and `--list-presets` answer without importing torch.
@@ -92,6 +94,31 @@ def check_pair(config: Dict[str, object]) -> None:
                          f"taps {taps[1]}: STARS pairs them stage by stage (pairs that fit: {pairs}; or --no-stars)")
 
 
+# What a --resume may change: how far the run goes, how it is watched, where its data now lives. Every
+# other flag defines the run, and changing one mid-run would credit one run with two runs' epochs.
+RESUMABLE_FLAGS = ("epochs", "out", "resume", "progress", "tensorboard", "threads", "data_root", "grad_shares")
+
+
+def resume_config(explicit: Dict[str, object], checkpoint: Dict[str, object]) -> Dict[str, object]:
+    """The resumed run's configuration with the flags given now; SystemExit naming every run-defining
+    flag whose value differs from the run's. Changes of RESUMABLE_FLAGS are appended to
+    config["resume_changes"]."""
+    saved = checkpoint["config"]
+    config = make_config(explicit, base=saved)
+    changed = [key for key in explicit if config[key] != saved.get(key)]
+    refused = [key for key in changed if key not in RESUMABLE_FLAGS]
+    if refused:
+        listed = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)!r} (run) vs {config[key]!r} (given)"
+                           for key in refused)
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in RESUMABLE_FLAGS if key not in ("out", "resume"))
+        raise SystemExit(f"cannot resume {saved['out']} with other settings: {listed}; a resume may change only "
+                         f"{allowed}")
+    config["resume_changes"] = list(saved.get("resume_changes", [])) + [
+        {"after_epoch": checkpoint["epoch"], "flag": f"--{key.replace('_', '-')}", "from": saved.get(key),
+         "to": config[key]} for key in changed if key not in ("out", "resume", "progress")]
+    return config
+
+
 def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
     """Run the CLI; returns the final summary (what summary.json holds), or None for --list-presets."""
     explicit = parse_args(argv)
@@ -110,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
         if not explicit.get("resume"):
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
         checkpoint = RunFolder(out).load_checkpoint()
-    config = make_config(explicit, base=None if checkpoint is None else checkpoint["config"])
+    config = make_config(explicit) if checkpoint is None else resume_config(explicit, checkpoint)
     config["resume"], config["export_synthetic"] = False, export_dir
     if config["teacher_ckpt"] is not None and not os.path.isfile(config["teacher_ckpt"]):
         raise SystemExit(f"--teacher-ckpt {config['teacher_ckpt']}: no such file")
@@ -130,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
             if isinstance(exc, (NonFiniteError, DatasetNotFoundError, DatasetFormatError)):  # one-line errors
                 raise SystemExit(str(exc)) from None
             raise
+        finally:
+            folder.release()
 
 
 if __name__ == "__main__":

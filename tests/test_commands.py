@@ -30,8 +30,8 @@ def pipeline(tmp_path_factory):
         best = train_teacher.main(["--teacher", "digits_cnn", "--dataset", "digits", "--epochs", "2",
                                    "--lr", "0.05", "--batch-size", "64", "--out", teacher_path, "--no-progress"])
         run_dir = str(root / "run")
-        train.main(["--teacher", "digits_cnn", "--teacher-ckpt", teacher_path, "--epochs", "1", "--out", run_dir]
-                   + TINY_TRAIN)
+        train.main(["--teacher", "digits_cnn", "--teacher-ckpt", teacher_path, "--epochs", "1", "--out", run_dir,
+                    "--grad-shares", "5"] + TINY_TRAIN)
     finally:
         torch.set_num_threads(threads)
     return {"teacher": teacher_path, "best": best, "run": run_dir}
@@ -90,7 +90,7 @@ def test_evaluate_T_overrides_the_students_time_steps(pipeline, capsys):
 def test_analyze_writes_figures_and_the_numbers_behind_them(pipeline):
     run = pipeline["run"]
     analysis = analyze.main([run, "--device", "cpu"])
-    for name in ("curves.png", "tsne.png", "firing_rates.png", "tail_masses.png"):
+    for name in ("curves.png", "gradients.png", "tsne.png", "firing_rates.png", "tail_masses.png"):
         with open(os.path.join(run, name), "rb") as f:
             assert f.read(8) == PNG_MAGIC, name
     with open(os.path.join(run, "analysis.json")) as f:
@@ -98,6 +98,11 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(pipeline):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert analysis["curves"]["student_acc"] == [r["student_acc"] for r in records]
+    shares = analysis["gradient_shares"]  # each measured term's norm over their sum, per epoch
+    assert set(shares) == {"bn", "oh", "adv", "rca", "tar"}
+    total = sum(records[0][f"grad_{term}"] for term in shares)
+    for term, values in shares.items():
+        assert values == pytest.approx([records[0][f"grad_{term}"] / total])
 
     # the numbers, recomputed here: all 450 test images (fewer than --max-images), the run's teacher and student
     test = load_dataset("digits", "test")

@@ -71,7 +71,8 @@ def test_two_gloo_processes_train_into_one_run_folder_and_resume(teacher_cache, 
         summary = json.load(f)
     assert summary["epochs_completed"] == 4 and summary["processes"] == 2
     assert summary["best_student_acc"] > 0.2, summary  # it learns (chance is 0.1); test_methods checks how well
-    assert sorted(os.listdir(out)) == ["best.pth", "checkpoint.pt", "log.txt", "metrics.jsonl", "real_reference.png",
+    assert sorted(os.listdir(out)) == [".stars_fast.lock", ".stars_fast_run",  # rank 0's lock and the marker
+                                       "best.pth", "checkpoint.pt", "log.txt", "metrics.jsonl", "real_reference.png",
                                        "student.pth", "summary.json", "synthetic"] + [
         f"synthetic_epoch00{epoch}.png" for epoch in (1, 2, 3, 4)]
 

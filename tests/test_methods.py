@@ -20,6 +20,7 @@ from stars_fast.models import fold_bn
 from stars_fast.synthesis import BNStatsHooks, DeepInversionSynthesizer, jitter_and_flip
 from stars_fast.synthesis.cmi import (CMISynthesizer, FeatureBank, InstanceMeanHooks, fast_datafree_feature_layers,
                                       instance_feature_modules, random_resized_crop_and_flip)
+from stars_fast.synthesis.base import StepGradientNorms
 from stars_fast.synthesis.deepinversion import total_variation
 from stars_fast.synthesis.factory import build_synthesizer
 from stars_fast.synthesis.generator import Generator, NoisyLayerGenerator, reset_generator
@@ -102,6 +103,7 @@ def test_cmi_round_trains_the_generator_and_fills_the_bank(pair, tmp_path):
     assert first.images.shape == (6, 1, 8, 8) and len(synthesizer.bank) == 12
     assert synthesizer.bank.features.shape[1] == 2 * (16 + 32 + 64)  # local and global BN-input means
     assert second.losses["loss_cr"] > 0 and second.losses["loss_rca"] > 0
+    assert len(second.grad_norms) == 3 and all(0 < n < float("inf") for n in second.grad_norms)
     assert all(p.grad is None for p in list(student.parameters()) + list(teacher.parameters()))
     torch.save(synthesizer.state_dict(), tmp_path / "cmi.pt")
     restored = CMISynthesizer(teacher, student, DIGITS, batch_size=6, iterations=3, lr_g=0.05, bn=1, oh=1, adv=0.5,
@@ -121,7 +123,9 @@ def test_nayer_rebuilds_every_g_life_epochs_and_loops_more_in_warm_up(pair, tmp_
     generators, counts = [], []
     for epoch in range(6):
         synthesizer.set_epoch(epoch)
-        counts.append(len(synthesizer.synthesize().images))
+        result = synthesizer.synthesize()
+        counts.append(len(result.images))
+        assert len(result.grad_norms) == len(result.images) // 12  # a step per batch (iterations=1)
         generators.append(synthesizer.generator)
         if epoch == 3:  # a second round in the same epoch keeps the generator
             synthesizer.synthesize()
@@ -295,6 +299,36 @@ def test_deepinversion_objective_is_fast_datafrees(pair):
     assert float(out.terms["loss_bn_student"]) == pytest.approx(r_student, rel=1e-4)
     assert float(out.loss) == pytest.approx(expected, rel=1e-4)
     assert student.training  # restored
+
+
+def test_deepinversion_reports_each_steps_gradient_norm(pair):
+    """The norm recorded per step is ||d loss / d pixels||_2 of that step, the gradient Adam then takes."""
+    teacher, student = pair
+    synthesizer = DeepInversionSynthesizer(teacher, student, DIGITS, batch_size=6, iterations=4, lr_g=0.1,
+                                           bn=1, oh=1, adv=0.5, stars=StarsRegularizer(backend="reference"))
+    result = synthesizer.synthesize()
+    assert len(result.grad_norms) == 4 and all(0 < n < float("inf") for n in result.grad_norms)
+    images = torch.randn(6, 1, 8, 8, requires_grad=True)
+    norms = StepGradientNorms([images])
+    with synthesizer.objective.round() as objective:
+        synthesizer.step(images, torch.arange(6), torch.optim.SGD([images], lr=0.0), objective, norms)
+    assert norms.values() == pytest.approx([float(torch.linalg.vector_norm(images.grad))], rel=1e-6)
+
+
+@pytest.mark.parametrize("only", ["bn", "oh", "rca"])
+def test_grad_shares_measure_each_terms_own_gradient(pair, only):
+    """--grad-shares: a term's measured norm is the gradient norm of that term alone; with a single term
+    in the objective it equals the step's whole gradient norm (taken by the step's own backward)."""
+    teacher, student = pair
+    weights = dict(bn=float(only == "bn"), oh=float(only == "oh"), adv=0.0)
+    stars = StarsRegularizer(lambda_tar=0.0, backend="cpu") if only == "rca" else None
+    synthesizer = DeepInversionSynthesizer(teacher, student, DIGITS, batch_size=6, iterations=3, lr_g=0.1,
+                                           stars=stars, **weights)
+    synthesizer.grad_shares_every = 2  # steps 0 and 2
+    result = synthesizer.synthesize()
+    measured = result.term_grad_norms[only]
+    assert len(measured) == 2 and set(result.term_grad_norms) <= {"bn", "oh", "adv", "rca"}
+    assert measured == pytest.approx([result.grad_norms[0], result.grad_norms[2]], rel=1e-5)
 
 
 def test_cmi_instance_features_are_bn_input_means_and_stage_inputs_for_resnet34(pair):

@@ -3,6 +3,7 @@ the run-folder contract, and resuming after SIGKILL."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stars_fast import models, train
+from stars_fast import loop, models, train
 from stars_fast.data import DATASETS
 from stars_fast.distill import kd_loss
 from stars_fast.synthesis import (BNStatsHooks, DeepInversionSynthesizer, StarsRegularizer, SyntheticMemory,
@@ -212,6 +213,8 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
     for key in ("student_acc", "kd_loss", "synth_loss", "loss_bn", "loss_oh", "loss_adv", "loss_rca", "loss_tar"):
         assert all(isinstance(r[key], float) for r in records), key
     assert all(0.0 <= r["student_acc"] <= 1.0 for r in records)
+    for r in records:  # the synthesis steps' gradient norms, every epoch
+        assert 0 < r["synth_grad_median"] <= r["synth_grad_max"] and isinstance(r["synth_grad_spikes"], int)
 
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
@@ -235,7 +238,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(teacher_cache, tmp_path):
         log = f.read().splitlines()
     epoch_lines = [line for line in log if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all("student" in line and "best" in line and "kd_loss" in line and "lr" in line
-                                         for line in epoch_lines)
+                                         and "grad " in line for line in epoch_lines)
     assert log[-1] == saved["result_row"]
     assert saved["result_row"].startswith("| deepinv | on | digits_cnn → digits_snn | 4 | lif |")
     assert saved["backend"]["requested"] == "auto" and saved["backend"]["resolved"] in ("cpu", "reference")
@@ -487,13 +490,16 @@ def test_corrupted_checkpoint_is_refused_before_resuming(teacher_cache, tmp_path
 def test_stale_temporary_files_are_removed_on_start_and_resume(teacher_cache, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".checkpoint.pt.tmp-killed").write_bytes(b"x" * 100)  # what a kill mid-write leaves
+    (out / ".stars_fast_run").touch()  # a run of ours, killed before its first checkpoint
+    (out / ".checkpoint.pt.stars_fast-tmp-killed").write_bytes(b"x" * 100)  # what a kill mid-write leaves
+    (out / ".notes.txt.tmp-editor").write_text("another program's")  # not ours: stays
     train.main(["--epochs", "1", "--out", str(out)] + SHORT_EPOCHS)
-    assert not (out / ".checkpoint.pt.tmp-killed").exists()
-    (out / ".summary.json.tmp-a1b2").write_text("{")
-    (out / "synthetic" / ".meta.json.tmp-zz").write_text("{")
+    assert not (out / ".checkpoint.pt.stars_fast-tmp-killed").exists()
+    assert (out / ".notes.txt.tmp-editor").read_text() == "another program's"
+    (out / ".summary.json.stars_fast-tmp-a1b2").write_text("{")
+    (out / "synthetic" / ".meta.json.stars_fast-tmp-zz").write_text("{")
     train.main(["--epochs", "2", "--out", str(out), "--resume", "--no-progress"])
-    leftovers = [str(p) for p in out.rglob("*") if ".tmp-" in p.name]
+    leftovers = [str(p) for p in out.rglob("*") if ".stars_fast-tmp-" in p.name]
     assert not leftovers, leftovers
 
 
@@ -537,3 +543,113 @@ def test_epoch_lines_without_a_terminal_and_no_progress_bars_in_redirected_outpu
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2", "2/2"]
     assert lines[-3].startswith("| method |") and lines[-1].startswith("| deepinv | on |")
+
+
+def test_gradient_statistics_count_steps_far_above_their_rounds_median():
+    rounds = [[1.0, 2.0, 3.0, 1e4], [50.0, 60.0, 7e3], []]  # medians 2.5 and 60: 1e4 > 250, 7e3 > 6000
+    stats = loop.gradient_statistics(rounds)
+    assert stats == {"synth_grad_median": 50.0, "synth_grad_max": 1e4, "synth_grad_spikes": 2}
+    assert loop.gradient_statistics([[1.0, 99.0, 100.0]])["synth_grad_spikes"] == 0
+    assert loop.gradient_statistics([])["synth_grad_median"] is None
+
+
+def test_a_gradient_spike_is_warned_about_once_naming_the_active_terms(teacher_cache, tmp_path, monkeypatch):
+    """A synthesizer whose round has one step at 1e9 x the others: one warning line in the log (not one per
+    epoch), naming the loss terms that were non-zero; every epoch's spike count in metrics.jsonl."""
+    original = DeepInversionSynthesizer.synthesize
+
+    def spiky(self, progress=None):
+        result = original(self, progress)
+        result.grad_norms = result.grad_norms[:-1] + [1e9 * max(result.grad_norms)]
+        return result
+
+    monkeypatch.setattr(DeepInversionSynthesizer, "synthesize", spiky)
+    out = str(tmp_path / "run")
+    train.main(["--epochs", "2", "--out", out] + TINY_RUN)
+    with open(os.path.join(out, "log.txt")) as f:
+        warnings = [line for line in f if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "epoch 1 " in warnings[0]
+    assert "terms active: bn, oh, adv, rca, tar" in warnings[0]
+    assert [r["synth_grad_spikes"] for r in _metrics(out)] == [1, 1]
+
+
+# ------------------------------------------------------------------- one writer per run folder
+
+def test_a_second_run_or_a_resume_of_a_live_run_is_refused(teacher_cache, tmp_path):
+    """A live run holds the folder's lock: another run, or --resume, on that folder stops with one line
+    naming the holder before touching anything; once the holder lets go, --resume works."""
+    from stars_fast.run_folder import RunFolder
+    out = str(tmp_path / "run")
+    train.main(["--epochs", "1", "--out", out] + SHORT_EPOCHS)
+    live = RunFolder(out)
+    live.create()  # as a run still going would hold it
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    try:
+        with pytest.raises(SystemExit, match=f"another run is writing this folder \\(pid {os.getpid()} on "):
+            train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
+        assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    finally:
+        live.release()
+    starting = RunFolder(str(tmp_path / "starting"))  # a live run before its first checkpoint
+    starting.create()
+    try:
+        with pytest.raises(SystemExit, match="another run is writing this folder"):
+            train.main(["--epochs", "1", "--out", starting.path, "--seed", "1"] + SHORT_EPOCHS)
+        assert sorted(os.listdir(starting.path)) == [".stars_fast.lock", ".stars_fast_run"]
+    finally:
+        starting.release()
+    assert train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])["epochs_completed"] == 2
+
+
+def test_the_lock_of_a_killed_run_is_free(tmp_path):
+    """flock dies with its process: a run killed with SIGKILL leaves no stale lock."""
+    out = str(tmp_path / "run")
+    code = ("import sys, time; from stars_fast.run_folder import RunFolder; f = RunFolder(sys.argv[1]); f.create(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        from stars_fast.run_folder import RunFolder
+        with pytest.raises(SystemExit, match=f"pid {holder.pid} "):
+            RunFolder(out).create()
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = RunFolder(out)
+    folder.create()
+    folder.release()
+
+
+def test_out_must_be_new_empty_or_a_run_folder(teacher_cache, tmp_path):
+    """A user's folder with files in it (or a file) is never written into; an empty one is taken."""
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(SystemExit, match="not empty and is not a stars_fast run folder"):
+        train.main(["--epochs", "1", "--out", str(foreign)] + SHORT_EPOCHS)
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match="a file, not a folder"):
+        train.main(["--epochs", "1", "--out", str(a_file)] + SHORT_EPOCHS)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train.main(["--epochs", "1", "--out", str(empty)] + SHORT_EPOCHS)
+    assert (empty / ".stars_fast_run").is_file() and (empty / "checkpoint.pt").is_file()
+
+
+def test_resume_with_other_run_defining_flags_is_refused_and_changes_are_recorded(teacher_cache, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--epochs", "1", "--out", out] + SHORT_EPOCHS)
+    for flags, named in ((["--T", "2"], "--T 4 (run) vs 2 (given)"), (["--seed", "1"], "--seed 0 (run) vs 1"),
+                         (["--no-stars"], "--stars True (run) vs False"),
+                         (["--method", "cmi"], "--method 'deepinv' (run) vs 'cmi'")):
+        with pytest.raises(SystemExit, match=f"cannot resume .* with other settings: {re.escape(named)}"):
+            train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"] + flags)
+    summary = train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress", "--threads", "1",
+                          "--seed", "0"])  # the run's own value is no change
+    assert summary["epochs_completed"] == 2
+    with open(os.path.join(out, "summary.json")) as f:
+        changes = json.load(f)["config"]["resume_changes"]
+    assert changes == [{"after_epoch": 1, "flag": "--epochs", "from": 1, "to": 2},
+                       {"after_epoch": 1, "flag": "--threads", "from": 0, "to": 1}]

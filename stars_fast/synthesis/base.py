@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,49 @@ class SynthesisResult:
     images: torch.Tensor
     targets: torch.Tensor
     losses: Dict[str, float] = field(default_factory=dict)
+    grad_norms: List[float] = field(default_factory=list)  # per step, StepGradientNorms
+    term_grad_norms: Dict[str, List[float]] = field(default_factory=dict)  # per measured step and term
+
+
+class StepGradientNorms:
+    """||g||_2 of each synthesis step's gradient over the synthesized variables (the pixels, or the
+    generator's parameters and latents): read after the step's backward, before the optimizer uses it,
+    so it costs no extra backward; kept on the device until `values()` at the end of the round.
+
+    With `terms_every` = N > 0, every N-th step (`due()`) also measures each weighted loss term's own
+    gradient norm (`record_terms`: one extra backward per term), to show which term drives the synthesis."""
+
+    def __init__(self, variables: Iterable[torch.Tensor], terms_every: int = 0):
+        self.variables = list(variables)
+        self.terms_every = terms_every
+        self._norms: List[torch.Tensor] = []
+        self._terms: Dict[str, List[torch.Tensor]] = {}
+
+    def due(self) -> bool:
+        """Whether the coming step's terms are measured."""
+        return self.terms_every > 0 and len(self._norms) % self.terms_every == 0
+
+    def record(self) -> None:
+        grads = [v.grad for v in self.variables if v.grad is not None]
+        if grads:
+            self._norms.append(torch.nn.utils.get_total_norm(grads))
+
+    def record_terms(self, terms: Dict[str, torch.Tensor]) -> None:
+        """||d term / d variables||_2 of each term (a loss with its graph, already weighted), before the
+        step's backward (the graph is kept for it)."""
+        for name, term in terms.items():
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, self.variables, retain_graph=True, allow_unused=True)
+            grads = [g for g in grads if g is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else term.new_zeros(())
+            self._terms.setdefault(name, []).append(norm.detach())
+
+    def values(self) -> List[float]:
+        return torch.stack(self._norms).tolist() if self._norms else []
+
+    def term_values(self) -> Dict[str, List[float]]:
+        return {name: torch.stack(norms).tolist() for name, norms in self._terms.items()}
 
 
 @contextlib.contextmanager

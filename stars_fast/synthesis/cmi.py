@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import DatasetInfo, normalize
-from .base import SynthesisResult, frozen, random_crop_and_flip
+from .base import StepGradientNorms, SynthesisResult, frozen, random_crop_and_flip
 from .generator import Generator, reset_generator
 from .objective import BestSoFar, InversionObjective, Synthesizer
 from .stars_regularizer import StarsRegularizer
@@ -190,13 +190,15 @@ class CMISynthesizer(Synthesizer):
         optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], lr=self.lr_g,
                                      betas=(0.5, 0.999))
         best, terms = BestSoFar(), {}
+        grad_norms = StepGradientNorms([*self.generator.parameters(), z], self.grad_shares_every)
         with self.objective.round(stars=self.objective.stars_on(self.epoch)) as objective, \
                 InstanceMeanHooks(self.feature_modules) as hooks:
             for _ in range(self.iterations):
                 pixels = self.generator(z)
                 global_view = normalize(random_crop_and_flip(pixels, self.info.crop_padding, self.info.flip), self.info)
                 local_view = normalize(random_resized_crop_and_flip(pixels, flip=self.info.flip), self.info)
-                out = objective(global_view, targets)
+                measure = grad_norms.due()
+                out = objective(global_view, targets, measure)
                 global_features = hooks.features()
                 local_features = self._instance_features(local_view, hooks)
                 negative_local, negative_global = self.bank.sample(self.n_neg, 2 * self.feature_dim).chunk(2, dim=1)
@@ -208,10 +210,13 @@ class CMISynthesizer(Synthesizer):
                 if len(per_row) > self.batch_size:
                     loss_cr = loss_cr + per_row[self.batch_size:].mean()
                 loss = out.loss + self.cr * loss_cr
+                if measure:
+                    grad_norms.record_terms({**out.weighted, "cr": self.cr * loss_cr})
                 best.update(loss, pixels, torch.cat([local_features, global_features], dim=1))
                 optimizer.zero_grad(set_to_none=True)
                 self.head_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norms.record()
                 optimizer.step()
                 self.head_optimizer.step()
                 terms = {"synth_loss": loss.detach(), **out.terms, "loss_cr": loss_cr.detach()}
@@ -219,7 +224,8 @@ class CMISynthesizer(Synthesizer):
                     progress.update(1)
         best_pixels, best_features = best.tensors
         self.bank.add(best_features)
-        return SynthesisResult(normalize(best_pixels, self.info), targets, {k: float(v) for k, v in terms.items()})
+        return SynthesisResult(normalize(best_pixels, self.info), targets, {k: float(v) for k, v in terms.items()},
+                               grad_norms.values(), grad_norms.term_values())
 
     def state_dict(self) -> Dict:
         return {"head": self.head.state_dict(), "head_optimizer": self.head_optimizer.state_dict(),

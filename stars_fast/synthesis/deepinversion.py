@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import DatasetInfo
-from .base import SynthesisResult, jitter_and_flip, pixel_bounds
+from .base import StepGradientNorms, SynthesisResult, jitter_and_flip, pixel_bounds
 from .collectives import all_reduce_sum
 from .objective import InversionObjective, Synthesizer
 from .stars_regularizer import StarsRegularizer
@@ -69,26 +69,33 @@ class DeepInversionSynthesizer(Synthesizer):
         targets = torch.randint(0, self.info.num_classes, (self.batch_size,), device=self.device).sort()[0]
         optimizer = torch.optim.Adam([images], lr=self.lr_g, betas=(0.5, 0.99))
         low, high = pixel_bounds(self.info, self.device)
-        terms = {}
+        terms, grad_norms = {}, StepGradientNorms([images], self.grad_shares_every)
         with self.objective.round(stars=self.objective.stars_on(self.epoch)) as objective:
             for _ in range(self.iterations):
-                terms = self.step(images, targets, optimizer, objective)
+                terms = self.step(images, targets, optimizer, objective, grad_norms)
                 with torch.no_grad():
                     images.copy_(torch.maximum(torch.minimum(images, high), low))
                 if progress is not None:
                     progress.update(1)
-        return SynthesisResult(images.detach(), targets, {k: float(v) for k, v in terms.items()})
+        return SynthesisResult(images.detach(), targets, {k: float(v) for k, v in terms.items()},
+                               grad_norms.values(), grad_norms.term_values())
 
-    def step(self, images: Tensor, targets: Tensor, optimizer, objective) -> Dict[str, Tensor]:
+    def step(self, images: Tensor, targets: Tensor, optimizer, objective,
+             grad_norms: Optional[StepGradientNorms] = None) -> Dict[str, Tensor]:
         """One optimization step of the images: the shared objective (`objective`, from
         `self.objective.round()`) on the jittered and flipped images plus the image priors, backward
         to the images, Adam step. Returns the loss terms as detached tensors (no device sync)."""
-        out = objective(jitter_and_flip(images, flip=self.info.flip), targets)
+        measure = grad_norms is not None and grad_norms.due()
+        out = objective(jitter_and_flip(images, flip=self.info.flip), targets, measure)
         zero = images.new_zeros(())
         loss_tv = total_variation(images) if self.tv > 0 else zero
         loss_l2 = l2_norm(images) if self.l2 > 0 else zero
         loss = out.loss + self.tv * loss_tv + self.l2 * loss_l2
+        if measure:
+            grad_norms.record_terms({**out.weighted, "tv": self.tv * loss_tv, "l2": self.l2 * loss_l2})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_norms is not None:
+            grad_norms.record()
         optimizer.step()
         return {"synth_loss": loss.detach(), **out.terms, "loss_tv": loss_tv.detach(), "loss_l2": loss_l2.detach()}

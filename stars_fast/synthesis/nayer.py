@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..data import DatasetInfo, normalize
 from ..safe_pickle import restricted_load
-from .base import SynthesisResult, random_crop_and_flip
+from .base import StepGradientNorms, SynthesisResult, random_crop_and_flip
 from .generator import NoisyLayerGenerator
 from .objective import BestSoFar, InversionObjective, Synthesizer
 from .stars_regularizer import StarsRegularizer
@@ -138,6 +138,7 @@ class NayerSynthesizer(Synthesizer):
             self.generator, self.built_epoch = self._new_generator(), self.epoch
         generator = self.generator.train()
         images, all_targets, terms = [], [], {}
+        grad_norms = StepGradientNorms(generator.parameters(), self.grad_shares_every)
         with self.objective.round(adversarial=self.epoch >= self.warmup,
                                   stars=self.objective.stars_on(self.epoch)) as objective:
             for _ in range(self.loops):
@@ -147,11 +148,15 @@ class NayerSynthesizer(Synthesizer):
                 best = BestSoFar()
                 for _ in range(self.iterations):
                     pixels = generator(targets)
+                    measure = grad_norms.due()
                     out = objective(normalize(random_crop_and_flip(pixels, self.info.crop_padding, self.flip),
-                                              self.info), targets)
+                                              self.info), targets, measure)
+                    if measure:
+                        grad_norms.record_terms(out.weighted)
                     best.update(out.loss, pixels)
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
+                    grad_norms.record()
                     optimizer.step()
                     terms = {"synth_loss": out.loss.detach(), **out.terms}
                     if progress is not None:
@@ -159,7 +164,8 @@ class NayerSynthesizer(Synthesizer):
                 self.objective.end_batch()  # the BN momentum target takes this batch's last statistics
                 images.append(normalize(best.tensors[0], self.info))
                 all_targets.append(targets)
-        return SynthesisResult(torch.cat(images), torch.cat(all_targets), {k: float(v) for k, v in terms.items()})
+        return SynthesisResult(torch.cat(images), torch.cat(all_targets), {k: float(v) for k, v in terms.items()},
+                               grad_norms.values(), grad_norms.term_values())
 
     def state_dict(self) -> Dict:
         moving = self.objective.bn_moving

@@ -49,6 +49,7 @@ class Synthesizer(abc.ABC):
     """
 
     epoch = 0
+    grad_shares_every = 0  # --grad-shares: every N-th step measures each term's gradient norm (0: never)
 
     @abc.abstractmethod
     def synthesize(self, progress=None) -> SynthesisResult:
@@ -92,10 +93,12 @@ def js_divergence(student_logits: Tensor, teacher_logits: Tensor, T: float = 3.0
 
 @dataclass
 class InversionLoss:
-    """One evaluation of the objective: the loss (with its graph) and its terms (detached, for the log)."""
+    """One evaluation of the objective: the loss (with its graph) and its terms (detached, for the log);
+    `weighted`, when asked for (measure=True), each weighted term with its graph (their sum is `loss`)."""
 
     loss: Tensor
     terms: Dict[str, Tensor]
+    weighted: Optional[Dict[str, Tensor]] = None
 
 
 def channels_last_on_cpu(model: nn.Module) -> nn.Module:
@@ -169,9 +172,9 @@ class InversionObjective:
             self._hooks.update_moving()
             self.bn_moving = self._hooks.moving_state()
 
-    def _loss(self, inputs: Tensor, targets: Tensor, *, hooks: BNStatsHooks, student: Optional[nn.Module],
-              adv: float, stars: Optional[StarsRegularizer], student_hooks: Optional[BNStatsHooks],
-              student_bn: float) -> InversionLoss:
+    def _loss(self, inputs: Tensor, targets: Tensor, measure: bool = False, *, hooks: BNStatsHooks,
+              student: Optional[nn.Module], adv: float, stars: Optional[StarsRegularizer],
+              student_hooks: Optional[BNStatsHooks], student_bn: float) -> InversionLoss:
         zero = inputs.new_zeros(())
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             t_logits, t_taps = self.teacher(inputs, return_taps=True)
@@ -188,14 +191,18 @@ class InversionObjective:
             loss_adv = -batch_mean(disagreement)
         loss_stars = loss_rca = loss_tar = zero
         if stars is not None:
-            loss_stars, loss_rca, loss_tar = stars([all_gather_batch(t) for t in t_taps],
-                                                   [all_gather_batch(s) for s in s_taps])
+            taps = ([all_gather_batch(t) for t in t_taps], [all_gather_batch(s) for s in s_taps])
+            loss_stars, loss_rca, loss_tar = stars(*taps)
         loss = self.bn * (loss_bn - student_bn * loss_bn_student) + self.oh * loss_oh + adv * loss_adv + loss_stars
         terms = {"loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv, "loss_rca": loss_rca,
                  "loss_tar": loss_tar}
         if student_hooks is not None:
             terms["loss_bn_student"] = loss_bn_student
-        return InversionLoss(loss, {k: v.detach() for k, v in terms.items()})
+        weighted = None
+        if measure:
+            weighted = {"bn": self.bn * (loss_bn - student_bn * loss_bn_student), "oh": self.oh * loss_oh,
+                        "adv": adv * loss_adv, **(stars.terms(*taps) if stars is not None else {})}
+        return InversionLoss(loss, {k: v.detach() for k, v in terms.items()}, weighted)
 
 
 class BestSoFar:

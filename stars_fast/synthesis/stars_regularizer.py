@@ -4,7 +4,7 @@ layers S with weights w_l (Eq. 15, 17)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,9 +58,20 @@ class StarsRegularizer:
                              f"(indices 0..{len(taps) - 1})")
         return [taps[i] for i in self.layers]
 
+    def terms(self, teacher_taps: Sequence[torch.Tensor], student_taps: Sequence[torch.Tensor]
+              ) -> Dict[str, torch.Tensor]:
+        """{"rca": lambda_rca L_RCA, "tar": lambda_tar L_TAR}, each differentiable on its own (a loss call
+        each; for measuring each term's gradient), the terms with lambda 0 left out."""
+        weights = {"rca": (self.lambda_rca, 0.0), "tar": (0.0, self.lambda_tar)}
+        return {name: self._loss(teacher_taps, student_taps, lambda_rca, lambda_tar)[0]
+                for name, (lambda_rca, lambda_tar) in weights.items() if lambda_rca + lambda_tar > 0}
+
     def __call__(self, teacher_taps: Sequence[torch.Tensor], student_taps: Sequence[torch.Tensor]
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, L_RCA, L_TAR); backpropagate through `total` (the parts may be detached diagnostics)."""
+        return self._loss(teacher_taps, student_taps, self.lambda_rca, self.lambda_tar)
+
+    def _loss(self, teacher_taps, student_taps, lambda_rca: float, lambda_tar: float):
         if len(teacher_taps) != len(student_taps):
             raise ValueError(f"the teacher has {len(teacher_taps)} STARS taps but the student has "
                              f"{len(student_taps)}; the model pair must tap the same number of stages")
@@ -70,5 +81,5 @@ class StarsRegularizer:
         return stars_loss(
             [t.float() for t in teacher_taps], [s.float() for s in student_taps],
             quantiles=self.quantiles, thresholds=self.thresholds, delta=self.delta, weights=self.weights,
-            lambda_rca=self.lambda_rca, lambda_tar=self.lambda_tar, normalize=self.normalize,
+            lambda_rca=lambda_rca, lambda_tar=lambda_tar, normalize=self.normalize,
             return_parts=True, backend=self.backend)
