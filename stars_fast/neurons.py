@@ -1,19 +1,28 @@
-"""Multi-step spiking neuron modules on [T, B, ...] (SpikingJelly 2.0 multi-step semantics, docs/design.md 2.1).
+"""Spiking neuron modules with SpikingJelly 2.0's semantics (docs/design.md 2.1): multi-step on [T, B, ...]
+or single-step, one time step per call.
 
 The constructors take SpikingJelly's arguments, in its order: `LIFNode(tau, decay_input, v_threshold,
 v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)`, so code written for
 `spikingjelly.activation_based.neuron` runs unchanged with `surrogate_function=surrogate.ATan()`
 (Sigmoid, ATan and PiecewiseQuadratic objects; their alpha and spiking flag are taken over) or with our
-strings "sigmoid" / "atan" / "triangle" plus `alpha=`. Differences: only `step_mode='m'` (the fused
-kernels run the whole sequence; 's' is refused), `backend` names ours (SpikingJelly's "torch" and
-"cupy" mean "reference" and "cuda"), and the input must be at least [T, B, features].
+strings "sigmoid" / "atan" / "triangle" plus `alpha=`. Differences: the default `step_mode` is 'm' (the
+fused kernels run the whole sequence in one call; SpikingJelly's default is 's'), `backend` names ours
+(SpikingJelly's "torch" and "cupy" mean "reference" and "cuda"), and a multi-step input must be at least
+[T, B, features].
 
-State: by default each forward starts from rest (v = v_reset, or 0 with soft reset) -- what
-SpikingJelly does when `functional.reset_net(net)` runs after every batch, the usual training loop.
-With `stateful=True` the final membrane potential is kept in `self.v` and the next forward continues
-from it, as SpikingJelly's memory modules do, until `reset()` returns the neuron to rest.
-`reset()` exists in both modes, so `spikingjelly.activation_based.functional.reset_net` works on
-networks built from these modules.
+Step modes. 'm': forward(x[T, B, ...]) runs all T steps. 's': forward(x[B, ...]) runs one step and keeps
+the membrane potential in `self.v` for the next call, as SpikingJelly's single-step loop
+`sum(net(x[t]) for t in range(T)) / T` expects (gradients flow through v from call to call), until
+`reset()`. The mode is checked whenever it is set, so `functional.set_step_mode(net, 's')` switches the
+neurons for real.
+
+State in multi-step mode: by default each forward starts from rest (v = v_reset, or 0 with soft reset)
+-- what SpikingJelly does when `functional.reset_net(net)` runs after every batch, the usual training
+loop. With `stateful=True` the final membrane potential is kept in `self.v` and the next forward
+continues from it, as SpikingJelly's memory modules do, until `reset()` returns the neuron to rest.
+`reset()` and `detach()` exist in every mode, so SpikingJelly's `functional.reset_net` and
+`functional.detach_net` (truncated backpropagation through time) work on networks built from these
+modules.
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ SPIKINGJELLY_SURROGATES = {
     "PiecewiseQuadratic": ("triangle", lambda alpha: 1.0 / alpha),
 }
 SPIKINGJELLY_BACKENDS = {"torch": "reference", "cupy": "cuda"}
-STEP_MODES = ("m",)
+STEP_MODES = ("s", "m")
 
 
 def resolve_surrogate(surrogate_function, alpha: Optional[float]) -> Tuple[str, float, bool]:
@@ -67,11 +76,6 @@ class _MultiStepNeuron(nn.Module):
                  surrogate_function, alpha: Optional[float], detach_reset: bool, step_mode: str, backend: str,
                  store_v_seq: bool, stateful: bool):
         super().__init__()
-        if step_mode == "s":
-            raise ValueError("step_mode='s' (one time step per call) is not supported: these neurons run the whole "
-                             "[T, B, ...] sequence in one fused kernel; use step_mode='m' and pass all T steps")
-        if step_mode not in STEP_MODES:
-            raise ValueError(f"step_mode must be 'm', got {step_mode!r}")
         if store_v_seq:
             raise ValueError("store_v_seq=True is not supported: the fused kernels keep only the final membrane "
                              "potential (stateful=True keeps it in .v)")
@@ -88,18 +92,54 @@ class _MultiStepNeuron(nn.Module):
         self.step_mode = step_mode
         self.backend = backend
         self.stateful = bool(stateful)
-        self.v: Optional[torch.Tensor] = None  # membrane potential after the last forward (stateful only)
+        self.v: Optional[torch.Tensor] = None  # membrane potential after the last forward (stateful, or 's')
+
+    @property
+    def step_mode(self) -> str:
+        """'m' (forward takes [T, B, ...]) or 's' (forward takes one step [B, ...] and keeps v)."""
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, mode: str) -> None:
+        if mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be 's' (one step per call) or 'm' (the whole [T, B, ...] sequence), "
+                             f"got {mode!r}")
+        self._step_mode = mode
 
     def reset(self) -> None:
         """Return to rest: the next forward starts at v = v_reset (0 for soft reset)."""
         self.v = None
 
+    def detach(self) -> None:
+        """Cut the graph behind the kept membrane potential (SpikingJelly's detach_net, truncated BPTT)."""
+        if self.v is not None:
+            self.v = self.v.detach()
+
     def _decay(self) -> dict:
         return {}
+
+    def _run(self, x: torch.Tensor, v_init: Optional[torch.Tensor], keep_v: bool):
+        return multistep_neuron(
+            x, **self._decay(), neuron="lif" if self.leaky else "if", v_threshold=self.v_threshold,
+            v_reset=self.v_reset, decay_input=self.decay_input, detach_reset=self.detach_reset,
+            surrogate=self.surrogate, alpha=self.alpha, spiking=self.spiking, v_init=v_init,
+            return_v=keep_v, backend=self.backend)
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One time step x[B, ...] from the kept v (rest after reset()); keeps the new v."""
+        if x.dim() < 1:
+            raise ValueError(f"{type(self).__name__} in step_mode='s' expects one step [B, ...], got a scalar")
+        if self.v is not None and self.v.shape != x.shape:
+            raise ValueError(f"{type(self).__name__} holds a state of shape {tuple(self.v.shape)} but got a step "
+                             f"of shape {tuple(x.shape)}: call reset() (functional.reset_net) between sequences")
+        spikes, self.v = self._run(x.unsqueeze(0), self.v, keep_v=True)
+        return spikes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor [T, B, ...], got {type(x).__name__}")
+        if self.step_mode == "s":
+            return self.single_step_forward(x)
         if x.dim() < 3:
             raise ValueError(
                 f"{type(self).__name__} expects a multi-step input [T, B, ...] (time first, then batch, then "
@@ -110,11 +150,7 @@ class _MultiStepNeuron(nn.Module):
         if v_init is not None and v_init.shape != x.shape[1:]:
             raise ValueError(f"stateful {type(self).__name__} holds a state of shape {tuple(v_init.shape)} but got "
                              f"steps of shape {tuple(x.shape[1:])}: call reset() between sequences")
-        spikes, v_last = multistep_neuron(
-            x, **self._decay(), neuron="lif" if self.leaky else "if", v_threshold=self.v_threshold,
-            v_reset=self.v_reset, decay_input=self.decay_input, detach_reset=self.detach_reset,
-            surrogate=self.surrogate, alpha=self.alpha, spiking=self.spiking, v_init=v_init,
-            return_v=self.stateful, backend=self.backend)
+        spikes, v_last = self._run(x, v_init, keep_v=self.stateful)
         if self.stateful:
             self.v = v_last
         return spikes
