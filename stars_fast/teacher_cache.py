@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import torch
 
@@ -56,7 +57,8 @@ def load_run_teacher(config, info: DatasetInfo, device, log=print) -> torch.nn.M
     is not a checkpoint of --teacher."""
     path = config["teacher_ckpt"]
     if path is None:
-        teacher = digits_teacher(config["teacher"], info, device, config["progress"], log=log)
+        progress = config["progress"] and sys.stderr.isatty()  # no \r bars in redirected output
+        teacher = digits_teacher(config["teacher"], info, device, progress, log=log)
     else:
         try:
             teacher = models.load_teacher(config["teacher"], path, info.num_classes,
