@@ -446,3 +446,25 @@ def test_pool_features_bad_inputs():
         stars_fast.pool_features(torch.randn(3, 4))
     with pytest.raises(TypeError, match="floating"):
         stars_fast.pool_features(torch.ones(2, 3, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_loss_api_normalize_flags_parts_and_module_arguments(backend):
+    """normalize takes the CLI's boolean too; return_parts gives detached parts on every backend;
+    StarsLoss checks its arguments (names and values) when it is built, not at the first forward."""
+    require_backend(backend)
+    zt, zs = _features(9, (6,), (5,))
+    zs = [z.requires_grad_(True) for z in zs]
+    for same, as_given in (("teacher", True), (None, False)):
+        want = stars_fast.stars_loss(zt, zs, normalize=same, backend=backend)
+        assert torch.equal(stars_fast.stars_loss(zt, zs, normalize=as_given, backend=backend), want)
+    total, rca, tar = stars_fast.stars_loss(zt, zs, return_parts=True, backend=backend)
+    assert total.requires_grad and not rca.requires_grad and not tar.requires_grad
+    with pytest.raises(TypeError, match="lamda_rca"):
+        stars_fast.StarsLoss(lamda_rca=2.0)
+    with pytest.raises(ValueError, match="delta"):
+        stars_fast.StarsLoss(delta=-1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        stars_fast.StarsLoss(backend="gpu")
+    module = stars_fast.StarsLoss(lambda_tar=0.0, backend=backend)
+    assert torch.equal(module(zt, zs), stars_fast.stars_loss(zt, zs, lambda_tar=0.0, backend=backend))

@@ -26,6 +26,7 @@ from torch import Tensor
 from .. import _backend, reference
 
 DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
+NORMALIZE_CHOICES = (None, False, True, "teacher")  # True and "teacher": teacher-centric; None and False: none
 
 
 def _fused_impl(backend: str):
@@ -187,8 +188,8 @@ def _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weight
             raise ValueError(f"{len(weights)} weights for {len(z_teacher)} layers")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
             raise ValueError(f"weights must be finite, non-negative and of positive sum, got {weights}")
-    if normalize not in (None, "teacher"):
-        raise ValueError(f"normalize must be None or 'teacher', got {normalize!r}")
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize must be None, False, True or 'teacher', got {normalize!r}")
 
 
 def stars_loss(
@@ -206,16 +207,31 @@ def stars_loss(
     backend: str = "auto",
     eps: float = 1e-12,
 ):
-    """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17).
+    """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17; docs/design.md 2.2).
 
     z_teacher[l]: pooled teacher pre-ReLU features [B, C_l]; z_student[l]: pooled student pre-LIF
-    features [B, C'_l] (one B for every layer). Gradients flow to both. The loss is fp32 (fp64 if a
-    feature is fp64), as the reference's for half features. With return_parts, also
-    (L_RCA, L_TAR); on the fused backends these two are detached diagnostics (backpropagate through
-    the total).
+    features [B, C'_l] (pool_features; one B >= 2 for every layer). Gradients flow to both. The loss is
+    fp32 (fp64 if a feature is fp64), as the reference's for half features.
+
+    quantiles:  TAR's thresholds theta_m = torch.quantile(z_teacher[l], q_m) per layer ('linear'),
+                constants of the loss (Eq. 16); ignored when `thresholds` is given.
+    thresholds: fixed TAR thresholds instead (in standardized units under `normalize`).
+    delta:      the soft exceedance's temperature, sigmoid((z - theta) / delta) (Eq. 16).
+    weights:    the layer weights w_l (Eqs. 15, 17), normalized by their sum; None: equal.
+    lambda_rca, lambda_tar: the two terms' weights in L (Eq. 18's lambdas).
+    normalize:  True or "teacher": both sides standardized with the teacher's mean and population std
+                (constants) before thresholding; None or False: raw features.
+    eps:        the floor of that std (a constant teacher layer). RCA needs none: rows at most 1e-3 x
+                their side's largest norm are silent and leave its pairs (docs/design.md 2.2).
+    backend:    "auto", "cpu", "triton", "cuda" or "reference" (stars_fast.available_backends).
+    return_parts: also (L_RCA, L_TAR), weighted by w_l / sum(w) but not by the lambdas, detached on
+                every backend (diagnostics: backpropagate through the total).
+    Second derivatives (create_graph=True) are exact on every backend (the fused ones take them
+    through the reference).
     """
     _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weights, lambda_rca, lambda_tar,
                       normalize, eps)
+    normalize = "teacher" if normalize in (True, "teacher") else None
     quantiles = [float(q) for q in quantiles]
     thresholds = None if thresholds is None else [float(t) for t in thresholds]
     dtype = functools.reduce(torch.promote_types, [z.dtype for z in list(z_teacher) + list(z_student)])
@@ -224,7 +240,7 @@ def stars_loss(
         total, rca, tar = reference.stars_loss(
             z_teacher, z_student, quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
             lambda_rca=lambda_rca, lambda_tar=lambda_tar, normalize=normalize, eps=eps)
-        return (total, rca, tar) if return_parts else total
+        return (total, rca.detach(), tar.detach()) if return_parts else total
     weights = [1.0] * len(z_teacher) if weights is None else [float(w) for w in weights]
     w_sum = sum(weights)
     coef_rca = [lambda_rca * w / w_sum for w in weights]
@@ -242,11 +258,21 @@ def stars_loss(
 
 
 class StarsLoss(torch.nn.Module):
-    """nn.Module form of stars_loss: StarsLoss(**options)(z_teacher, z_student)."""
+    """nn.Module form of stars_loss: StarsLoss(...)(z_teacher, z_student); the arguments are stars_loss's,
+    checked here at construction."""
 
-    def __init__(self, **options):
+    def __init__(self, *, quantiles: Sequence[float] = DEFAULT_QUANTILES, thresholds: Optional[Sequence[float]] = None,
+                 delta: float = 0.5, weights: Optional[Sequence[float]] = None, lambda_rca: float = 1.0,
+                 lambda_tar: float = 1.0, normalize=None, return_parts: bool = False, backend: str = "auto",
+                 eps: float = 1e-12):
         super().__init__()
-        self.options = options
+        self.options = dict(quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
+                            lambda_rca=lambda_rca, lambda_tar=lambda_tar, normalize=normalize,
+                            return_parts=return_parts, backend=backend, eps=eps)
+        probe = [torch.zeros(2, 1)] * (1 if weights is None else len(weights))
+        _check_stars_args(probe, probe, quantiles, thresholds, delta, weights, lambda_rca, lambda_tar, normalize, eps)
+        if backend not in ("auto",) + _backend.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + _backend.BACKENDS}")
 
     def forward(self, z_teacher, z_student):
         return stars_loss(z_teacher, z_student, **self.options)
