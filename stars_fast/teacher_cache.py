@@ -43,7 +43,11 @@ def digits_teacher(name: str, info: DatasetInfo, device, progress: bool, log=pri
         teacher = models.build_teacher(name, info.num_classes, in_channels=info.in_channels)
         path = os.path.join(cache_dir(), f"digits-{name}-{_architecture_fingerprint(teacher)}-r{recipe['version']}.pt")
         if os.path.isfile(path):
-            return models.load_teacher(name, path, info.num_classes, in_channels=info.in_channels).to(device)
+            try:
+                with torch.random.fork_rng(devices=[]):  # a failed load leaves the recipe's stream untouched
+                    return models.load_teacher(name, path, info.num_classes, in_channels=info.in_channels).to(device)
+            except (ValueError, models.CheckpointMismatchError) as exc:
+                log(f"the cached digits teacher is damaged ({str(exc).splitlines()[0]}): training it again")
         log(f"training the digits teacher {name!r} (cached afterwards at {path})")
         train_supervised(teacher, load_dataset("digits", "train"), info, epochs=recipe["epochs"], lr=recipe["lr"],
                          batch_size=recipe["batch_size"], device=device,

@@ -655,3 +655,51 @@ def test_resume_with_other_run_defining_flags_is_refused_and_changes_are_recorde
         changes = json.load(f)["config"]["resume_changes"]
     assert changes == [{"after_epoch": 1, "flag": "--epochs", "from": 1, "to": 2},
                        {"after_epoch": 1, "flag": "--threads", "from": 0, "to": 1}]
+
+
+def _flip_a_tensor_byte(path):
+    """Flip one byte inside the largest tensor record of a torch.save zip (its size unchanged)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        position = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_damaged_teacher_cache_is_rebuilt_and_wrong_teacher_files_are_refused(teacher_cache, tmp_path, monkeypatch):
+    """A bit flip in the cached digits teacher: caught by the CRC check, said in one line, the teacher
+    trained again (the same weights: its recipe is seeded). A bit-flipped --teacher-ckpt and a student's
+    model file given as --teacher-ckpt are refused with one line."""
+    from stars_fast.data import DATASETS
+    from stars_fast.teacher_cache import digits_teacher
+    monkeypatch.setenv("STARS_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(train.DIGITS_TEACHER_RECIPE, "epochs", 2)
+    first = digits_teacher("digits_cnn", DATASETS["digits"], "cpu", progress=False)
+    (cached,) = (tmp_path / "cache").iterdir()
+    _flip_a_tensor_byte(str(cached))
+    lines = []
+    again = digits_teacher("digits_cnn", DATASETS["digits"], "cpu", progress=False, log=lines.append)
+    assert "fails its CRC check" in lines[0] and "training it again" in lines[0]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert len(lines) == 2 and digits_teacher("digits_cnn", DATASETS["digits"], "cpu", progress=False,
+                                              log=lines.append) is not None and len(lines) == 2  # intact now
+
+    flipped = tmp_path / "teacher.pth"
+    models.save_checkpoint({"state_dict": first.state_dict()}, str(flipped))
+    _flip_a_tensor_byte(str(flipped))
+    with pytest.raises(SystemExit, match="--teacher-ckpt .*fails its CRC check"):
+        train.main(["--epochs", "1", "--out", str(tmp_path / "run1"), "--teacher-ckpt", str(flipped)] + SHORT_EPOCHS)
+    student = models.build_student("digits_snn", 10, T=2, in_channels=1)
+    student_file = tmp_path / "student.pth"
+    models.save_student(str(student_file), student, arch="digits_snn", num_classes=10, in_channels=1, T=2,
+                        neuron="lif", acc=None, epoch=None)
+    with pytest.raises(SystemExit, match="is a spiking student file of arch 'digits_snn', not a 'digits_cnn'"):
+        train.main(["--epochs", "1", "--out", str(tmp_path / "run2"), "--teacher-ckpt", str(student_file)]
+                   + SHORT_EPOCHS)

@@ -64,10 +64,17 @@ def load_teacher(name: str, path: str, num_classes: int, in_channels: int = 3) -
     """Build teacher `name` and load the checkpoint at `path` into it (strictly, weights_only=True).
 
     Accepts Fast-Datafree's {'state_dict': ...} files and bare state dicts, with or without the
-    'module.' prefix. The model is returned in eval mode on the CPU.
+    'module.' prefix. A zip archive (torch.save's format) has every record's CRC checked first, so a
+    flipped bit is refused rather than distilled from; a file that names its `arch` (a model file of
+    save_student) must name this teacher. The model is returned in eval mode on the CPU.
     """
     model = build_teacher(name, num_classes, in_channels)
+    if zipfile.is_zipfile(path):
+        verify_checkpoint(path)
     checkpoint = _load_weights_only(path, "cpu")
+    if isinstance(checkpoint, Mapping) and "arch" in checkpoint and checkpoint["arch"] != name:
+        role = "a spiking student" if checkpoint["arch"] in STUDENTS else "a model"
+        raise ValueError(f"{path} is {role} file of arch {checkpoint['arch']!r}, not a {name!r} teacher")
     load_state_dict_strict(model, _unwrap_state_dict(checkpoint), source=f"checkpoint {path!r} for {name!r}")
     return model.eval()
 
