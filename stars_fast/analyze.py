@@ -14,7 +14,7 @@
   analysis.json      the numbers behind every figure
 
 The teacher is the run's (--teacher-ckpt, or the cached digits teacher), the student student.pth
-(--model best: best.pth). Plots use matplotlib (pip install stars_fast[plots]) with the Agg backend.
+(--model best: best.pth). Plots use matplotlib (pip install matplotlib) with the Agg backend.
 """
 from __future__ import annotations
 
@@ -379,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        _fail("matplotlib is not installed: pip install 'stars_fast[plots]'")
+        _fail("matplotlib is not installed: pip install matplotlib")
 
     import torch
 

@@ -10,6 +10,7 @@ import argparse
 import math
 from typing import Dict, List, Optional
 
+from . import __version__
 from .presets import DEFAULTS, METHODS, PRESETS
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "tiny-imagenet")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Fast-Datafree users: its --T (KD temperature) is --kd-T here; --T here is the number of time steps.\n"
                "Several processes (DistributedDataParallel): torchrun --nproc_per_node N -m stars_fast.train ...\n"
                "Presets (Appendix A of the paper; --list-presets shows their values): " + ", ".join(PRESETS))
+    parser.add_argument("--version", action="version", version=f"stars_fast {__version__}")
 
     def add(group, *flags, help, **kwargs):
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")

@@ -384,6 +384,17 @@ def test_help_answers_without_importing_torch():
     assert "--time-steps" in result.stdout
 
 
+def test_version_answers_without_importing_torch():
+    code = ("import sys; sys.argv = ['x', '--version']\n"
+            "try:\n    import runpy; runpy.run_module('stars_fast.train', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stars_fast 0.1.0"
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--teacher", "vgg16", "--student", "digits_snn"], "taps 5 stages but --student digits_snn taps 3"),
     (["--teacher-ckpt", "MISSING"], "no such file"),
