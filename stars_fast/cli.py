@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
              "configuration (flags given again override it); starts the run if there is no checkpoint")
     add(g, "--no-progress", dest="progress", action="store_false",
         help="no progress bars (the one line per epoch is still printed; bars are shown only on a terminal)")
+    add(g, "--dist-timeout", type=int, metavar="S",
+        help="under torchrun: seconds a process waits for the others in a collective before the job stops "
+             "with a message (a stalled or killed process)")
     add(g, "--grad-shares", type=int, metavar="N",
         help="every N-th synthesis step, also the gradient norm of each weighted loss term on the synthesized "
              "variables (one extra backward per term) into metrics.jsonl as grad_<term> (0: off, the default)")
@@ -225,6 +228,8 @@ def _check_config(config: Dict[str, object]) -> None:
     if not 0 <= config["warmup"] < config["epochs"]:
         raise SystemExit(f"--warmup ({config['warmup']}) must be >= 0 and < --epochs ({config['epochs']}): "
                          "KD starts after the warm-up epochs, so this run would never distill")
+    if config["dist_timeout"] < 1:
+        raise SystemExit(f"--dist-timeout must be >= 1 second, got {config['dist_timeout']}")
     if config["grad_shares"] < 0:
         raise SystemExit(f"--grad-shares must be >= 0 (0: off), got {config['grad_shares']}")
     if config["threads"] < 0:

@@ -19,6 +19,7 @@ Without torchrun (WORLD_SIZE unset or 1) the same calls run in the one process a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
@@ -136,10 +137,12 @@ def _to_cpu(obj):
 
 
 @contextlib.contextmanager
-def setup(device: torch.device) -> Iterator[Context]:
+def setup(device: torch.device, timeout_s: int = 300) -> Iterator[Context]:
     """The process group torchrun asked for (torn down on exit), or a one-process Context.
 
     `device` is the one the user chose; under torchrun a GPU without an index becomes cuda:LOCAL_RANK.
+    A collective that waits longer than `timeout_s` for another process (stalled, or killed without
+    torchrun noticing) ends this process with one line naming it, instead of gloo's 30-minute default.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -155,9 +158,15 @@ def setup(device: torch.device) -> Iterator[Context]:
                              "start at most one process per GPU, or pass --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     try:
         yield Context(rank=rank, world_size=world_size, device=device)
+    except RuntimeError as exc:  # gloo's DistBackendError, or a plain RuntimeError from older releases
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise SystemExit(f"process {rank} of {world_size}: waited more than {timeout_s} s (--dist-timeout) for "
+                         f"another process in a collective; one has stalled or died ({str(exc).splitlines()[0]})"
+                         ) from None
     finally:
         dist.destroy_process_group()

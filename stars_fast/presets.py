@@ -47,6 +47,7 @@ DEFAULTS: Dict[str, object] = {
     "ngf": 64, "cr": 0.8, "cr_T": 0.2, "g_life": 10, "g_loops": 1, "gwp_loops": 1, "label_embedding": None,
     "le_emb_size": 1000, "bn_mmt": 0.9,
     "seed": 0, "device": "auto", "backend": "auto", "amp": False, "threads": 0, "grad_shares": 0,
+    "dist_timeout": 300,
     "out": None, "resume": False, "progress": True,
 }
 RUN_KEYS = ("preset", "out", "resume", "progress")  # what a preset never sets

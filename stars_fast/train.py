@@ -96,7 +96,8 @@ def check_pair(config: Dict[str, object]) -> None:
 
 # What a --resume may change: how far the run goes, how it is watched, where its data now lives. Every
 # other flag defines the run, and changing one mid-run would credit one run with two runs' epochs.
-RESUMABLE_FLAGS = ("epochs", "out", "resume", "progress", "tensorboard", "threads", "data_root", "grad_shares")
+RESUMABLE_FLAGS = ("epochs", "out", "resume", "progress", "tensorboard", "threads", "data_root", "grad_shares",
+                   "dist_timeout")
 
 
 def resume_config(explicit: Dict[str, object], checkpoint: Dict[str, object]) -> Dict[str, object]:
@@ -142,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
     if config["teacher_ckpt"] is not None and not os.path.isfile(config["teacher_ckpt"]):
         raise SystemExit(f"--teacher-ckpt {config['teacher_ckpt']}: no such file")
     check_pair(config)
-    with distributed.setup(resolve_device(config["device"])) as ctx:
+    with distributed.setup(resolve_device(config["device"]), timeout_s=config.get("dist_timeout", 300)) as ctx:
         if checkpoint is not None and len(checkpoint["rng"]) != ctx.world_size:
             raise SystemExit(f"{out} was written by {len(checkpoint['rng'])} processes; resume it with as many "
                              f"(torchrun --nproc_per_node {len(checkpoint['rng'])}), not {ctx.world_size}")

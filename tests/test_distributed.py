@@ -151,3 +151,53 @@ def test_two_processes_optimize_the_one_process_objective(tmp_path, backend):
         torch.testing.assert_close(grad / scale, full[f"grad{step}"] / scale, rtol=0, atol=1e-5)
     assert full["terms0"]["loss_rca"] > 0 and full["terms0"]["loss_tar"] > 0 and full["terms0"]["loss_adv"] != 0
     assert full["loss1"] != full["loss0"]  # the momentum target changed the BN term
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env.get(b"RANK", b"-1"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_stalled_process_ends_the_job_with_a_message(teacher_cache, tmp_path):
+    """SIGSTOP one of 2 gloo processes mid-run: the other stops after --dist-timeout with one line
+    naming itself and the wait, and torchrun ends the job (instead of gloo's 30-minute wait)."""
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "stars_fast.train", "--epochs", "200", "--out", out,
+               "--dist-timeout", "10", *TINY]
+    env = dict(os.environ, STARS_FAST_CACHE=teacher_cache, OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        deadline = time.time() + 240
+        while not os.path.isfile(os.path.join(out, "metrics.jsonl")) or os.path.getsize(os.path.join(out, "metrics.jsonl")) == 0:
+            assert time.time() < deadline and proc.poll() is None, "the run did not reach its first epoch"
+            time.sleep(0.5)
+        stopped = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.time()
+        stdout, stderr = proc.communicate(timeout=180)
+        waited = time.time() - started
+    finally:
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "process 0 of 2: waited more than 10 s (--dist-timeout)" in stdout + stderr, (stdout + stderr)[-3000:]
+    assert waited < 120
