@@ -4,22 +4,26 @@ Per layer l, teacher features zt [B, C] and student features zs [B, C'] (pooled,
 
     normalize  shift = mean(zt), scale = 1 / max(std_pop(zt), eps), zn = (z - shift) scale (else zn = z)
     theta_m    fixed thresholds, or torch.quantile(zn_t.flatten(), q_m) ('linear'), by selection
-    RCA  u = z / max(||z||, eps) row-wise,  G = u u^T,  D = G_S - G_T
-         l_rca = sum_{i != j} D_ij^2 / (B (B - 1))
+    RCA  row i is silent on a side when ||z_i|| <= tau max_j ||z_j|| (tau = _RCA_SILENT_TOL; no row is
+         silent where that max is NaN or inf); A = the rows silent on neither side, n_A = |A|
+         u = z / ||z|| row-wise on A (u = 0 elsewhere),  G = u u^T,  D = G_S - G_T over A x A
+         l_rca = sum_{i != j in A} D_ij^2 / (n_A (n_A - 1))   (0 when n_A < 2)
     TAR  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
     total = sum_l coef_rca[l] l_rca + coef_tar[l] l_tar
 
 and the gradients of total for both inputs, computed in the same pass (the loss is the last node
-of the graph, so a backward only scales them by grad_output). With E = 2 D (1 - I) / (B (B - 1)):
+of the graph, so a backward only scales them by grad_output). With E = 2 D (1 - I) / (n_A (n_A - 1))
+over A x A (0 in every row or column of a silent row, and everywhere when n_A < 2):
 
     RCA  g_i = dl/du_i = 2 sum_j E_ij u_j (student; minus for the teacher),
-         dz_i = (g_i - u_i (u_i . g_i)) / max(||z_i||, eps)   (no projection when ||z_i|| < eps),
+         dz_i = (g_i - u_i (u_i . g_i)) / ||z_i|| for i in A, 0 for a silent row (its TAR part only),
          with u_i . g_i = 2 sum_j E_ij G_ij, so no second pass over the channels is needed
     TAR  dz_bc = +-(2 / M) sum_m (p_S^m - p_T^m) sigma'_m(bc) * scale / (delta B C)
 
-Overflow safety: every row is scaled by a power of two 2^-e (2^e <= max_c |z_c| < 2^(e+1)) before
-the Gram and its norm are formed, which is exact, so features at 1e30 keep a finite loss; the
-teacher's moments are taken the same way on the whole layer.
+Overflow and underflow safety: every row is scaled by a power of two 2^-e (2^e <= max_c |z_c| <
+2^(e+1)) before the Gram and its norm are formed, which is exact, so rows at 1e30 keep a finite loss
+and rows at 1e-20 (whose squares are subnormal) keep their exact norm, hence the scale-invariant
+silent-row rule; the teacher's moments are taken the same way on the whole layer.
 
 Exact quantiles without a sort: the fp32 values map to uint32 keys of the same order (negatives
 bit-flipped, the sign bit set on the rest); the k-th smallest key is found by radix selection,
@@ -35,14 +39,18 @@ further launch pairs, each adding its layers to the total.
 
   1. _stars_stats_kernel, grid (layers, M): program (l, m) computes layer l's shift and scale
      (every program of the layer the same way, so they agree bit for bit), theta_m by selection,
-     and p_T^m, p_S^m. It writes them to a small fp32 buffer; program (0, 0) zeroes the
+     and p_T^m, p_S^m, and the row norms of both sides for every M-th tile of rows (the M programs
+     of a layer share that work). It writes them to small buffers; program (0, 0) zeroes the
      completion counter of launch 2.
-  2. _stars_grad_kernel, grid (layers, row blocks of BI rows): the Gram rows of both sides for its
-     rows i against all rows j, in [BI, BJ] chunks (fp32 tl.dot, input_precision="ieee": no TF32),
-     E and u_i . g_i for those rows (E goes to a scratch buffer private to the program), its share
-     of l_rca, then dz = coef_rca dz_rca + coef_tar dz_tar for its rows of both inputs. The last
-     program to finish (an atomic counter) adds the per-block partials in a fixed order into
-     parts [L, 2] and total, so the result does not depend on which program is last.
+  2. _stars_grad_kernel, grid (layers, row blocks of BI rows): first, from launch 1's row norms,
+     both sides' silent thresholds, the rows of A and n_A (the rule needs every row of the layer;
+     O(B) per program, and every program of the layer gets the same answer), then the Gram rows of
+     both sides for its rows i against all rows j, in [BI, BJ] chunks (fp32 tl.dot,
+     input_precision="ieee": no TF32), with the pairs outside A masked, E and u_i . g_i for those
+     rows (E goes to a scratch buffer private to the program), its share of l_rca, then
+     dz = coef_rca dz_rca + coef_tar dz_tar for its rows of both inputs. The last program to finish
+     (an atomic counter) adds the per-block partials in a fixed order into parts [L, 2] and total,
+     so the result does not depend on which program is last.
   3. the backward: one torch._foreach_mul of the stored gradients by grad_output (ops/stars.py).
 """
 from __future__ import annotations
@@ -63,6 +71,10 @@ _RADIX_BITS = 4  # bits resolved per selection pass (16-bin histograms, 8 passes
 _STATS_WARPS = 8  # 8 elements of each [BLOCK] tensor per thread: about 40 registers, no spills
 _GRAD_WARPS = 8  # with the tiles above: about 128 registers per thread on sm_80 / sm_90, no spills
 _CONSTS = 2  # shift, scale, then theta[M] per layer in the constants buffer
+_THETA = tl.constexpr(_CONSTS)  # offset of theta[0] in a layer's constants, as the kernels read it
+_RCA_SILENT_TOL = 1e-3  # tau of the silent-row rule; must equal stars_fast.reference.RCA_SILENT_TOL
+_NORM_ROWS = 8  # rows x channels of a tile of launch 1's row norms: one value per thread, so launch 1
+_NORM_COLS = 32  # keeps its registers ([16, 64] tiles took twice as many)
 
 
 @triton.jit
@@ -189,16 +201,48 @@ def _exceedance(Z, n, theta, shift, scale, delta, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_norms(Z, C, B, rows, BK: tl.constexpr):
+    """Per row r: p = 2^-e (z p exact, |z p| < 2), ||z p|| and 2^e, so ||z|| = ||z p|| 2^e exactly up to
+    the rounding of ||z p||: neither huge rows (squares of 1e20 overflow) nor tiny ones (squares of
+    1e-20 are subnormal) lose their norm. Rows past B (and zero rows) give ||z p|| = 0."""
+    base = rows[:, None].to(tl.int64) * C
+    amax = tl.zeros([rows.shape[0], BK], tl.float32)
+    for k0 in range(0, C, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
+    p, inv_p = _pow2_scales(tl.max(amax, axis=1))
+    sq = tl.zeros([rows.shape[0], BK], tl.float32)
+    for k0 in range(0, C, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
+        s = x.to(tl.float32) * p[:, None]
+        sq += s * s
+    return p, tl.sqrt(tl.sum(sq, axis=1)), inv_p
+
+
+@triton.jit
+def _store_row_norms(Z, C, B, NORMS, first, step, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """NORMS[r] = ||z_r|| for the rows r of Z [B, C] in the row tiles first, first + step, ... (the
+    tiles of one program of the layer)."""
+    for r0 in range(first * ROWS, B, step * ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        _, norm_p, inv_p = _row_norms(Z, C, B, rows, COLS)
+        tl.store(NORMS + rows, norm_p * inv_p, mask=rows < B)
+
+
+@triton.jit(do_not_specialize=["B"])  # B only bounds rows here: one compile whether or not 16 divides it
 def _stars_stats_kernel(
     zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, nt0, nt1, nt2, nt3, ns0, ns1, ns2, ns3,
-    VALUES, CONSTS, TAR, COUNTER, delta, eps,
+    VALUES, CONSTS, TAR, NORMS, COUNTER, B, delta, eps,
     NORMALIZE: tl.constexpr, FIXED: tl.constexpr, CSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
+    RADIX_BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """Program (layer, m): shift, scale, theta_m and p_S^m, p_T^m of one layer.
+    """Program (layer, m): shift, scale, theta_m and p_S^m, p_T^m of one layer, and the row norms of
+    both sides for every M-th tile of ROWS rows (the M programs of the layer share that work).
 
     VALUES: fixed thresholds (FIXED) or quantiles, one per m. CONSTS[layer] = shift, scale,
-    theta[0:M]; TAR[layer, m] = p_S^m, p_T^m.
+    theta[0:M]; TAR[layer, m] = p_S^m, p_T^m; NORMS[layer] = ||z_t||, ||z_s|| [2, B].
     """
     slot = tl.program_id(0)
     m = tl.program_id(1)
@@ -218,10 +262,13 @@ def _stars_stats_kernel(
     p_s = _exceedance(zs, n_s, theta, shift, scale, delta, BLOCK)
     p_t = _exceedance(zt, n_t, theta, shift, scale, delta, BLOCK)
     consts = CONSTS + slot * CSTRIDE
-    tl.store(consts + 2 + m, theta)
+    tl.store(consts + _THETA + m, theta)
     tar = TAR + (slot * tl.num_programs(1) + m) * 2
     tl.store(tar, p_s)
     tl.store(tar + 1, p_t)
+    norms = NORMS + slot.to(tl.int64) * 2 * B
+    _store_row_norms(zt, n_t // B, B, norms, m, tl.num_programs(1), ROWS, COLS)
+    _store_row_norms(zs, n_s // B, B, norms + B, m, tl.num_programs(1), ROWS, COLS)
     if m == 0:
         tl.store(consts, shift)
         tl.store(consts + 1, scale)
@@ -230,29 +277,15 @@ def _stars_stats_kernel(
 
 
 @triton.jit
-def _row_scales(Z, C, B, rows, eps, BK: tl.constexpr):
-    """Per row r: p = 2^-e (z p exact, |z p| < 2), 1 / max(||z||, eps) and a = 1/||z p|| (so u = z p a).
+def _row_scales(Z, C, B, rows, active, BK: tl.constexpr):
+    """Per row r: p = 2^-e (z p exact, |z p| < 2), 1 / ||z|| and a = 1 / ||z p|| (so u = z p a).
 
-    A row with ||z|| < eps has a = 2^e / eps (u = z / eps).
+    Rows outside A (active False: silent, or past B) have a = 1 / ||z|| = 0, so u = 0 there; the
+    1 / 0 of a zero row is not even formed (it would reach the Gram as 0 * inf).
     """
-    base = rows[:, None].to(tl.int64) * C
-    amax = tl.zeros([rows.shape[0], BK], tl.float32)
-    for k0 in range(0, C, BK):
-        cols = k0 + tl.arange(0, BK)
-        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
-    p, inv_p = _pow2_scales(tl.max(amax, axis=1))
-    sq = tl.zeros([rows.shape[0], BK], tl.float32)
-    for k0 in range(0, C, BK):
-        cols = k0 + tl.arange(0, BK)
-        x = tl.load(Z + base + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < C), other=0.0)
-        s = x.to(tl.float32) * p[:, None]
-        sq += s * s
-    norm_p = tl.sqrt(tl.sum(sq, axis=1))
-    clamped = norm_p * inv_p < eps
-    a = 1.0 / tl.where(clamped, eps * p, norm_p)
-    inv_norm = a * p
-    return p, inv_norm, a, clamped
+    p, norm_p, _ = _row_norms(Z, C, B, rows, BK)
+    a = tl.where(active, 1.0 / tl.where(active, norm_p, 1.0), 0.0)
+    return p, a * p, a
 
 
 @triton.jit
@@ -271,11 +304,55 @@ def _gram_chunk(Z, C, B, i, j, p_i, p_j, BK: tl.constexpr):
 
 
 @triton.jit
-def _write_grad(Z, G, C, B, i, W, P, inv_norm_i, dot_i, coef_rca, tar_coef, CONSTS, TAR, n_m, shift, scale, delta,
-                BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """G[i, :] = coef_rca (g - u_i (u_i . g)) / max(||z_i||, eps) + tar_coef sum_m diff_m sigma'_m.
+def _is_active(NORMS, B, rows, thr_t, thr_s):
+    """Whether each of `rows` is in A: silent on neither side. A row is silent on a side when ||z_i|| <=
+    that side's threshold; the test is written ~(norm <= threshold) so that a NaN norm (never <=
+    anything) counts as active, as in the reference."""
+    norm_t = tl.load(NORMS + rows, mask=rows < B, other=0.0)
+    norm_s = tl.load(NORMS + B + rows, mask=rows < B, other=0.0)
+    return (rows < B) & ~(norm_t <= thr_t) & ~(norm_s <= thr_s)
 
-    g = sum_j W[i, j] (z_j P[j]) with W = 2 sign E a_j (a scratch row block of this program).
+
+@triton.jit
+def _silent_threshold(top, nan, TAU: tl.constexpr):
+    """TAU max_i ||z_i||, at or below which a row is silent, from the lane maxima `top` (nan: how many
+    lanes saw a NaN norm); -1 (no row is silent) where the max is NaN or inf, so that NaN and inf
+    features reach the loss."""
+    threshold = TAU * tl.max(top, axis=0)
+    return tl.where((nan > 0) | (threshold == float("inf")), -1.0, threshold)
+
+
+@triton.jit
+def _silent_rows(NORMS, B, TAU: tl.constexpr, R: tl.constexpr):
+    """(threshold of the teacher, of the student, n_A) of one layer from its row norms NORMS [2, B].
+
+    Every program of the layer computes them from the same stored norms, so they all agree: the max
+    and the count do not depend on the order of the rows."""
+    top_t = tl.zeros([R], tl.float32)
+    top_s = tl.zeros([R], tl.float32)
+    for r0 in range(0, B, R):
+        rows = r0 + tl.arange(0, R)
+        top_t = tl.maximum(top_t, tl.load(NORMS + rows, mask=rows < B, other=0.0), propagate_nan=tl.PropagateNan.ALL)
+        top_s = tl.maximum(top_s, tl.load(NORMS + B + rows, mask=rows < B, other=0.0),
+                           propagate_nan=tl.PropagateNan.ALL)
+    # tl.max drops NaN: the lanes that saw one are counted
+    thr_t = _silent_threshold(top_t, tl.sum((top_t != top_t).to(tl.int32), axis=0), TAU)
+    thr_s = _silent_threshold(top_s, tl.sum((top_s != top_s).to(tl.int32), axis=0), TAU)
+    count = tl.zeros([R], tl.int32)
+    for r0 in range(0, B, R):
+        count += _is_active(NORMS, B, r0 + tl.arange(0, R), thr_t, thr_s).to(tl.int32)
+    return thr_t, thr_s, tl.sum(count, axis=0)
+
+
+@triton.jit
+def _write_grad(Z, G, C, B, i, active_i, W, P, inv_norm_i, dot_i, coef_rca, tar_coef, CONSTS, TAR, n_m, shift,
+                scale, delta, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """G[i, :] = coef_rca (g - u_i (u_i . g)) / ||z_i|| + tar_coef sum_m diff_m sigma'_m, without the
+    RCA part on rows outside A.
+
+    g = sum_j W[i, j] (z_j P[j]) with W = 2 sign E a_j (a scratch row block of this program); P[j] = 0
+    on the rows outside A, whose features are then not loaded, so that an inf in a silent row cannot
+    reach g through 0 * inf.
     """
     base_i = i[:, None].to(tl.int64) * C
     for k0 in range(0, C, BK):
@@ -285,17 +362,22 @@ def _write_grad(Z, G, C, B, i, W, P, inv_norm_i, dot_i, coef_rca, tar_coef, CONS
             j = j0 + tl.arange(0, BJ)
             w = tl.load(W + tl.arange(0, BI)[:, None] * B + j[None, :], mask=(i[:, None] < B) & (j[None, :] < B),
                         other=0.0)
-            zj = tl.load(Z + j[:, None].to(tl.int64) * C + cols[None, :], mask=(j[:, None] < B) & (cols[None, :] < C),
-                         other=0.0).to(tl.float32)
-            g += tl.dot(w, zj * tl.load(P + j, mask=j < B, other=0.0)[:, None], input_precision="ieee")
+            p_j = tl.load(P + j, mask=j < B, other=0.0)
+            zj = tl.load(Z + j[:, None].to(tl.int64) * C + cols[None, :],
+                         mask=(p_j[:, None] != 0.0) & (cols[None, :] < C), other=0.0).to(tl.float32)
+            g += tl.dot(w, zj * p_j[:, None], input_precision="ieee")
         in_i = (i[:, None] < B) & (cols[None, :] < C)
         zi = tl.load(Z + base_i + cols[None, :], mask=in_i, other=0.0).to(tl.float32)
+        # a silent row gets no RCA gradient: a where (not only inv_norm_i = 0), so that NaN / inf of
+        # other rows, which reach its g as 0 * NaN, stay out
         d_rca = (g - zi * inv_norm_i[:, None] * dot_i[:, None]) * inv_norm_i[:, None]
+        d_rca = tl.where(active_i[:, None], d_rca, 0.0)
         zn = (zi - shift) * scale
         d_tar = tl.zeros([BI, BK], tl.float32)
         for mm in range(n_m):
             diff = tl.load(TAR + 2 * mm) - tl.load(TAR + 2 * mm + 1)
-            sig = 1.0 / (1.0 + tl.exp((tl.load(CONSTS + 2 + mm) - zn) / delta))  # sigmoid((zn - theta_m) / delta)
+            theta = tl.load(CONSTS + _THETA + mm)
+            sig = 1.0 / (1.0 + tl.exp((theta - zn) / delta))  # sigmoid((zn - theta_m) / delta)
             d_tar += diff * (sig * (1.0 - sig))
         grad = coef_rca * d_rca + tar_coef * d_tar
         tl.store(G + base_i + cols[None, :], grad.to(G.dtype.element_ty), mask=in_i)
@@ -305,15 +387,17 @@ def _write_grad(Z, G, C, B, i, W, P, inv_norm_i, dot_i, coef_rca, tar_coef, CONS
 def _stars_grad_kernel(
     zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, gt0, gt1, gt2, gt3, gs0, gs1, gs2, gs3,
     ct0, ct1, ct2, ct3, cs0, cs1, cs2, cs3, cr0, cr1, cr2, cr3, ctar0, ctar1, ctar2, ctar3,
-    CONSTS, TAR, W, P, RCA_PART, COUNTER, PARTS, TOTAL, first_layer, num_layers, B, n_m, delta, eps,
+    CONSTS, TAR, NORMS, W, P, RCA_PART, COUNTER, PARTS, TOTAL, first_layer, num_layers, B, n_m, delta,
     ACCUMULATE: tl.constexpr, CSTRIDE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-    MP: tl.constexpr, NBP: tl.constexpr,
+    MP: tl.constexpr, NBP: tl.constexpr, TAU: tl.constexpr,
 ):
     """Rows i of one layer: l_rca partial and both gradients; the last program also writes parts and total.
 
     This launch covers layers first_layer .. first_layer + num_layers - 1 of PARTS [L, 2]. With
     ACCUMULATE, TOTAL already holds the loss of the layers of earlier launches, and this launch adds
-    its layers to it. W [slots, row blocks, 2, BI, B] and P [slots, row blocks, 2, B] are scratch rows
+    its layers to it. From the row norms NORMS [slots, 2, B] of launch 1, each program finds the
+    rows of A and n_A (the silent-row rule needs every row of the layer); pairs with a row outside A
+    are left out. W [slots, row blocks, 2, BI, B] and P [slots, row blocks, 2, B] are scratch rows
     private to each program.
     """
     slot = tl.program_id(0)
@@ -326,47 +410,53 @@ def _stars_grad_kernel(
     c_s = _pick(slot, cs0, cs1, cs2, cs3)
     consts = CONSTS + slot * CSTRIDE
     tar = TAR + slot * n_m * 2
+    norms = NORMS + slot.to(tl.int64) * 2 * B
 
-    p_is, inv_norm_is, a_is, clamped_is = _row_scales(zs, c_s, B, i, eps, BK)
-    p_it, inv_norm_it, a_it, clamped_it = _row_scales(zt, c_t, B, i, eps, BK)
+    thr_t, thr_s, n_a = _silent_rows(norms, B, TAU, BI * BJ)
+    active_i = _is_active(norms, B, i, thr_t, thr_s)
+    p_is, inv_norm_is, a_is = _row_scales(zs, c_s, B, i, active_i, BK)
+    p_it, inv_norm_it, a_it = _row_scales(zt, c_t, B, i, active_i, BK)
     prog = (slot * nb + blk).to(tl.int64)
     w_s = W + prog * 2 * BI * B
     w_t = w_s + BI * B
     p_s = P + prog * 2 * B
     p_t = p_s + B
-    c = 1.0 / (B * (B - 1.0))
+    # fewer than two rows of A leave no pair: l_rca = 0 with zero RCA gradients
+    n_a = n_a.to(tl.float32)
+    c = tl.where(n_a >= 2.0, 1.0 / tl.maximum(n_a * (n_a - 1.0), 2.0), 0.0)
     dot_s = tl.zeros([BI], tl.float32)
     dot_t = tl.zeros([BI], tl.float32)
     rca = tl.zeros([BI], tl.float32)
     for j0 in range(0, B, BJ):
         j = j0 + tl.arange(0, BJ)
-        p_js, _, a_js, _ = _row_scales(zs, c_s, B, j, eps, BK)
-        p_jt, _, a_jt, _ = _row_scales(zt, c_t, B, j, eps, BK)
+        active_j = _is_active(norms, B, j, thr_t, thr_s)
+        p_js, _, a_js = _row_scales(zs, c_s, B, j, active_j, BK)
+        p_jt, _, a_jt = _row_scales(zt, c_t, B, j, active_j, BK)
         cos_s = _gram_chunk(zs, c_s, B, i, j, p_is, p_js, BK) * a_is[:, None] * a_js[None, :]
         cos_t = _gram_chunk(zt, c_t, B, i, j, p_it, p_jt, BK) * a_it[:, None] * a_jt[None, :]
-        off_diag = (i[:, None] < B) & (j[None, :] < B) & (i[:, None] != j[None, :])
-        d = tl.where(off_diag, cos_s - cos_t, 0.0)
+        # the pairs of A: a silent row's Gram entries (0 * inf when one of its features is inf) stay out
+        pair = active_i[:, None] & active_j[None, :] & (i[:, None] != j[None, :])
+        d = tl.where(pair, cos_s - cos_t, 0.0)
         e = 2.0 * c * d
         rca += tl.sum(d * d, axis=1)
-        dot_s += tl.sum(e * cos_s, axis=1)
-        dot_t += tl.sum(e * cos_t, axis=1)
+        dot_s += tl.sum(tl.where(pair, e * cos_s, 0.0), axis=1)
+        dot_t += tl.sum(tl.where(pair, e * cos_t, 0.0), axis=1)
         rows = tl.arange(0, BI)[:, None] * B + j[None, :]
         tl.store(w_s + rows, 2.0 * e * a_js[None, :], mask=j[None, :] < B)
         tl.store(w_t + rows, -2.0 * e * a_jt[None, :], mask=j[None, :] < B)
-        tl.store(p_s + j, p_js, mask=j < B)
-        tl.store(p_t + j, p_jt, mask=j < B)
+        # P = 0 marks the rows outside A for _write_grad, which then skips their features
+        tl.store(p_s + j, tl.where(active_j, p_js, 0.0), mask=j < B)
+        tl.store(p_t + j, tl.where(active_j, p_jt, 0.0), mask=j < B)
     tl.debug_barrier()  # the scratch rows are read back by other threads of this program
 
     tar_scale = _pick(slot, ctar0, ctar1, ctar2, ctar3) * 2.0 * tl.load(consts + 1) / (n_m * delta * B)
     coef_rca = _pick(slot, cr0, cr1, cr2, cr3)
     shift = tl.load(consts)
     scale = tl.load(consts + 1)
-    _write_grad(zs, _pick(slot, gs0, gs1, gs2, gs3), c_s, B, i, w_s, p_s, inv_norm_is,
-                tl.where(clamped_is, 0.0, 2.0 * dot_s), coef_rca, tar_scale / c_s, consts, tar, n_m, shift, scale,
-                delta, BI, BJ, BK)
-    _write_grad(zt, _pick(slot, gt0, gt1, gt2, gt3), c_t, B, i, w_t, p_t, inv_norm_it,
-                tl.where(clamped_it, 0.0, -2.0 * dot_t), coef_rca, -tar_scale / c_t, consts, tar, n_m, shift, scale,
-                delta, BI, BJ, BK)
+    _write_grad(zs, _pick(slot, gs0, gs1, gs2, gs3), c_s, B, i, active_i, w_s, p_s, inv_norm_is, 2.0 * dot_s,
+                coef_rca, tar_scale / c_s, consts, tar, n_m, shift, scale, delta, BI, BJ, BK)
+    _write_grad(zt, _pick(slot, gt0, gt1, gt2, gt3), c_t, B, i, active_i, w_t, p_t, inv_norm_it, -2.0 * dot_t,
+                coef_rca, -tar_scale / c_t, consts, tar, n_m, shift, scale, delta, BI, BJ, BK)
 
     tl.store(RCA_PART + slot * nb + blk, c * tl.sum(rca, axis=0))
     tl.debug_barrier()
@@ -459,13 +549,14 @@ def _slots(values: Sequence, first: int, pad=None) -> list:
     return chunk + [pad() if pad else chunk[0] for _ in range(_SLOTS - len(chunk))]
 
 
-def _launch_stats(z_args, zt, zs, first, layers, values, fixed, normalize, delta, eps, consts, tar, counter):
-    """Launch 1 for layers first .. first + layers - 1: consts[slot] = shift, scale, theta[M]; tar[slot, m] = p_S, p_T."""
+def _launch_stats(z_args, zt, zs, first, layers, values, fixed, normalize, delta, eps, consts, tar, norms, counter):
+    """Launch 1 for layers first .. first + layers - 1: consts[slot] = shift, scale, theta[M];
+    tar[slot, m] = p_S, p_T; norms[slot] (fp32 [_SLOTS, 2, B]) = ||z_t||, ||z_s|| of each row."""
     torch.library.wrap_triton(_stars_stats_kernel)[(layers, len(values))](
         *z_args, *_slots([z.numel() for z in zt], first), *_slots([z.numel() for z in zs], first),
-        tuple(values), consts, tar, counter, float(delta), float(eps),
+        tuple(values), consts, tar, norms, counter, norms.shape[2], float(delta), float(eps),
         NORMALIZE=bool(normalize), FIXED=bool(fixed), CSTRIDE=consts.shape[1], BLOCK=_BLOCK,
-        RADIX_BITS=_RADIX_BITS, num_warps=_STATS_WARPS)
+        RADIX_BITS=_RADIX_BITS, ROWS=_NORM_ROWS, COLS=_NORM_COLS, num_warps=_STATS_WARPS)
 
 
 def stars_loss_fused(
@@ -497,6 +588,7 @@ def stars_loss_fused(
     f32 = dict(dtype=torch.float32, device=device)
     consts = torch.empty(_SLOTS, cstride, **f32)
     tar = torch.empty(_SLOTS, n_m, 2, **f32)
+    norms = torch.empty(_SLOTS, 2, b, **f32)
     scratch_w = torch.empty(_SLOTS, nb, 2, _BI, b, **f32)
     scratch_p = torch.empty(_SLOTS, nb, 2, b, **f32)
     rca_part = torch.empty(_SLOTS, nb, **f32)
@@ -506,7 +598,7 @@ def stars_loss_fused(
             layers = min(_SLOTS, n_layers - first)
             z_args = _slots(zt, first) + _slots(zs, first)
             _launch_stats(z_args, zt, zs, first, layers, values, thresholds is not None, normalize, delta, eps,
-                          consts, tar, counter)
+                          consts, tar, norms, counter)
             # Outputs are padded with distinct dummies, never with a real output: a kernel argument
             # passed twice and stored to would confuse torch.compile's functionalization of the launch.
             grads = _slots(grad_t, first, pad=lambda: zt[0].new_empty(1))
@@ -514,8 +606,8 @@ def stars_loss_fused(
             channels = _slots([z.shape[1] for z in zt], first) + _slots([z.shape[1] for z in zs], first)
             coefs = _slots([float(v) for v in coef_rca], first) + _slots([float(v) for v in coef_tar], first)
             torch.library.wrap_triton(_stars_grad_kernel)[(layers, nb)](
-                *z_args, *grads, *channels, *coefs, consts, tar, scratch_w, scratch_p, rca_part, counter, parts,
-                total, first, layers, b, n_m, float(delta), float(eps),
+                *z_args, *grads, *channels, *coefs, consts, tar, norms, scratch_w, scratch_p, rca_part, counter,
+                parts, total, first, layers, b, n_m, float(delta),
                 ACCUMULATE=first > 0, CSTRIDE=cstride, BI=_BI, BJ=_BJ, BK=_BK, MP=triton.next_power_of_2(n_m),
-                NBP=triton.next_power_of_2(nb), num_warps=_GRAD_WARPS)
+                NBP=triton.next_power_of_2(nb), TAU=_RCA_SILENT_TOL, num_warps=_GRAD_WARPS)
     return total, parts, grad_t, grad_s

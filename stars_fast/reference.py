@@ -158,12 +158,13 @@ def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
 
     Fewer than two active rows leave no pair: the loss is 0 with zero gradients (still a function of
     both inputs, so that NaN reaches it)."""
-    norm_t, norm_s = _row_norms(zt), _row_norms(zs)
-    active = rca_active_rows(norm_t) & rca_active_rows(norm_s)
+    with torch.no_grad():  # which rows take part is a constant of the loss
+        active = rca_active_rows(_row_norms(zt)) & rca_active_rows(_row_norms(zs))
     if int(active.sum()) < 2:
         return (zt * 0).sum() + (zs * 0).sum()
-    ut = zt[active] / norm_t[active]
-    us = zs[active] / norm_s[active]
+    zt, zs = zt[active], zs[active]  # silent rows take no part, not even through their norm's derivative
+    ut = zt / _row_norms(zt)
+    us = zs / _row_norms(zs)
     i, j = torch.triu_indices(ut.shape[0], ut.shape[0], offset=1, device=zt.device)
     g_t = (ut[i] * ut[j]).sum(dim=1)
     g_s = (us[i] * us[j]).sum(dim=1)

@@ -396,12 +396,14 @@ def test_stars_thresholds_are_torch_quantile(normalize):
     zs = torch.randn(9, 4, generator=g)
     n = zt.numel()  # 117: q * (n - 1) is an integer rank for q = k / 116
     quantiles = [0.0, 29 / 116, 0.5, 0.6, 0.7, 0.9, 0.95, 1.0]
-    consts = torch.empty(stars._SLOTS, 2 + len(quantiles), device=DEVICE)
+    consts = torch.empty(stars._SLOTS, stars._CONSTS + len(quantiles), device=DEVICE)
     tar = torch.empty(stars._SLOTS, len(quantiles), 2, device=DEVICE)
+    norms = torch.empty(stars._SLOTS, 2, zt.shape[0], device=DEVICE)
     counter = torch.empty(1, dtype=torch.int32, device=DEVICE)
     z_args = [zt.to(DEVICE)] * stars._SLOTS + [zs.to(DEVICE)] * stars._SLOTS
-    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, normalize, 0.5, 1e-12, consts, tar, counter)
-    shift, scale, theta = consts[0, 0].cpu(), consts[0, 1].cpu(), consts[0, 2:].cpu()
+    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, normalize, 0.5, 1e-12, consts, tar, norms,
+                        counter)
+    shift, scale, theta = consts[0, 0].cpu(), consts[0, 1].cpu(), consts[0, stars._CONSTS:].cpu()
     if normalize:
         z64 = zt.double()
         torch.testing.assert_close(shift.double(), z64.mean(), rtol=1e-6, atol=1e-7)
@@ -414,8 +416,8 @@ def test_stars_thresholds_are_torch_quantile(normalize):
     torch.testing.assert_close(theta, want, rtol=2 ** -22, atol=0.0)
     zt[2, 3] = float("nan")  # torch.quantile: any NaN makes every quantile NaN
     z_args = [zt.to(DEVICE)] * stars._SLOTS + [zs.to(DEVICE)] * stars._SLOTS
-    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, False, 0.5, 1e-12, consts, tar, counter)
-    assert torch.isnan(consts[0, 2:]).all()
+    stars._launch_stats(z_args, [zt], [zs], 0, 1, quantiles, False, False, 0.5, 1e-12, consts, tar, norms, counter)
+    assert torch.isnan(consts[0, stars._CONSTS:]).all()
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
@@ -474,7 +476,7 @@ def test_stars_loss_huge_features_stay_finite(case, normalize):
 
 
 def test_stars_loss_zero_rows_and_nan():
-    """Rows of zeros give a finite loss and gradients (as F.normalize's eps); NaN inputs give NaN."""
+    """Rows of zeros are silent (no pair, no RCA gradient): a finite loss and gradients; NaN inputs give NaN."""
     zt, zs = _stars_features(4, [6], [5])
     zt[0][1] = 0.0
     zs[0][2] = 0.0
@@ -488,6 +490,125 @@ def test_stars_loss_zero_rows_and_nan():
     zs[0][0, 0] = float("nan")
     total = _fused_stars([z.float() for z in zt], [z.float() for z in zs], (0.5, 0.9), None, False, [1.0], [1.0])[0]
     assert torch.isnan(total)
+
+
+def _silent_rows_case(case):
+    """(zt, zs) float32 [B, C] of one layer with rows that the silent-row rule (docs/design.md 2.2) drops."""
+    batch = 37 if case.startswith("B37") else (2 if case.startswith("B2") else 16)
+    zt, zs = _stars_features(batch, [8], [6], seed=6)
+    zt, zs = zt[0].float(), zs[0].float()
+    if case == "zero-student-row":
+        zs[3] = 0.0
+    elif case == "zero-teacher-row":
+        zt[7] = 0.0
+    elif case == "row-1e-7":
+        zs[5] *= 1e-7
+    elif case == "rows-2e-3-active-5e-4-silent":  # relative to the largest row norm of the side
+        zs *= (1.0 / zs.norm(dim=1, keepdim=True))
+        zs[2] *= 2e-3
+        zs[9] *= 5e-4
+    elif case == "all-zero-student":
+        zs.zero_()
+    elif case == "all-zero-teacher":
+        zt.zero_()
+    elif case == "B2-one-silent":  # n_A = 1: no pair
+        zs[1] = 0.0
+    elif case in ("scale-1e-20", "scale-1e20"):  # the rule is scale-invariant: the same rows drop
+        zs[4] = 0.0
+        zs[6] *= 5e-4
+        scale = 1e-20 if case == "scale-1e-20" else 1e20
+        zt, zs = zt * scale, zs * scale
+    elif case == "B37-silent-in-several-row-blocks":
+        zs[[0, 17, 30]] = 0.0
+        zt[[5, 36]] *= 1e-4
+    return zt, zs
+
+
+SILENT_CASES = ["zero-student-row", "zero-teacher-row", "row-1e-7", "rows-2e-3-active-5e-4-silent",
+                "all-zero-student", "all-zero-teacher", "B2-one-silent", "scale-1e-20", "scale-1e20",
+                "B37-silent-in-several-row-blocks"]
+
+
+@pytest.mark.parametrize("n_m", [1, 3])
+@pytest.mark.parametrize("case", SILENT_CASES + ["nan-row", "inf-row"])
+def test_stars_row_norms_are_the_references(case, n_m):
+    """Launch 1 alone: the row norms its M programs share out (the silent-row rule's input) are
+    reference._row_norms to 1 ulp, the power-of-two scaling keeping them exact at 1e-20 and 1e20."""
+    stars = sys.modules["stars_fast.kernels.stars"]
+    assert stars._RCA_SILENT_TOL == reference.RCA_SILENT_TOL
+    zt, zs = _silent_rows_case("zero-student-row" if case in ("nan-row", "inf-row") else case)
+    if case == "nan-row":
+        zs[6, 2] = float("nan")
+    elif case == "inf-row":
+        zt[2, 1] = float("inf")
+    thresholds = [0.5, 0.7, 0.9][:n_m]
+    consts = torch.empty(stars._SLOTS, stars._CONSTS + n_m, device=DEVICE)
+    tar = torch.empty(stars._SLOTS, n_m, 2, device=DEVICE)
+    norms = torch.full((stars._SLOTS, 2, zt.shape[0]), -1.0, device=DEVICE)
+    counter = torch.empty(1, dtype=torch.int32, device=DEVICE)
+    z_args = [zt.to(DEVICE)] * stars._SLOTS + [zs.to(DEVICE)] * stars._SLOTS
+    stars._launch_stats(z_args, [zt], [zs], 0, 1, thresholds, True, False, 0.5, 1e-12, consts, tar, norms, counter)
+    norm_t, norm_s = norms[0].cpu()
+    torch.testing.assert_close(norm_t.double(), reference._row_norms(zt.double())[:, 0], rtol=2 ** -23, atol=0.0,
+                               equal_nan=True)
+    torch.testing.assert_close(norm_s.double(), reference._row_norms(zs.double())[:, 0], rtol=2 ** -23, atol=0.0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["nan-student-row", "inf-teacher-row", "inf-row-beside-a-zero-row"])
+def test_stars_loss_no_silent_rows_beside_nan_or_inf(case):
+    """Where a side's largest row norm is NaN or inf, none of its rows is silent (else tau * inf would
+    silence them all): the loss is NaN, as the reference's."""
+    zt, zs = _silent_rows_case("zero-student-row")
+    if case == "nan-student-row":
+        zs[6, 2] = float("nan")
+    elif case == "inf-teacher-row":
+        zt[2, 1] = float("inf")
+    else:
+        zs[3] = 1.0
+        zs[2, 1] = float("inf")
+        zt[5] = 0.0
+    total, parts, _, _ = _fused_stars([zt], [zs], (0.6, 0.9), None, False, [1.0], [1.0])
+    want = _reference_stars([zt.double()], [zs.double()], quantiles=(0.6, 0.9))[0]
+    _, rca, _ = reference.stars_loss([zt.double()], [zs.double()], quantiles=(0.6, 0.9))
+    assert torch.isnan(want) and torch.isnan(rca)
+    assert torch.isnan(total) and torch.isnan(parts[0, 0])
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("case", SILENT_CASES)
+def test_stars_loss_silent_rows_match_reference(case, normalize):
+    """Silent rows leave the pairs and get only their TAR gradient; fewer than two rows of A give
+    l_rca = 0 with zero RCA gradients; features at 1e-20 (subnormal squares) and 1e20 (overflowing
+    squares) keep exact row norms. Against the float64 reference on the same fp32 features."""
+    zt, zs = _silent_rows_case(case)
+    total, parts, grad_t, grad_s = _fused_stars([zt], [zs], (0.6, 0.9), None, normalize, [1.0], [1.0])
+    assert torch.isfinite(total) and torch.isfinite(parts).all()
+    assert all(torch.isfinite(g).all() for g in grad_t + grad_s)
+    common = dict(quantiles=(0.6, 0.9), normalize="teacher" if normalize else None)
+    want, want_t, want_s = _reference_stars([zt.double()], [zs.double()], **common)
+    _, rca, tar = reference.stars_loss([zt.double()], [zs.double()], **common)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts[0].double(), torch.stack([rca, tar]).double(), rtol=1e-5, atol=1e-7)
+    if case in ("all-zero-student", "all-zero-teacher", "B2-one-silent"):
+        assert parts[0, 0].item() == 0.0
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        torch.testing.assert_close(g.double(), w_, rtol=2e-5, atol=2e-5 * w_.abs().max().item())
+
+
+def test_stars_loss_inf_in_a_silent_row():
+    """An inf feature in a row that is silent on the other side: the row is out of every pair, so the
+    loss and the other rows' gradients stay finite, and the row itself gets its TAR gradient only
+    (sigma' = 0 at inf), as in the reference, whose silent rows take no part in its autograd."""
+    zt, zs = _silent_rows_case("zero-teacher-row")
+    zs[7, 1] = float("inf")
+    total, parts, grad_t, grad_s = _fused_stars([zt], [zs], (0.6, 0.9), None, False, [1.0], [1.0])
+    want, want_t, want_s = _reference_stars([zt.double()], [zs.double()], quantiles=(0.6, 0.9))
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-7)
+    assert grad_s[0][7, 1].item() == 0.0 == want_s[0][7, 1].item()
+    for g, w_ in zip(grad_t + grad_s, want_t + want_s):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w_, rtol=2e-5, atol=2e-5 * w_.abs().max().item())
 
 
 def test_stars_loss_bad_inputs():
