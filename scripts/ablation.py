@@ -53,7 +53,8 @@ def run_once(out: str, flags: List[str]) -> Dict:
         with open(summary_path) as f:
             summary = json.load(f)
         expected = train.make_config(train.parse_args(flags))
-        if any(summary["config"].get(key) != value for key, value in expected.items() if key not in RUN_ONLY):
+        saved = summary["config"]  # a flag added since the run was made is absent: its default held
+        if any(saved[key] != value for key, value in expected.items() if key in saved and key not in RUN_ONLY):
             raise SystemExit(f"{out} holds a run of another configuration; pass another --runs")
         if summary["epochs_completed"] == summary["config"]["epochs"]:
             return summary
@@ -85,8 +86,9 @@ def paired_difference(values: List[float], baseline: List[float]) -> str:
 def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
     lines = [
         "| variant | flags | best top-1 (%) | last top-1 (%) | best - BN-only (pp, 95% CI) | "
-        "last - BN-only (pp, 95% CI) | per seed best / last (%) | synthesis grad norm (median) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "last - BN-only (pp, 95% CI) | per seed best / last (%) | synthesis grad norm (median) | "
+        "term grad norms (share) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     baseline = rows[0]
     for row in rows:
@@ -97,21 +99,36 @@ def markdown(rows: List[Dict], teacher_acc: float, command: str) -> str:
             f"| {row['name']} | `{shlex.join(row['flags']) or '(defaults)'}` | {mean_std(row['best'], 100)} | "
             f"{mean_std(row['accs'], 100)} | {'-' if is_baseline else paired_difference(row['best'], baseline['best'])} | "
             f"{'-' if is_baseline else paired_difference(row['accs'], baseline['accs'])} | {per_seed} | "
-            f"{f'{statistics.median(grads):.3g}' if grads else '-'} | {mean_std(row['times'], digits=1)} |")
+            f"{f'{statistics.median(grads):.3g}' if grads else '-'} | {term_norms(row['terms'])} | "
+            f"{mean_std(row['times'], digits=1)} |")
     lines += ["", f"Teacher top-1: {100 * teacher_acc:.2f}%. Mean ± sample standard deviation over "
               f"{len(rows[0]['accs'])} seeds; differences paired by seed; the gradient norm is the median over the "
               "seeds of each run's median per-step norm on the synthesized variables (metrics.jsonl); wall time of "
-              "the training (summary.json's wall_time_s). Produced by:",
+              "the training (summary.json's wall_time_s); term grad norms (with --grad-shares): each loss term's own "
+              "gradient norm, median over epochs then seeds, and its share of their sum. Produced by:",
               "", "```bash", command, "```", ""]
     return "\n".join(lines)
 
 
-def median_gradient_norm(out: str):
-    """The median over a run's epochs of their median synthesis gradient norm (None if not recorded)."""
+def median_over_epochs(out: str, key: str):
+    """The median over a run's epochs of metrics.jsonl's `key` (None where no epoch has it)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        values = [json.loads(line).get("synth_grad_median") for line in f]
+        values = [json.loads(line).get(key) for line in f]
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+TERMS = ("bn", "oh", "adv", "rca", "tar", "cr", "tv", "l2")  # grad_<term> of --grad-shares
+
+
+def term_norms(rows_terms: List[Dict[str, float]]) -> str:
+    """Each term's gradient norm (median over the seeds) and its share of their sum, or '-'."""
+    names = [t for t in TERMS if any(t in r for r in rows_terms)]
+    if not names:
+        return "-"
+    medians = {t: statistics.median([r[t] for r in rows_terms if t in r]) for t in names}
+    total = sum(medians.values())
+    return ", ".join(f"{t} {v:.3g} ({100 * v / total:.1f}%)" for t, v in medians.items())
 
 
 def main(argv=None) -> str:
@@ -132,7 +149,8 @@ def main(argv=None) -> str:
     if args.lambdas:
         variants = [VARIANTS[0]] + [(f"STARS lambda {lam:g}", ["--lambda-rca", f"{lam:g}", "--lambda-tar", f"{lam:g}"])
                                     for lam in args.lambdas]
-    rows = [{"name": name, "flags": flags, "accs": [], "best": [], "grads": [], "times": []} for name, flags in variants]
+    rows = [{"name": name, "flags": flags, "accs": [], "best": [], "grads": [], "terms": [], "times": []}
+            for name, flags in variants]
     command = shlex.join(["python", "scripts/ablation.py", *argv])
     text = ""
     for seed in args.seeds:  # seed-major, so that a stopped ablation has every variant at the same seeds
@@ -142,7 +160,9 @@ def main(argv=None) -> str:
             summary = run_once(out, [*common, *row["flags"], "--seed", str(seed)])
             row["accs"].append(summary["student_acc"])
             row["best"].append(summary["best_student_acc"])
-            row["grads"].append(median_gradient_norm(out))
+            row["grads"].append(median_over_epochs(out, "synth_grad_median"))
+            terms = {t: median_over_epochs(out, f"grad_{t}") for t in TERMS}
+            row["terms"].append({t: v for t, v in terms.items() if v is not None})
             row["times"].append(summary["wall_time_s"])
             teacher_acc = summary["teacher_acc"]
         text = markdown(rows, teacher_acc, command)  # the table so far, rewritten after every seed
