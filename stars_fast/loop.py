@@ -119,6 +119,8 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
     student = models.build_student(config["student"], info.num_classes, T=config["T"], neuron=config["neuron"],
                                    backend=config["backend"], in_channels=info.in_channels).to(device)
     torch.manual_seed(config["seed"] + ctx.rank)  # the same student everywhere, then a random stream per process
+    student_meta = dict(arch=config["student"], num_classes=info.num_classes, in_channels=info.in_channels,
+                        T=config["T"], neuron=config["neuron"])
     synthesizer = build_synthesizer(config, teacher, student, info, device, synthesis_batch)
     synthesizer.grad_shares_every = config.get("grad_shares", 0)
     memory = SyntheticMemory(info, config["memory_size"], folder.path, device, writer=ctx.is_main)
@@ -141,6 +143,11 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
         synthesizer.load_state_dict(checkpoint["synthesizer"][ctx.rank])
         _set_rng_state(checkpoint["rng"][ctx.rank], device)
         start_epoch, history, elapsed = checkpoint["epoch"], checkpoint["history"], checkpoint["elapsed_s"]
+        # The model files follow the checkpoint (written just before them at an epoch's end): a failure
+        # between the two left them an epoch behind, so they are written again from it.
+        if history:
+            last = history[-1]
+            folder.save_students(student, last, best=last["student_acc"] >= last["best_acc"], **student_meta)
         log(f"resuming {folder.path} after epoch {start_epoch}")
     ctx.barrier()  # rank 0 has cut the memory's files to the checkpoint's count
     kd_student = ctx.wrap(student)  # DistributedDataParallel when there are several processes
@@ -151,8 +158,6 @@ def train(config: Dict[str, object], checkpoint: Optional[Dict[str, object]], ct
     run_env = environment(config, device)
 
     started = time.time() - elapsed
-    student_meta = dict(arch=config["student"], num_classes=info.num_classes, in_channels=info.in_channels,
-                        T=config["T"], neuron=config["neuron"])
     epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", unit="epoch", disable=not progress,
                   initial=start_epoch, total=config["epochs"])
     warned_spikes = any(r.get("synth_grad_spikes") for r in history)

@@ -704,3 +704,54 @@ def test_damaged_teacher_cache_is_rebuilt_and_wrong_teacher_files_are_refused(te
     with pytest.raises(SystemExit, match="is a spiking student file of arch 'digits_snn', not a 'digits_cnn'"):
         train.main(["--epochs", "1", "--out", str(tmp_path / "run2"), "--teacher-ckpt", str(student_file)]
                    + SHORT_EPOCHS)
+
+
+def test_a_failed_write_at_any_point_of_an_epochs_end_is_repaired_by_resume(teacher_cache, tmp_path, monkeypatch):
+    """Each file written at the end of the last epoch (checkpoint, student.pth, best.pth, summary.json, ...)
+    fails in turn (ENOSPC from the atomic rename). The run stops; --resume then leaves student.pth and
+    best.pth equal to the checkpoint's student and summary.json to its history, as an uninterrupted run."""
+    import errno
+    import shutil
+    from stars_fast import atomic
+    template = str(tmp_path / "after-epoch-1")
+    train.main(["--epochs", "1", "--out", template] + SHORT_EPOCHS)
+    replace = atomic.os.replace
+    calls = []
+
+    def count(src, dst):
+        calls.append(os.path.basename(dst))
+        return replace(src, dst)
+
+    probe = str(tmp_path / "probe")
+    shutil.copytree(template, probe)
+    monkeypatch.setattr(atomic.os, "replace", count)
+    train.main(["--epochs", "2", "--out", probe, "--resume", "--no-progress"])
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    written = [name for name in calls if not name.endswith(".png")]
+    assert {"checkpoint.pt", "student.pth", "summary.json"} <= set(written)
+    for failing in range(len(calls)):
+        out = str(tmp_path / f"fail-{failing}")
+        shutil.copytree(template, out)
+        calls.clear()
+
+        def fail_once(src, dst, failing=failing):
+            calls.append(dst)
+            if len(calls) == failing + 1:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            return replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", fail_once)
+        with pytest.raises(OSError, match="injected"):
+            train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        summary = train.main(["--epochs", "2", "--out", out, "--resume", "--no-progress"])
+        checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+        history = checkpoint["history"]
+        saved_student = torch.load(os.path.join(out, "student.pth"), weights_only=True)
+        assert checkpoint["epoch"] == 2 and saved_student["epoch"] == 2, calls[failing]
+        assert all(torch.equal(saved_student["state_dict"][k], v) for k, v in checkpoint["student"].items())
+        assert torch.load(os.path.join(out, "best.pth"), weights_only=True)["best_acc1"] == max(
+            r["student_acc"] for r in history)
+        assert summary["student_acc"] == history[-1]["student_acc"]
+        with open(os.path.join(out, "summary.json")) as f:
+            assert json.load(f)["epochs_completed"] == 2
