@@ -426,13 +426,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     real_images = torch.stack([test_set[i][0] for i in chosen.tolist()])
     real_labels = test_set.labels[chosen]
     sources = {"real": real_images}
+    skipped = {}
     try:
         pixels, _ = open_synthetic(run)
-    except ValueError:
-        pixels = None
+    except ValueError as exc:
+        pixels, skipped["synthetic"] = None, f"the synthetic memory is unreadable ({exc})"
+    if pixels is not None and pixels.shape[0] == 0:
+        skipped["synthetic"] = "the synthetic memory is empty"
     if pixels is not None and pixels.shape[0] > 0:
         newest = pixels[-args.max_images:]
         sources["synthetic"] = normalize(newest.float() / 255.0, info)
+    for what, why in skipped.items():
+        print(f"no {what} images in firing_rates.png and tail_masses.png: {why}")
 
     outputs = {source: run_models(teacher, student, images, batch_size=args.batch_size, device=device)
                for source, images in sources.items()}
@@ -461,6 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "student": {k: meta.get(k) for k in ("arch", "T", "neuron", "epoch", "acc")},
         "teacher": config.get("teacher"), "images": {s: int(v.shape[0]) for s, v in sources.items()},
         "curves": series, "gradient_shares": gradient_shares(series), "teacher_acc": summary.get("teacher_acc"),
+        "skipped": skipped,
         "student_top1_on_subset": accuracy,
         "firing_rates": {s: out["firing_rates"] for s, out in outputs.items()},
         "tail_masses": {"quantiles": None if thresholds is not None else list(quantiles),

@@ -250,6 +250,10 @@ def _load_tiny_imagenet(split: str, root: str, info: DatasetInfo) -> ImageFileDa
     name = "tiny-imagenet"
     folder = _find_folder(root, "tiny-imagenet-200", name)
     wnids = _tiny_imagenet_wnids(folder)
+    if len(set(wnids)) != len(wnids) or len(wnids) != info.num_classes:
+        # a wnid missing, extra or repeated would shift every later class index: all labels wrong
+        raise DatasetFormatError(f"{_wnid_source(folder)} lists {len(wnids)} wnids ({len(set(wnids))} distinct); "
+                                 f"Tiny-ImageNet has {info.num_classes} distinct classes")
     index = {w: i for i, w in enumerate(wnids)}
     paths: List[str] = []
     labels: List[int] = []

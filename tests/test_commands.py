@@ -218,9 +218,9 @@ def test_train_with_a_malformed_dataset_is_a_one_line_error(tmp_path, dataset):
         match, teacher, student = "test_batch is not a python-pickle CIFAR batch", "resnet20", "s_resnet20"
     else:
         (data / "tiny-imagenet-200" / "val").mkdir(parents=True)
-        (data / "tiny-imagenet-200" / "wnids.txt").write_text("n01\n")
-        (data / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("v.JPEG\tn77\t0\t0\t1\t1\n")
-        match, teacher, student = "unknown wnid 'n77'", "resnet18", "s_resnet18"
+        (data / "tiny-imagenet-200" / "wnids.txt").write_text("".join(f"n{i:02d}\n" for i in range(200)))
+        (data / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("v.JPEG\tn777\t0\t0\t1\t1\n")
+        match, teacher, student = "unknown wnid 'n777'", "resnet18", "s_resnet18"
     ckpt = tmp_path / "teacher.pth"
     ckpt.write_bytes(b"never read: the test split is loaded first")
     out = tmp_path / "run"
@@ -244,3 +244,17 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(pipeline, command):
 def test_analyze_refuses_another_datasets_shapes(pipeline):
     with pytest.raises(SystemExit, match="cifar100 has 100 and 3"):
         analyze.main([pipeline["run"], "--dataset", "cifar100"])
+
+
+def test_analyze_says_what_it_could_not_draw(pipeline, tmp_path, capsys):
+    """An unreadable synthetic memory: the real-image figures are still drawn, and the missing synthetic
+    half is said on the console and in analysis.json instead of being dropped silently."""
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(pipeline["run"], run)
+    with open(os.path.join(run, "synthetic", "meta.json"), "w") as f:
+        f.write("{not json")
+    analysis = analyze.main([run, "--device", "cpu"])
+    assert "the synthetic memory is unreadable" in analysis["skipped"]["synthetic"]
+    assert "no synthetic images in firing_rates.png" in capsys.readouterr().out
+    assert set(analysis["firing_rates"]) == {"real"}

@@ -72,25 +72,33 @@ def test_cifar100_uses_fine_labels(tmp_path):
         assert int(test[1][1]) == pickle.load(f)["fine_labels"][1]
 
 
-def test_tiny_imagenet_folder_layout(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
+TINY_WNIDS = [f"n{i:03d}" for i in range(200)]
+
+
+def _tiny_imagenet_root(tmp_path, wnids=TINY_WNIDS):
     root = tmp_path / "tiny-imagenet-200"
-    wnids = ["n02", "n01"]  # class index follows sorted order: n01 -> 0, n02 -> 1
     (root / "val" / "images").mkdir(parents=True)
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    for wnid in wnids:
+    return root
+
+
+def test_tiny_imagenet_folder_layout(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    root = _tiny_imagenet_root(tmp_path, TINY_WNIDS[::-1])  # class index follows sorted order: n000 -> 0
+    for wnid in TINY_WNIDS:
         images = root / "train" / wnid / "images"
         images.mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (64, 64), (10, 20, 30)).save(images / f"{wnid}_{i}.JPEG")
+        if wnid in ("n001", "n002"):
+            for i in range(2):
+                Image.new("RGB", (64, 64), (10, 20, 30)).save(images / f"{wnid}_{i}.JPEG")
     Image.new("L", (64, 64), 128).save(root / "val" / "images" / "val_0.JPEG")  # grayscale files exist
-    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn002\t0\t0\t63\t63\n")
 
     train = load_dataset("tiny-imagenet", "train", str(tmp_path))
     val = load_dataset("tiny-imagenet", "test", str(tmp_path))
-    assert len(train) == 4 and sorted(train.labels.tolist()) == [0, 0, 1, 1]
+    assert len(train) == 4 and sorted(train.labels.tolist()) == [1, 1, 2, 2]
     image, label = val[0]
-    assert image.shape == (3, 64, 64) and int(label) == 1
+    assert image.shape == (3, 64, 64) and int(label) == 2
     assert torch.allclose(denormalize(image[None], DATASETS["tiny-imagenet"]), torch.full((1, 3, 64, 64), 128 / 255),
                           atol=2 / 255)
 
@@ -171,14 +179,22 @@ def test_garbage_cifar_file_is_a_one_line_error(tmp_path, content, needle):
 
 
 def test_unknown_tiny_imagenet_wnid_is_a_one_line_error(tmp_path):
-    root = tmp_path / "tiny-imagenet-200"
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("n01\nn02\n")
-    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t63\t63\n"
-                                                      "val_1.JPEG\tn99\t0\t0\t63\t63\n")
-    with pytest.raises(DatasetFormatError, match=r"line 2: unknown wnid 'n99'.*wnids\.txt") as caught:
+    root = _tiny_imagenet_root(tmp_path)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn001\t0\t0\t63\t63\n"
+                                                      "val_1.JPEG\tn999\t0\t0\t63\t63\n")
+    with pytest.raises(DatasetFormatError, match=r"line 2: unknown wnid 'n999'.*wnids\.txt") as caught:
         load_dataset("tiny-imagenet", "test", str(tmp_path))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("wnids", [TINY_WNIDS[:199], TINY_WNIDS + ["n200"], TINY_WNIDS[:199] + ["n000"]],
+                         ids=["199", "201", "a repeated one"])
+def test_a_tiny_imagenet_wnid_list_of_other_than_200_distinct_ids_is_refused(tmp_path, wnids):
+    """One wnid missing, extra or repeated would shift every later label: refused, not evaluated wrongly."""
+    root = _tiny_imagenet_root(tmp_path, wnids)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn001\t0\t0\t63\t63\n")
+    with pytest.raises(DatasetFormatError, match=r"wnids\.txt lists .* wnids .*200 distinct classes"):
+        load_dataset("tiny-imagenet", "test", str(tmp_path))
 
 
 def test_class_names_in_label_order(tmp_path):

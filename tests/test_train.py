@@ -755,3 +755,20 @@ def test_a_failed_write_at_any_point_of_an_epochs_end_is_repaired_by_resume(teac
         assert summary["student_acc"] == history[-1]["student_acc"]
         with open(os.path.join(out, "summary.json")) as f:
             assert json.load(f)["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize("name,offset", [("images.u8", 64 * 64 + 5), ("labels.i64", 3)])
+def test_resume_refuses_a_synthetic_memory_changed_since_the_checkpoint(teacher_cache, tmp_path, name, offset):
+    """A same-size change of the memory's files (one byte of the second block, or of the first block's
+    labels) is caught by the block checksums the checkpoint holds, instead of being trained on."""
+    out = str(tmp_path / "run")
+    train.main(["--epochs", "2", "--out", out] + SHORT_EPOCHS)  # two blocks of 64 images of 8x8
+    path = os.path.join(out, "synthetic", name)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    block = "block 1 (images 64-127)" if name == "images.u8" else "block 0 (images 0-63)"
+    with pytest.raises(SystemExit, match=f"cannot resume: .*{re.escape(block)} fails its checksum"):
+        train.main(["--epochs", "3", "--out", out, "--resume", "--no-progress"])

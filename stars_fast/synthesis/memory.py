@@ -8,14 +8,16 @@ Files in `<run>/synthetic/`:
                each append: the number of complete images, so a half-written batch is never read
 Quantizing to 8 bits is what Fast-Datafree's PNG image pool does. The files are mapped, not read:
 processes and tools (`open_synthetic`) share the page cache instead of each holding a copy, and a
-checkpoint stores only `count`; resuming truncates the files to it, so the memory is the one the
-checkpoint saw.
+checkpoint stores only `count` and a CRC-32 of every appended block (pixels and labels); resuming
+truncates the files to `count` and checks every block, so the memory trained on after a resume is the
+one the checkpoint saw, or the resume is refused naming the block that changed.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Tuple
+import zlib
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -80,6 +82,7 @@ class SyntheticMemory:
         self.count, self.has_labels = 0, None
         self._images = self._labels = None  # the mapped files, up to self.count
         self._files_match = False  # whether the files hold exactly `count` images (checked before appending)
+        self.blocks: List[List[int]] = []  # per appended batch: [images so far, CRC-32 of pixels, of labels]
         if writer:
             os.makedirs(self.folder, exist_ok=True)
 
@@ -123,15 +126,15 @@ class SyntheticMemory:
             if not self._files_match:  # a new run: drop what a run killed before its first checkpoint wrote
                 self._truncate()
             pixels = (denormalize(images.detach().float(), self.info).clamp(0, 1) * 255).round().to(torch.uint8)
-            with open(self._path(IMAGES), "ab") as f:
-                f.write(pixels.cpu().contiguous().numpy().tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            if labels is not None:
-                with open(self._path(LABELS), "ab") as f:
-                    f.write(labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())
+            pixel_bytes = pixels.cpu().contiguous().numpy().tobytes()
+            label_bytes = b"" if labels is None else labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+            for name, data in ((IMAGES, pixel_bytes), (LABELS, label_bytes)):
+                if data:
+                    with open(self._path(name), "ab") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+            self.blocks.append([self.count + images.shape[0], zlib.crc32(pixel_bytes), zlib.crc32(label_bytes)])
         self.count += images.shape[0]
         if self.writer:
             self._write_meta()
@@ -151,12 +154,26 @@ class SyntheticMemory:
         return normalize(pixels, self.info)
 
     def state_dict(self) -> Dict:
-        """What a checkpoint keeps: the number of images (the files hold the pixels)."""
-        return {"count": self.count, "labels": self.has_labels}
+        """What a checkpoint keeps: the number of images and each block's checksums (the files hold the pixels)."""
+        return {"count": self.count, "labels": self.has_labels, "blocks": [list(b) for b in self.blocks]}
 
     def load_state_dict(self, state: Dict) -> None:
-        """Return to a checkpoint's memory: the first `count` images of the files."""
+        """Return to a checkpoint's memory: the first `count` images of the files, every block checked
+        against its CRC-32 (ValueError naming the first block that differs)."""
         self.count, self.has_labels = int(state["count"]), state["labels"]
+        self.blocks = [list(b) for b in state.get("blocks", [])]  # none in checkpoints written before them
         if self.writer:
             self._truncate()
+            self._verify_blocks()
         self._images = None
+
+    def _verify_blocks(self) -> None:
+        image_bytes = int(torch.Size(self.shape).numel())
+        with open(self._path(IMAGES), "rb") as pixels, open(self._path(LABELS), "rb") as labels:
+            start = 0
+            for index, (end, pixel_crc, label_crc) in enumerate(self.blocks):
+                if zlib.crc32(pixels.read((end - start) * image_bytes)) != pixel_crc or (
+                        self.has_labels and zlib.crc32(labels.read((end - start) * 8)) != label_crc):
+                    raise ValueError(f"{self.folder}: block {index} (images {start}-{end - 1}) fails its checksum: "
+                                     "the synthetic memory changed since the checkpoint was written")
+                start = end
