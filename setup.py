@@ -62,7 +62,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "torchvision", "numpy", "tqdm", "scikit-learn", "pillow"],
+    install_requires=["torch>=2.6", "torchvision", "numpy", "tqdm", "scikit-learn", "pillow", "pyyaml"],
     extras_require={"plots": ["matplotlib"],  # python -m stars_fast.analyze
                     "test": ["pytest", "pytest-benchmark", "expecttest", "spikingjelly==2.0.0", "matplotlib",
                              "transformers"]},  # transformers: the offline CLIP-text test of label_embedding

@@ -7,6 +7,7 @@ written out here (tests check them against models.TEACHERS / STUDENTS and data.D
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Dict, List, Optional
 
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                "Several processes (DistributedDataParallel): torchrun --nproc_per_node N -m stars_fast.train ...\n"
                "Presets (Appendix A of the paper; --list-presets shows their values): " + ", ".join(PRESETS))
     parser.add_argument("--version", action="version", version=f"stars_fast {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help="take the flags from FILE: JSON or YAML with the flags' names as keys (--kd-T: kd_T), "
+                             "or a run's summary.json (its configuration), to replay a run; flags given on the "
+                             "command line override it; its out, resume and progress are not taken")
 
     def add(group, *flags, help, **kwargs):
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
@@ -184,8 +189,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    """Only the flags given on the command line, as {dest: value}."""
-    return vars(build_parser().parse_args(argv))
+    """Only the flags given on the command line, as {dest: value}; with --config FILE, FILE's flags
+    under them."""
+    explicit = vars(build_parser().parse_args(argv))
+    path = explicit.pop("config", None)
+    return explicit if path is None else {**read_config(path), **explicit}
+
+
+CONFIG_RUN_KEYS = ("out", "resume", "progress", "list_presets", "export_synthetic")  # a run's, not a replay's
+
+
+def read_config(path: str) -> Dict[str, object]:
+    """The flags of a --config file (JSON, YAML, or a run's summary.json), checked against the flags'
+    names and types; SystemExit with one line naming the file and the key."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise SystemExit(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as json_error:
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"--config {path}: not JSON ({json_error}); YAML needs PyYAML (pip install pyyaml)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"--config {path}: neither JSON nor YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "result_row" in data:
+        data = data["config"]  # a run's summary.json
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    unknown = sorted(key for key in data if key not in DEFAULTS and key not in CONFIG_RUN_KEYS
+                     and key != "resume_changes")
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown flags {', '.join(unknown)} (keys are the flags' names with _ "
+                         f"for -, as --kd-T: kd_T)")
+    config = {key: value for key, value in data.items() if key in DEFAULTS and key not in CONFIG_RUN_KEYS}
+    for key, value in config.items():
+        _check_type(path, key, value)
+    return config
+
+
+def _check_type(path: str, key: str, value) -> None:
+    """The value's type is the flag's: that of its default (numbers: int for an int flag, int or float for
+    a float one), a list of numbers for a list flag; None where the flag may be unset."""
+    default = DEFAULTS[key]
+    if value is None:
+        if default is not None and not isinstance(default, list):
+            raise SystemExit(f"--config {path}: {key} cannot be null")
+        return
+    if isinstance(default, bool) or key in ("amp", "tar_normalize"):
+        expected, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        expected, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, list) or key in ("thresholds", "stars_layers", "stars_weights"):
+        expected = "a list of numbers"
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        raise SystemExit(f"--config {path}: {key} must be {expected}, got {value!r}")
 
 
 def make_config(explicit: Dict[str, object], base: Optional[Dict[str, object]] = None) -> Dict[str, object]:

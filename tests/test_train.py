@@ -772,3 +772,34 @@ def test_resume_refuses_a_synthetic_memory_changed_since_the_checkpoint(teacher_
     block = "block 1 (images 64-127)" if name == "images.u8" else "block 0 (images 0-63)"
     with pytest.raises(SystemExit, match=f"cannot resume: .*{re.escape(block)} fails its checksum"):
         train.main(["--epochs", "3", "--out", out, "--resume", "--no-progress"])
+
+
+def test_config_file_replays_a_run_and_flags_override_it(teacher_cache, tmp_path):
+    """--config summary.json replays a run exactly (same epochs, same accuracies); a YAML or JSON file of
+    flags works like the flags, and command-line flags win."""
+    first = str(tmp_path / "first")
+    train.main(["--epochs", "2", "--out", first, "--seed", "3", "--lambda-rca", "2"] + SHORT_EPOCHS)
+    replay = str(tmp_path / "replay")
+    train.main(["--config", os.path.join(first, "summary.json"), "--out", replay, "--no-progress"])
+    assert [r["student_acc"] for r in _metrics(replay)] == [r["student_acc"] for r in _metrics(first)]
+    with open(os.path.join(replay, "summary.json")) as f:
+        assert json.load(f)["config"]["lambda_rca"] == 2.0
+    flags = tmp_path / "flags.yaml"
+    flags.write_text("method: nayer\nT: 2\nkd_T: 4\nquantiles: [0.5, 0.9]\n")
+    config = train.make_config(train.parse_args(["--config", str(flags), "--T", "3"]))
+    assert (config["method"], config["T"], config["kd_T"], config["quantiles"]) == ("nayer", 3, 4, [0.5, 0.9])
+    assert config["g_loops"] == train.PRESETS["nayer-digits"]["g_loops"]  # the method's preset under the file
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"T": "4"}', "T must be an integer, got '4'"), ('{"kd_t": 4}', "unknown flags kd_t"),
+    ('{"amp": 1}', "amp must be true or false"), ('{"quantiles": [0.5, "x"]}', "quantiles must be a list of numbers"),
+    ("[1, 2]", "expected a mapping"), ("a: [1,\n", "neither JSON nor YAML"), (None, "cannot read it"),
+])
+def test_config_file_errors_are_one_line_naming_the_key(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=re.escape(message)) as caught:
+        train.parse_args(["--config", str(path)])
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
