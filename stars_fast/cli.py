@@ -296,6 +296,8 @@ def _check_config(config: Dict[str, object]) -> None:
     if not 0 <= config["warmup"] < config["epochs"]:
         raise SystemExit(f"--warmup ({config['warmup']}) must be >= 0 and < --epochs ({config['epochs']}): "
                          "KD starts after the warm-up epochs, so this run would never distill")
+    if not 0 <= config["seed"] < 2 ** 63 - 2 ** 16:  # torch's seeds are 64-bit; each process adds its rank
+        raise SystemExit(f"--seed must be in [0, 2^63 - 2^16), got {config['seed']}")
     if config["dist_timeout"] < 1:
         raise SystemExit(f"--dist-timeout must be >= 1 second, got {config['dist_timeout']}")
     if config["grad_shares"] < 0:

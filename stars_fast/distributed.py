@@ -148,6 +148,10 @@ def setup(device: torch.device, timeout_s: int = 300) -> Iterator[Context]:
     if world_size <= 1:
         yield Context(device=device)
         return
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise SystemExit(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} not: start the processes with "
+                         f"torchrun --nproc_per_node {world_size} -m stars_fast.train ..., or unset WORLD_SIZE")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if device.index is not None:

@@ -21,6 +21,7 @@ Imports are lazy, so that `--help` and `--list-presets` answer without importing
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import sys
 from typing import Dict, List, Optional
@@ -92,6 +93,38 @@ def check_pair(config: Dict[str, object]) -> None:
         pairs = ", ".join(f"{teacher} -> {student}" for student, teacher in models.PAIRS.items())
         raise SystemExit(f"--teacher {config['teacher']} taps {taps[0]} stages but --student {config['student']} "
                          f"taps {taps[1]}: STARS pairs them stage by stage (pairs that fit: {pairs}; or --no-stars)")
+    layers, weights = config["stars_layers"], config["stars_weights"]
+    if layers is not None and (len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= taps[0]):
+        raise SystemExit(f"--stars-layers {' '.join(map(str, layers))}: distinct tap indices of the pair's "
+                         f"{taps[0]} stages, 0..{taps[0] - 1}")
+    selected = taps[0] if layers is None else len(layers)
+    if weights is not None and (len(weights) != selected or min(weights) < 0 or sum(weights) <= 0):
+        raise SystemExit(f"--stars-weights {' '.join(map(str, weights))}: one weight >= 0 for each of the {selected} "
+                         f"STARS layers, of positive sum")
+
+
+def preflight(config: Dict[str, object]) -> None:
+    """Every configuration error found before any work starts (the teacher is loaded after this),
+    SystemExit with one line naming the flag or environment variable."""
+    from . import _backend
+    from .teacher_cache import cache_dir
+
+    device = resolve_device(config["device"])
+    try:
+        _backend.resolve(config["backend"], device)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"--backend {config['backend']}: {exc}") from None
+    cache = cache_dir()
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise SystemExit(f"the teacher cache {cache} (STARS_FAST_CACHE, or the default) is a file, not a folder")
+    stars_on = config["stars"] and (config["lambda_rca"] > 0 or config["lambda_tar"] > 0)
+    if stars_on and config["synthesis_batch_size"] < 2:
+        raise SystemExit("--synthesis-batch-size must be >= 2 with STARS: RCA compares pairs of images "
+                         "(or --no-stars)")
+    export = config.get("export_synthetic")
+    if export is not None and os.path.exists(export) and not os.path.isdir(export):
+        raise SystemExit(f"--export-synthetic {export}: a file, not a folder")
+    check_pair(config)
 
 
 # What a --resume may change: how far the run goes, how it is watched, where its data now lives. Every
@@ -142,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
     config["resume"], config["export_synthetic"] = False, export_dir
     if config["teacher_ckpt"] is not None and not os.path.isfile(config["teacher_ckpt"]):
         raise SystemExit(f"--teacher-ckpt {config['teacher_ckpt']}: no such file")
-    check_pair(config)
+    preflight(config)
     with distributed.setup(resolve_device(config["device"]), timeout_s=config.get("dist_timeout", 300)) as ctx:
         if checkpoint is not None and len(checkpoint["rng"]) != ctx.world_size:
             raise SystemExit(f"{out} was written by {len(checkpoint['rng'])} processes; resume it with as many "
@@ -162,5 +195,27 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
             folder.release()
 
 
+# Failures of the machine rather than of the configuration: the run folder keeps its last finished epoch.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES)
+
+
+def cli(argv: List[str]) -> None:
+    """The command line: an interrupt or a storage failure ends as one line saying what is kept and how
+    to go on (STARS_FAST_DEBUG=1 shows the traceback instead); configuration errors are SystemExit lines."""
+    debug = os.environ.get("STARS_FAST_DEBUG", "0") == "1"
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: the run folder keeps its last finished epoch; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:
+        if debug or exc.errno not in STORAGE_ERRORS:
+            raise
+        sys.exit(f"{exc.strerror}: {exc.filename or ''}; the run folder keeps its last finished epoch "
+                 f"(checkpoint.pt): fix the storage, then continue with --resume (STARS_FAST_DEBUG=1: traceback)")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

@@ -803,3 +803,62 @@ def test_config_file_errors_are_one_line_naming_the_key(tmp_path, content, messa
     with pytest.raises(SystemExit, match=re.escape(message)) as caught:
         train.parse_args(["--config", str(path)])
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--stars-layers", "0", "5"], {}, "--stars-layers 0 5: distinct tap indices of the pair's 3 stages"),
+    (["--stars-layers", "1", "1"], {}, "--stars-layers 1 1: distinct tap indices"),
+    (["--stars-weights", "1", "2"], {}, "--stars-weights 1.0 2.0: one weight >= 0 for each of the 3 STARS layers"),
+    (["--backend", "cuda"], {}, "--backend cuda: backend 'cuda' is not usable on cpu"),
+    (["--synthesis-batch-size", "1"], {}, "--synthesis-batch-size must be >= 2 with STARS"),
+    (["--seed", str(2 ** 70)], {}, "--seed must be in [0, 2^63 - 2^16)"),
+    ([], {"STARS_FAST_BACKEND": "bogus"}, "STARS_FAST_BACKEND='bogus' names no backend"),
+    ([], {"STARS_FAST_BACKEND": "cuda"}, "(from the environment variable STARS_FAST_BACKEND) is not usable on cpu"),
+    ([], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not"),
+])
+def test_configuration_errors_come_before_any_work_as_one_line(tmp_path, monkeypatch, flags, env, message):
+    """Found before the teacher is loaded or trained (the cache stays empty) and before a run folder exists."""
+    monkeypatch.setenv("STARS_FAST_CACHE", str(tmp_path / "cache"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=re.escape(message)) as caught:
+        train.main(["--device", "cpu", "--out", str(out), "--no-progress"] + flags)
+    assert "\n" not in str(caught.value) and not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_files_where_folders_belong_are_refused_up_front(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match="--export-synthetic .*: a file, not a folder"):
+        train.main(["--out", str(tmp_path / "run"), "--export-synthetic", str(a_file), "--no-progress"])
+    monkeypatch.setenv("STARS_FAST_CACHE", str(a_file))
+    with pytest.raises(SystemExit, match="the teacher cache .* is a file, not a folder"):
+        train.main(["--out", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_ctrl_c_and_a_full_disk_end_as_one_line(teacher_cache, tmp_path):
+    """The command line turns an interrupt (exit 130) and a storage error into one line saying what is kept;
+    STARS_FAST_DEBUG=1 gives the traceback."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               STARS_FAST_CACHE=teacher_cache)
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "50", "--out", out] + SHORT_EPOCHS,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "checkpoint.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the run folder keeps its last finished epoch")
+    full = ("import errno, sys\nfrom stars_fast import atomic, train\n"
+            "def full(src, dst):\n    raise OSError(errno.ENOSPC, 'No space left on device', dst)\n"
+            "atomic.os.replace = full\ntrain.cli(sys.argv[1:])\n")
+    for debug, expect in (("0", "No space left on device: "), ("1", "Traceback")):
+        result = subprocess.run([sys.executable, "-c", full, "--epochs", "1", "--out", str(tmp_path / f"full{debug}")]
+                                + SHORT_EPOCHS, env=dict(env, STARS_FAST_DEBUG=debug), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1 and expect in result.stderr
+        if debug == "0":
+            assert "Traceback" not in result.stderr and "continue with --resume" in result.stderr
