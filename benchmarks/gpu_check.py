@@ -1,4 +1,4 @@
-"""One-shot GPU check (issue 10, item 5): build with CUDA, run the CUDA/Triton tests, time the LIF op
+"""One-shot GPU check: build with CUDA, run the CUDA/Triton tests, time the LIF op
 against SpikingJelly 2.0 with the copy bandwidth of the same run, count the STARS launches with
 torch.profiler and time STARS against the vectorized eager baseline, and time the synthesis step
 ResNet-34 -> S-ResNet-18 (B=256, T=4) fused vs reference with STARS on and off. Writes ONE Markdown
@@ -7,7 +7,7 @@ and the next section runs. Sized for < 8 minutes on one H200: the build gets 240
 tests run last with the time left of --budget-s (450 s), and no section starts after it.
 
 On the GPU machine, from the repository root (SpikingJelly 2.0 and loguru are not in its image:
-carry them as wheels, see benchmarks/RESULTS.md):
+install them from wheels, see benchmarks/RESULTS.md, section GPU):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out "$OUT"
 On a CPU, to check the script itself (no build, tests only collected, tiny sizes):
     python benchmarks/gpu_check.py --cpu-dry-run --out /tmp/gpu_check
@@ -209,7 +209,7 @@ def section_lif(device, dry_run):
                             for baseline in ("spikingjelly", "loop-eager"):
                                 if baseline in times:
                                     result += f", {times[baseline] / t:.2f}x {baseline}"
-                            # issue 10's targets, fwd+bwd on a GPU: >= 85% of copy and >= 1.3x SpikingJelly
+                            # GPU targets for fwd+bwd: >= 85% of copy and >= 1.3x SpikingJelly
                             sj_speedup = times["spikingjelly"] / t if "spikingjelly" in times else None
                             if mode == "fwd+bwd" and device == "cuda" and (
                                     gbs < 0.85 * copy_gbs or (sj_speedup is not None and sj_speedup < 1.3)):
@@ -303,7 +303,7 @@ def section_stars(device, dry_run):
                 what = "aten ops on the CPU (dry run: not launches)"
             status = "ok"
             if name == "fused-triton" and device == "cuda" and len(launches) > 3:
-                status = "below target"  # issue 10: <= 3 launches forward+backward
+                status = "below target"  # target: <= 3 launches forward+backward
             record("stars", f"B={batch} fwd+bwd {name} launches", f"{len(launches)} {what}: "
                    + ", ".join(sorted({e.name[:40] for e in launches})[:8]), status)
             for leaf in leaves:
@@ -324,7 +324,7 @@ def section_stars(device, dry_run):
             speedup = times["gram-eager"] / t
             result += f", {speedup:.1f}x vectorized eager"
             if device == "cuda" and speedup < 10:
-                status = "below target"  # issue 10: >= 10x a vectorized eager implementation
+                status = "below target"  # target: >= 10x a vectorized eager implementation
         record("stars", f"B={batch} fwd+bwd {name}", result, status)
 
 

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py in its CPU dry run: every section at tiny sizes (the tests only collected,
-no build), so a GPU session does not spend its minutes on a typo. Runs in the untimed smoke run."""
+no build), so a run on a GPU machine does not spend its minutes on a typo. Runs in the untimed smoke
+run."""
 import os
 import subprocess
 import sys

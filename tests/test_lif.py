@@ -330,7 +330,7 @@ def test_only_needed_outputs_are_computed(backend):
     torch.testing.assert_close(xa.grad, xb.grad)
 
 
-# --- hardening (issue 14) -------------------------------------------------------------------------
+# --- hardening: invalid arguments refused on every backend ----------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 def test_invalid_alpha_tau_and_thresholds_refused_on_every_backend(backend):

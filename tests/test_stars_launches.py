@@ -1,5 +1,6 @@
-"""Issue 10 item 4: one STARS forward + backward (4 layers C = 64..512, B = 256, default quantiles,
-with and without normalize="teacher") on the triton backend makes at most 3 launches, counted on the CPU.
+"""Launch budget of the Triton STARS loss (each launch costs fixed time on a GPU): one STARS forward +
+backward (4 layers C = 64..512, B = 256, default quantiles, with and without normalize="teacher") on
+the triton backend makes at most 3 launches, counted on the CPU.
 
 A launch is a Triton kernel launch (counted by a hook on the launcher) or an aten op that moves data
 (torch.profiler; the outermost such op counts once, e.g. one _foreach_mul, one copy behind a .to).

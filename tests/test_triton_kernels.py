@@ -457,7 +457,7 @@ def test_stars_loss_half_inputs(dtype):
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("case", ["all-1e20", "one-1e30"])
 def test_stars_loss_huge_features_stay_finite(case, normalize):
-    """Issue 14 item 6: rows are scaled by a power of two before the Gram (and the teacher before its
+    """Huge features: rows are scaled by a power of two before the Gram (and the teacher before its
     moments), so huge features give the float64 reference's loss and gradients, not NaN."""
     zt, zs = _stars_features(8, [6], [5], seed=4)
     if case == "all-1e20":
