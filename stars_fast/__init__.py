@@ -15,7 +15,13 @@ __all__ = ["multistep_lif", "stars_loss", "StarsLoss", "pool_features", "availab
 __version__ = "0.1.0"
 
 
+# subpackages and modules reachable as attributes (stars_fast.neurons), imported on first use too
+_SUBMODULES = ("neurons", "reference", "ops", "models", "synthesis", "kernels", "data", "distill")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'stars_fast' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -197,6 +197,8 @@ def stars_loss(
     weights = [1.0] * len(z_teacher) if weights is None else list(weights)
     rca_terms, tar_terms = [], []
     for zt, zs in zip(z_teacher, z_student):
+        # half features are computed in fp32, as the fused kernels do (torch.quantile takes no half)
+        zt, zs = (z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in (zt, zs))
         rca_terms.append(_pairwise_rca(zt, zs))
         if normalize == "teacher":
             mu = zt.detach().mean()

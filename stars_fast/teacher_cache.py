@@ -71,5 +71,5 @@ def load_run_teacher(config, info: DatasetInfo, device, log=print) -> torch.nn.M
             raise SystemExit(f"--teacher-ckpt {path}: no such file") from None
         except (ValueError, TypeError, models.CheckpointMismatchError) as exc:
             raise SystemExit(f"--teacher-ckpt {path}: not a checkpoint of --teacher {config['teacher']} "
-                             f"({str(exc).splitlines()[0]})") from None
+                             f"({'; '.join(line.strip() for line in str(exc).splitlines() if line.strip())})") from None
     return models.freeze(teacher)

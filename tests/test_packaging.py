@@ -54,3 +54,9 @@ def test_transformers_imports_from_the_repository_root():
     pytest.importorskip("kernels")
     out = _run_from_root("import transformers.integrations.hub_kernels")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_subpackages_are_attributes_of_the_package():
+    out = _run_from_root("import stars_fast; print(stars_fast.neurons.LIFNode.__name__, stars_fast.models.__name__)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["LIFNode", "stars_fast.models"]

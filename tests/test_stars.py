@@ -468,3 +468,20 @@ def test_loss_api_normalize_flags_parts_and_module_arguments(backend):
         stars_fast.StarsLoss(backend="gpu")
     module = stars_fast.StarsLoss(lambda_tar=0.0, backend=backend)
     assert torch.equal(module(zt, zs), stars_fast.stars_loss(zt, zs, lambda_tar=0.0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + EXTENSION)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_features_give_an_fp32_loss_and_exact_double_backward(backend, dtype):
+    """Half features on every backend: the loss in fp32 (torch.quantile takes no half, so the reference
+    computes in fp32 too) and a double backward, against the reference on the same features in fp32."""
+    require_backend(backend)
+    zt, zs = _features(9, (6,), (5,))
+    zt, zs = [z.to(dtype) for z in zt], [z.to(dtype).requires_grad_(True) for z in zs]
+    loss = stars_fast.stars_loss(zt, zs, backend=backend)
+    want = reference.stars_loss([z.float() for z in zt], [z.detach().float() for z in zs])[0]
+    assert loss.dtype == torch.float32 and torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, zs, create_graph=True)
+    assert grad.dtype == dtype
+    (grad.float() ** 2).sum().backward()
+    assert zs[0].grad is not None and torch.isfinite(zs[0].grad.float()).all()

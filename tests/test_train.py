@@ -862,3 +862,21 @@ def test_ctrl_c_and_a_full_disk_end_as_one_line(teacher_cache, tmp_path):
         assert result.returncode == 1 and expect in result.stderr
         if debug == "0":
             assert "Traceback" not in result.stderr and "continue with --resume" in result.stderr
+
+
+def test_teacher_and_label_embedding_errors_keep_their_detail(teacher_cache, tmp_path):
+    """A size mismatch names the tensor and both shapes (the whole message, on one line); a zip that is not
+    a torch.save archive is refused as --label-embedding in one line."""
+    import zipfile
+    other = models.build_teacher("digits_cnn", 5, in_channels=1)  # 5 classes instead of digits' 10
+    path = tmp_path / "five_classes.pth"
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(SystemExit, match=r"size mismatch for linear\.weight.*torch\.Size\(\[5, ") as caught:
+        train.main(["--teacher-ckpt", str(path), "--out", str(tmp_path / "run")] + SHORT_EPOCHS)
+    assert "\n" not in str(caught.value)
+    archive = tmp_path / "embedding.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("notes.txt", "not tensors")
+    with pytest.raises(SystemExit, match="--label-embedding: .* is a zip archive but not a torch.save file"):
+        train.main(["--method", "nayer", "--label-embedding", str(archive), "--out", str(tmp_path / "run2"),
+                    "--epochs", "1"] + SHORT_EPOCHS)

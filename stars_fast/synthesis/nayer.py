@@ -78,6 +78,8 @@ def load_label_embedding(path: str, num_classes: int) -> Tensor:
             embedding = restricted_load(path, tensors=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{source} is not a plain tensor pickle ({exc}); nothing in it was run") from exc
+    except RuntimeError as exc:  # a zip archive that is not torch.save's (torch's reader refuses its layout)
+        raise ValueError(f"{source} is a zip archive but not a torch.save file ({str(exc).splitlines()[-1]})") from exc
     return check_label_embedding(embedding, num_classes, source=source)
 
 
