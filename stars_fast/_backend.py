@@ -86,6 +86,12 @@ def _auto_order(device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[str
     return ("cuda", "reference") if dtype == torch.float64 else ("triton", "cuda", "reference")
 
 
+def reference_under_transforms(chosen: str) -> str:
+    """"reference" instead of a fused backend inside torch.func transforms (vmap, grad, jacrev, ...): the
+    fused ops' autograd Functions have no batching or forward-mode rules, the reference's plain ops do."""
+    return "reference" if chosen != "reference" and torch._C._are_functorch_transforms_active() else chosen
+
+
 @torch.compiler.assume_constant_result
 def resolve(backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
     """The backend that will run: `backend` itself if usable, or auto's first usable choice for

@@ -41,14 +41,20 @@ def surrogate_primitive(u: torch.Tensor, surrogate: str, alpha: float) -> torch.
 
 
 class _HeavisideSurrogate(torch.autograd.Function):
-    """Forward Theta(u) (Theta(0) = 1, NaN stays NaN); backward grad * surrogate'(u)."""
+    """Forward Theta(u) (Theta(0) = 1, NaN stays NaN); backward grad * surrogate'(u). In the
+    setup_context form, with its vmap rule generated, so that torch.func transforms can run it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, u, surrogate, alpha):
-        ctx.save_for_backward(u)
-        ctx.surrogate, ctx.alpha = surrogate, alpha
+    def forward(u, surrogate, alpha):
         spike = (u >= 0).to(u.dtype)
         return torch.where(torch.isnan(u), u, spike)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, ctx.surrogate, ctx.alpha = inputs
+        ctx.save_for_backward(u)
 
     @staticmethod
     def backward(ctx, grad):
@@ -148,27 +154,27 @@ def rca_active_rows(norms: torch.Tensor) -> torch.Tensor:
     and inf reach the loss as they would without the rule."""
     norms = norms.detach().reshape(-1)
     threshold = RCA_SILENT_TOL * norms.amax()
-    if not torch.isfinite(threshold):
-        return torch.ones_like(norms, dtype=torch.bool)
-    return ~(norms <= threshold)
+    return ~((norms <= threshold) & torch.isfinite(threshold))
 
 
 def _pairwise_rca(zt: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
     """Eq. 14 over the rows active on both sides: mean over their pairs i<j of (cos_S(i, j) - cos_T(i, j))^2.
 
     Fewer than two active rows leave no pair: the loss is 0 with zero gradients (still a function of
-    both inputs, so that NaN reaches it)."""
+    both inputs, so that NaN reaches it). Written with masks, not data-dependent shapes, so that
+    torch.func.vmap runs it; silent rows are replaced by ones before any norm is taken, so that nothing
+    of theirs (not even 0 * the derivative of a zero row's norm) reaches the gradient."""
     with torch.no_grad():  # which rows take part is a constant of the loss
         active = rca_active_rows(_row_norms(zt)) & rca_active_rows(_row_norms(zs))
-    if int(active.sum()) < 2:
-        return (zt * 0).sum() + (zs * 0).sum()
-    zt, zs = zt[active], zs[active]  # silent rows take no part, not even through their norm's derivative
-    ut = zt / _row_norms(zt)
-    us = zs / _row_norms(zs)
-    i, j = torch.triu_indices(ut.shape[0], ut.shape[0], offset=1, device=zt.device)
-    g_t = (ut[i] * ut[j]).sum(dim=1)
-    g_s = (us[i] * us[j]).sum(dim=1)
-    return ((g_s - g_t) ** 2).mean()
+    rows = active[:, None]
+    ut, us = ((z_safe := torch.where(rows, z, torch.ones_like(z))) / _row_norms(z_safe) for z in (zt, zs))
+    ut, us = torch.where(rows, ut, torch.zeros_like(ut)), torch.where(rows, us, torch.zeros_like(us))
+    i, j = torch.triu_indices(zt.shape[0], zt.shape[0], offset=1, device=zt.device)
+    pairs = active[i] & active[j]
+    count = pairs.sum()
+    squares = torch.where(pairs, ((us[i] * us[j]).sum(dim=1) - (ut[i] * ut[j]).sum(dim=1)) ** 2, 0.0)
+    no_pair = (zt * 0).sum() + (zs * 0).sum()
+    return torch.where(count > 0, squares.sum() / count.clamp_min(1), no_pair)
 
 
 def _soft_exceedance(z: torch.Tensor, theta: torch.Tensor, delta: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 import stars_fast
 from stars_fast import _backend
 
+from conftest import require_backend
+
 
 def test_every_backend_reported_with_a_reason_when_unusable():
     reasons = stars_fast.available_backends("cpu")
@@ -78,3 +80,22 @@ def test_environment_errors_name_the_variable(monkeypatch):
         stars_fast.multistep_lif(torch.randn(2, 3))
     monkeypatch.setenv(_backend.ENV_OVERRIDE, "auto")
     assert _backend.resolve("auto", "cpu") in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_vmap_and_dynamic_compile_of_the_ops(backend):
+    """torch.func.vmap runs the ops (through the reference inside the transform, the same values as a
+    loop over the batch); torch.compile(dynamic=True) of the neuron op gives the eager result."""
+    require_backend(backend)
+    x = torch.randn(3, 4, 2, 16) + 0.5  # vmap over dim 0: 3 sequences [T=4, 2, 16]
+    lif = lambda x: stars_fast.multistep_lif(x, tau=2.0, backend=backend)  # noqa: E731
+    assert torch.equal(torch.func.vmap(lif)(x), torch.stack([lif(x[i]) for i in range(3)]))
+    zt, zs = torch.randn(3, 8, 4), torch.randn(3, 8, 5)
+    loss = lambda a, b: stars_fast.stars_loss([a], [b], backend=backend)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(loss)(zt, zs), torch.stack([loss(zt[i], zs[i]) for i in range(3)]))
+    grad = torch.func.grad(lambda b: loss(zt[0], b))(zs[0])
+    student = zs[0].clone().requires_grad_(True)
+    torch.testing.assert_close(grad, torch.autograd.grad(loss(zt[0], student), student)[0])
+    if backend == "cpu":
+        compiled = torch.compile(lif, fullgraph=True, dynamic=True)
+        assert torch.equal(compiled(x[0]), lif(x[0]))

@@ -163,6 +163,8 @@ def _assert_within_reference_error(name, dtype, got, same, exact):
     bound = 2 * ref_err + 1e-12
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         bound = bound + torch.finfo(dtype).eps * torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 2)
+    if dtype == torch.float32:  # an fp32 result of both (the reference takes half features to fp32 too): the
+        bound = bound + 4 * torch.finfo(dtype).eps * exact.abs()  # order of summation moves it by a few ulps
     err = (got - exact).abs()
     assert (err <= bound).all(), f"{name}: error {err.max():.3g} vs the reference's own {ref_err:.3g}"
 

@@ -169,12 +169,18 @@ def _define_triton_neuron_op():
 _triton_neuron = _define_triton_neuron_op()
 
 
+def is_finite_number(value) -> bool:
+    """False for NaN and +-inf. Written as arithmetic, not math.isfinite, so that torch.compile with
+    dynamic=True, which traces Python floats as symbols (SymFloat), can evaluate it."""
+    return value - value == 0
+
+
 def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value if isinstance(value, torch.SymFloat) else float(value)
 
 
 def _check_decay(leaky: bool, inv_tau, tau):
@@ -263,7 +269,7 @@ def multistep_neuron(
     alpha, v_threshold, v_reset = _check_neuron_args(x, v_init, neuron, surrogate, alpha, v_threshold, v_reset,
                                                      inv_tau, tau)
     leaky = neuron == "lif"
-    chosen = _backend.resolve(backend, x.device, x.dtype)
+    chosen = _backend.reference_under_transforms(_backend.resolve(backend, x.device, x.dtype))
     if chosen == "reference" or x.numel() == 0:
         decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
         spikes, v_last = reference.multistep_neuron(

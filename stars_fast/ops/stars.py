@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from .lif import is_finite_number
 
 DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
 NORMALIZE_CHOICES = (None, False, True, "teacher")  # True and "teacher": teacher-centric; None and False: none
@@ -138,8 +139,8 @@ class _ExtStarsLoss(torch.autograd.Function):
 
 
 def _finite(name: str, value) -> float:
-    value = float(value)
-    if not math.isfinite(value):
+    value = value if isinstance(value, torch.SymFloat) else float(value)
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value
 
@@ -175,18 +176,18 @@ def _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weight
     if thresholds is None:
         if len(quantiles) == 0 or not all(0.0 <= q <= 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {quantiles}")
-    elif len(thresholds) == 0 or not all(math.isfinite(t) for t in thresholds):
+    elif len(thresholds) == 0 or not all(is_finite_number(t) for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of finite values, got {thresholds}")
-    if not (math.isfinite(delta) and delta > 0):
+    if not (is_finite_number(delta) and delta > 0):
         raise ValueError(f"delta must be a finite number > 0, got {delta}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not (is_finite_number(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
     _finite("lambda_rca", lambda_rca)
     _finite("lambda_tar", lambda_tar)
     if weights is not None:
         if len(weights) != len(z_teacher):
             raise ValueError(f"{len(weights)} weights for {len(z_teacher)} layers")
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        if not all(is_finite_number(w) and w >= 0 for w in weights) or not sum(weights) > 0:
             raise ValueError(f"weights must be finite, non-negative and of positive sum, got {weights}")
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"normalize must be None, False, True or 'teacher', got {normalize!r}")
@@ -235,7 +236,7 @@ def stars_loss(
     quantiles = [float(q) for q in quantiles]
     thresholds = None if thresholds is None else [float(t) for t in thresholds]
     dtype = functools.reduce(torch.promote_types, [z.dtype for z in list(z_teacher) + list(z_student)])
-    chosen = _backend.resolve(backend, z_teacher[0].device, dtype=dtype)
+    chosen = _backend.reference_under_transforms(_backend.resolve(backend, z_teacher[0].device, dtype=dtype))
     if chosen == "reference":
         total, rca, tar = reference.stars_loss(
             z_teacher, z_student, quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
@@ -327,7 +328,7 @@ def pool_features(f: Tensor, backend: str = "auto") -> Tensor:
                          f"{getattr(f, 'shape', type(f).__name__)}")
     if not f.is_floating_point():
         raise TypeError(f"pool_features needs a floating-point tensor, got {f.dtype}")
-    chosen = _backend.resolve(backend, f.device, dtype=f.dtype)
+    chosen = _backend.reference_under_transforms(_backend.resolve(backend, f.device, dtype=f.dtype))
     if chosen == "reference" or f.numel() == 0:
         return reference.pool_features(f)
     return _pool_op(f, chosen)
