@@ -128,8 +128,11 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        with Image.open(self.paths[index]) as img:
-            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(self.paths[index]) as img:
+                pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, SyntaxError, ValueError) as exc:  # missing, truncated or not an image (Pillow's errors)
+            raise DatasetFormatError(f"{self.paths[index]}: cannot read the image ({exc})") from None
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255.0
         return normalize(x, self.info)[0], self.labels[index]
 
@@ -221,6 +224,8 @@ def _read_cifar_batch(path: str, name: str, label_key: str, num_classes: int) ->
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         raise DatasetFormatError(f"{path}: 'data' must be a uint8 array [N, 3072], got "
                                  f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if data.shape[0] == 0:  # nothing to train or evaluate on (an accuracy over no images is no number)
+        raise DatasetFormatError(f"{path} holds no images")
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or (
             labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
         raise DatasetFormatError(f"{path}: {label_key!r} must hold {data.shape[0]} integer labels in "

@@ -209,3 +209,31 @@ def test_class_names_in_label_order(tmp_path):
     (root / "wnids.txt").write_text("n02\nn01\nn03\n")
     (root / "words.txt").write_text("n01\tgoldfish, Carassius auratus\nn02\tEuropean fire salamander\nn99\tother\n")
     assert class_names("tiny-imagenet", str(tmp_path)) == ["goldfish", "European fire salamander", "n03"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_tiny_imagenet_image_is_a_one_line_error(tmp_path, damage):
+    Image = pytest.importorskip("PIL.Image")
+    root = _tiny_imagenet_root(tmp_path)
+    image = root / "val" / "images" / "val_0.JPEG"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(image)
+    if damage == "truncated":
+        image.write_bytes(image.read_bytes()[:200])
+    elif damage == "garbage":
+        image.write_bytes(b"not a jpeg at all")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn002\t0\t0\t63\t63\n")
+    val = load_dataset("tiny-imagenet", "test", str(tmp_path))
+    if damage == "missing":
+        image.unlink()
+    with pytest.raises(DatasetFormatError, match="val_0.JPEG: cannot read the image") as caught:
+        val[0]
+    assert "\n" not in str(caught.value)
+
+
+def test_an_empty_cifar_batch_is_a_one_line_error(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": []}, f)
+    with pytest.raises(DatasetFormatError, match="test_batch holds no images"):
+        load_dataset("cifar10", "test", str(tmp_path))
