@@ -413,6 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         student, meta = models.load_student(student_file)
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"{student_file}: {str(exc).splitlines()[0]}")
+    if meta["arch"] not in models.STUDENTS:  # the figures are a spiking student's (firing rates, pre-LIF taps)
+        _fail(f"{student_file} is a {meta['arch']!r} teacher file, not a spiking student")
     if (meta["num_classes"], meta["in_channels"]) != (info.num_classes, info.in_channels):
         _fail(f"{student_file} has {meta['num_classes']} classes and {meta['in_channels']} input channels; "
               f"{name} has {info.num_classes} and {info.in_channels}")

@@ -258,3 +258,14 @@ def test_analyze_says_what_it_could_not_draw(pipeline, tmp_path, capsys):
     assert "the synthetic memory is unreadable" in analysis["skipped"]["synthetic"]
     assert "no synthetic images in firing_rates.png" in capsys.readouterr().out
     assert set(analysis["firing_rates"]) == {"real"}
+
+
+def test_analyze_refuses_a_teacher_file_in_the_students_place(pipeline, tmp_path):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(pipeline["run"], run)
+    teacher = models.build_teacher("digits_cnn", 10, in_channels=1)
+    models.save_student(os.path.join(run, "student.pth"), teacher, arch="digits_cnn", num_classes=10, in_channels=1,
+                        T=None, neuron=None, acc=None, epoch=None)
+    with pytest.raises(SystemExit, match="is a 'digits_cnn' teacher file, not a spiking student"):
+        analyze.main([run, "--device", "cpu"])
