@@ -843,8 +843,11 @@ def test_ctrl_c_and_a_full_disk_end_as_one_line(teacher_cache, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                STARS_FAST_CACHE=teacher_cache)
     out = str(tmp_path / "run")
+    # SIGINT at its default in the child: a shell's background job (CI under nohup ... &) ignores it, and a
+    # Python started with SIGINT ignored never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "stars_fast.train", "--epochs", "50", "--out", out] + SHORT_EPOCHS,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "checkpoint.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
