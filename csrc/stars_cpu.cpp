@@ -209,11 +209,11 @@ void select_quantiles(const acc_t* v, int64_t n, at::ArrayRef<double> q, acc_t s
   const int64_t M = static_cast<int64_t>(q.size());
   std::vector<int64_t> lo(M), hi(M), ranks;
   std::vector<acc_t> frac(M);
-  for (int64_t i = 0; i < M; ++i) {  // in the data's precision, as torch.quantile
-    const acc_t rank = static_cast<acc_t>(q[i]) * static_cast<acc_t>(n - 1);
+  for (int64_t i = 0; i < M; ++i) {  // as torch.quantile: q in the data's precision, its rank in double
+    const double rank = static_cast<double>(static_cast<acc_t>(q[i])) * static_cast<double>(n - 1);
     lo[i] = std::min(static_cast<int64_t>(rank), n - 1);
     hi[i] = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
-    frac[i] = rank - static_cast<acc_t>(lo[i]);
+    frac[i] = static_cast<acc_t>(rank - static_cast<double>(lo[i]));
     ranks.push_back(lo[i]);
     ranks.push_back(hi[i]);
   }

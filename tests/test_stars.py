@@ -485,3 +485,22 @@ def test_half_features_give_an_fp32_loss_and_exact_double_backward(backend, dtyp
     assert grad.dtype == dtype
     (grad.float() ** 2).sum().backward()
     assert zs[0].grad is not None and torch.isfinite(zs[0].grad.float()).all()
+
+
+@pytest.mark.parametrize("backend", FUSED + ["cuda"])
+def test_quantile_rank_in_double_as_torch_quantile(backend):
+    """n = 11, q = 0.7: torch.quantile takes q in the data's precision (0.699999988 in fp32) and its rank
+    q (n - 1) in double, 6.99999988, so the threshold is a hair below the 8th value (999999.875 here); an
+    fp32 rank rounds to 7.0 and gives 1e6, which the soft exceedance at delta 0.5 turns into a clear
+    difference of L_TAR. On every backend, against the reference (torch.quantile itself)."""
+    device = _device_for(backend)
+    zt = [torch.tensor([0.0] * 7 + [1e6] * 4)[:, None]]
+    zs = [torch.linspace(999999.0, 1000001.0, 11)[:, None]]
+    want = _loss_and_grads("reference", zt, zs, quantiles=(0.7,), lambda_rca=0.0)
+    got = _loss_and_grads(backend, [z.to(device) for z in zt], [z.to(device) for z in zs], quantiles=(0.7,),
+                          lambda_rca=0.0)
+    torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-7)
+    if backend in ("cpu", "cuda"):
+        for dtype in (torch.float32, torch.float64):
+            z = zt[0].reshape(-1).to(device, dtype)
+            assert torch.ops.stars_fast.quantiles(z, [0.7]).item() == torch.quantile(z, 0.7).item()

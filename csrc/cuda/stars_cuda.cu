@@ -170,11 +170,11 @@ at::Tensor quantiles_cuda(const at::Tensor& z, at::ArrayRef<double> q) {
   std::vector<int64_t> lo(M), hi(M);
   std::vector<double> w(M);
   AT_DISPATCH_FLOATING_TYPES(acc, "quantiles_ranks", [&] {
-    for (int64_t i = 0; i < M; ++i) {  // ranks in the data's precision, as torch.quantile
-      const scalar_t rank = static_cast<scalar_t>(q[i]) * static_cast<scalar_t>(n - 1);
+    for (int64_t i = 0; i < M; ++i) {  // as torch.quantile: q in the data's precision, its rank in double
+      const double rank = static_cast<double>(static_cast<scalar_t>(q[i])) * static_cast<double>(n - 1);
       lo[i] = std::min(static_cast<int64_t>(rank), n - 1);
       hi[i] = std::min(static_cast<int64_t>(std::ceil(rank)), n - 1);
-      w[i] = static_cast<double>(rank - static_cast<scalar_t>(lo[i]));
+      w[i] = static_cast<double>(static_cast<scalar_t>(rank - static_cast<double>(lo[i])));
     }
   });
   const auto long_opts = at::TensorOptions().dtype(at::kLong);
@@ -477,8 +477,8 @@ std::pair<at::Tensor, at::Tensor> layer_constants(const at::Tensor& zt, at::Arra
   const at::Tensor zn = ((zt - shift) * scale).reshape(-1);
   const int64_t n = zn.numel();
   std::vector<at::Tensor> theta;
-  for (double q : quantiles) {  // as torch.quantile: rank = double(float(q)) (n - 1), fp32 weight
-    const double rank = static_cast<double>(static_cast<float>(q)) * static_cast<double>(n - 1);
+  for (double q : quantiles) {  // as torch.quantile: q in the data's precision, its rank in double
+    const double rank = static_cast<double>(static_cast<acc_t>(q)) * static_cast<double>(n - 1);
     const int64_t lo = static_cast<int64_t>(rank), hi = std::min<int64_t>(static_cast<int64_t>(std::ceil(rank)), n - 1);
     const at::Tensor below = std::get<0>(at::kthvalue(zn, lo + 1));
     const at::Tensor above = hi == lo ? below : std::get<0>(at::kthvalue(zn, hi + 1));
