@@ -13,8 +13,8 @@ resuming its checkpoint), then the loop (loop.py). Several processes: `torchrun 
 `--resume` continues the run in `--out` from its checkpoint up to `--epochs`; a run killed
 mid-epoch loses that epoch only. A resume is the same run: it may change only RESUMABLE_FLAGS
 (each change is recorded in the configuration, so in summary.json); any other flag given with a
-value other than the run's is refused with one line listing them. Errors a user can fix end the run with one line (SystemExit),
-and an error before the first checkpoint leaves no run folder behind.
+value other than the run's is refused with one line listing them. Errors a user can fix end the
+run with one line (SystemExit), and an error before the first checkpoint leaves no run folder behind.
 
 Imports are lazy, so that `--help` and `--list-presets` answer without importing torch.
 """
@@ -103,9 +103,9 @@ def check_pair(config: Dict[str, object]) -> None:
                          f"STARS layers, of positive sum")
 
 
-def preflight(config: Dict[str, object]) -> None:
+def preflight(config: Dict[str, object]):
     """Every configuration error found before any work starts (the teacher is loaded after this),
-    SystemExit with one line naming the flag or environment variable."""
+    SystemExit with one line naming the flag or environment variable. Returns the run's device."""
     from . import _backend
     from .teacher_cache import cache_dir
 
@@ -125,6 +125,7 @@ def preflight(config: Dict[str, object]) -> None:
     if export is not None and os.path.exists(export) and not os.path.isdir(export):
         raise SystemExit(f"--export-synthetic {export}: a file, not a folder")
     check_pair(config)
+    return device
 
 
 # What a --resume may change: how far the run goes, how it is watched, where its data now lives. Every
@@ -175,8 +176,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, object]]:
     config["resume"], config["export_synthetic"] = False, export_dir
     if config["teacher_ckpt"] is not None and not os.path.isfile(config["teacher_ckpt"]):
         raise SystemExit(f"--teacher-ckpt {config['teacher_ckpt']}: no such file")
-    preflight(config)
-    with distributed.setup(resolve_device(config["device"]), timeout_s=config.get("dist_timeout", 300)) as ctx:
+    device = preflight(config)
+    with distributed.setup(device, timeout_s=config.get("dist_timeout", 300)) as ctx:
         if checkpoint is not None and len(checkpoint["rng"]) != ctx.world_size:
             raise SystemExit(f"{out} was written by {len(checkpoint['rng'])} processes; resume it with as many "
                              f"(torchrun --nproc_per_node {len(checkpoint['rng'])}), not {ctx.world_size}")

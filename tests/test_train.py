@@ -139,6 +139,23 @@ def test_memory_resumes_at_the_checkpoint_count(tmp_path):
         resumed.add(torch.zeros(2, 3, 8, 8))
 
 
+def test_memory_checksums_start_where_the_checkpoint_first_recorded_them(tmp_path):
+    """A checkpoint written before the blocks were recorded has none for its first images: the blocks
+    appended after resuming it are checked where they lie, not as if they started at image 0."""
+    memory = SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path))
+    memory.add(torch.zeros(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+    resumed = SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path))
+    resumed.load_state_dict({"count": 3, "labels": True})  # no "blocks": an older checkpoint
+    resumed.add(torch.ones(2, 1, 8, 8), torch.ones(2, dtype=torch.long))
+    state = torch.load(_saved(resumed.state_dict(), tmp_path), weights_only=True)
+    SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path)).load_state_dict(state)  # checks and passes
+    with open(tmp_path / "synthetic" / "images.u8", "r+b") as f:
+        f.seek(3 * 64 + 10)
+        f.write(b"\x07")
+    with pytest.raises(ValueError, match=r"block 0 \(images 3-4\) fails its checksum"):
+        SyntheticMemory(DIGITS, max_size=100, run_dir=str(tmp_path)).load_state_dict(state)
+
+
 def _saved(obj, folder):
     path = folder / "state.pt"
     torch.save(obj, path)

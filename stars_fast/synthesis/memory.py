@@ -82,7 +82,7 @@ class SyntheticMemory:
         self.count, self.has_labels = 0, None
         self._images = self._labels = None  # the mapped files, up to self.count
         self._files_match = False  # whether the files hold exactly `count` images (checked before appending)
-        self.blocks: List[List[int]] = []  # per appended batch: [images so far, CRC-32 of pixels, of labels]
+        self.blocks: List[List[int]] = []  # per appended batch: [first image, end, CRC-32 of pixels, of labels]
         if writer:
             os.makedirs(self.folder, exist_ok=True)
 
@@ -127,14 +127,16 @@ class SyntheticMemory:
                 self._truncate()
             pixels = (denormalize(images.detach().float(), self.info).clamp(0, 1) * 255).round().to(torch.uint8)
             pixel_bytes = pixels.cpu().contiguous().numpy().tobytes()
-            label_bytes = b"" if labels is None else labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+            label_bytes = (b"" if labels is None
+                           else labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
             for name, data in ((IMAGES, pixel_bytes), (LABELS, label_bytes)):
                 if data:
                     with open(self._path(name), "ab") as f:
                         f.write(data)
                         f.flush()
                         os.fsync(f.fileno())
-            self.blocks.append([self.count + images.shape[0], zlib.crc32(pixel_bytes), zlib.crc32(label_bytes)])
+            self.blocks.append([self.count, self.count + images.shape[0], zlib.crc32(pixel_bytes),
+                                zlib.crc32(label_bytes)])
         self.count += images.shape[0]
         if self.writer:
             self._write_meta()
@@ -168,12 +170,14 @@ class SyntheticMemory:
         self._images = None
 
     def _verify_blocks(self) -> None:
+        """Each block read where it starts (a run resumed from a checkpoint written before the blocks were
+        recorded has none for its first images)."""
         image_bytes = int(torch.Size(self.shape).numel())
         with open(self._path(IMAGES), "rb") as pixels, open(self._path(LABELS), "rb") as labels:
-            start = 0
-            for index, (end, pixel_crc, label_crc) in enumerate(self.blocks):
+            for index, (start, end, pixel_crc, label_crc) in enumerate(self.blocks):
+                pixels.seek(start * image_bytes)
+                labels.seek(start * 8)
                 if zlib.crc32(pixels.read((end - start) * image_bytes)) != pixel_crc or (
                         self.has_labels and zlib.crc32(labels.read((end - start) * 8)) != label_crc):
                     raise ValueError(f"{self.folder}: block {index} (images {start}-{end - 1}) fails its checksum: "
                                      "the synthetic memory changed since the checkpoint was written")
-                start = end
