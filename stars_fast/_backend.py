@@ -80,6 +80,24 @@ def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> Dic
     return {name: reasons[name] for name in BACKENDS}
 
 
+_FIRST_CHOICE_HOOKS: Dict[str, list] = {name: [] for name in BACKENDS}
+
+
+def on_first_choice(backend: str, hook) -> None:
+    """Run hook() the first time resolve() picks `backend`: set-up only that backend needs stays off
+    `import stars_fast` (defining the Triton ops as torch.library.triton_op imports torch._inductor and
+    torch._dynamo, about 1 s). resolve() is a constant for torch.compile, so the hook runs eagerly even
+    when the first choice happens while a graph is traced."""
+    _FIRST_CHOICE_HOOKS[backend].append(hook)
+
+
+def _chosen(backend: str) -> str:
+    hooks = _FIRST_CHOICE_HOOKS[backend]
+    while hooks:
+        hooks.pop(0)()
+    return backend
+
+
 def _auto_order(device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
     if device.type != "cuda":
         return ("cpu", "reference")
@@ -92,7 +110,6 @@ def reference_under_transforms(chosen: str) -> str:
     return "reference" if chosen != "reference" and torch._C._are_functorch_transforms_active() else chosen
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
     """The backend that will run: `backend` itself if usable, or auto's first usable choice for
     tensors on `device` of `dtype` (None: any dtype but float64).
@@ -109,9 +126,14 @@ def resolve(backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
         raise ValueError(f"{ENV_OVERRIDE}={backend!r} names no backend; expected one of {('auto',) + BACKENDS}")
     reasons = available_backends(device, dtype)
     if backend == "auto":
-        return next(name for name in _auto_order(device, dtype) if not reasons[name])
+        return _chosen(next(name for name in _auto_order(device, dtype) if not reasons[name]))
     if reasons[backend]:
         what = f"{device}" + (f" for {dtype}" if dtype is not None else "")
         chosen = f"backend {backend!r}" + (f" (from {source})" if source != "backend" else "")
         raise RuntimeError(f"{chosen} is not usable on {what}: {reasons[backend]}")
-    return backend
+    return _chosen(backend)
+
+
+# torch.compiler.assume_constant_result(resolve) without its import of torch._dynamo (about 1 s, which
+# every `import stars_fast` would pay): the decorator only sets this attribute, which tests check.
+resolve._dynamo_marked_constant = True

@@ -60,3 +60,28 @@ def test_subpackages_are_attributes_of_the_package():
     out = _run_from_root("import stars_fast; print(stars_fast.neurons.LIFNode.__name__, stars_fast.models.__name__)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["LIFNode", "stars_fast.models"]
+
+
+def test_importing_the_package_does_not_import_dynamo():
+    """`import stars_fast` (and its neurons and ops) stays off torch._dynamo and torch._inductor, about
+    1 s of a 2 s import: the Triton ops' torch.library definitions wait for the triton backend's first use."""
+    code = ("import sys, stars_fast, stars_fast.neurons, stars_fast.ops; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = _run_from_root(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_backend_resolution_is_marked_constant_as_torch_marks_it():
+    """resolve() carries by hand the mark torch.compiler.assume_constant_result would set (the decorator
+    imports torch._dynamo); the decorator must still set exactly that mark."""
+    import torch
+
+    from stars_fast import _backend
+
+    def probe():
+        return None
+    before = set(vars(probe))
+    marked = torch.compiler.assume_constant_result(probe)
+    assert {name: getattr(marked, name) for name in set(vars(marked)) - before} == {"_dynamo_marked_constant": True}
+    assert _backend.resolve._dynamo_marked_constant is True

@@ -139,9 +139,13 @@ if _backend.extension_built():  # fake kernels of the C++ ops, for torch.compile
     torch.library.register_fake("stars_fast::lif_backward")(_fake_backward)
 
 
+_triton_neuron = None  # the op below, defined the first time the triton backend is chosen
+
+
 def _define_triton_neuron_op():
     """`stars_fast::neuron_triton` (+ its backward op): Triton launchers as torch.library.triton_op,
     so that torch.compile sees into the kernels; fake kernels and the autograd formula registered."""
+    global _triton_neuron
 
     @torch.library.triton_op("stars_fast::neuron_triton", mutates_args=())
     def forward_op(x: Tensor, v_init: Optional[Tensor], decay: Tensor, leaky: bool, decay_is_tau: bool,
@@ -163,10 +167,10 @@ def _define_triton_neuron_op():
     backward_op.register_fake(_fake_backward)
     forward_op.register_autograd(lambda ctx, gs, gv: _neuron_backward(ctx, gs, gv, backward_op),
                                  setup_context=_setup_context)
-    return forward_op
+    _triton_neuron = forward_op
 
 
-_triton_neuron = _define_triton_neuron_op()
+_backend.on_first_choice("triton", _define_triton_neuron_op)
 
 
 def is_finite_number(value) -> bool:
