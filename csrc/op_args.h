@@ -31,6 +31,19 @@ inline void check_float(const at::Tensor& t, const c10::Device& device, const ch
 // gradient. The same value as stars_fast.reference.RCA_SILENT_TOL and the Triton kernel's.
 constexpr double kRcaSilentTol = 1e-3;
 
+// normalize="teacher" standardizes by s = max(std_pop(zT), tau_std rms(zT), eps), 1 where s = 0
+// (docs/design.md section 2.2): a constant teacher layer at c gets 1e-3 |c|, not eps. The same value as
+// stars_fast.reference.NORMALIZE_STD_TOL and the Triton kernel's.
+constexpr double kNormalizeStdTol = 1e-3;
+
+// 1 / s for the standardization above, from the teacher's mean and population std; NaN stays NaN.
+inline double normalize_scale(double mean, double std_pop, double eps) {
+  const double floor = kNormalizeStdTol * std::hypot(mean, std_pop);
+  double s = std_pop < floor ? floor : std_pop;
+  s = s < eps ? eps : s;
+  return s == 0 ? 1.0 : 1.0 / s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Neuron (lif_forward / lif_backward).
 
@@ -147,7 +160,7 @@ inline void check_quantiles_input(const at::Tensor& z, at::ArrayRef<double> q) {
 
 // One entry per layer in z_student, coef_rca and coef_tar; per layer teacher [B, Ct] and student
 // [B, Cs] features with one B >= 2 for every layer and side; the TAR thresholds (fixed values,
-// finite) or quantiles (in [0, 1]) non-empty; delta, eps > 0 and every coefficient finite;
+// finite) or quantiles (in [0, 1]) non-empty; delta > 0, eps >= 0 and every coefficient finite;
 // everything on z_teacher[0]'s device. The Python op (stars_fast/ops/stars.py) checks all of this
 // first; these are the second line. Returns whether any feature is float64 (the op then computes
 // its loss in float64).
@@ -160,7 +173,7 @@ inline bool check_stars_inputs(at::TensorList z_teacher, at::TensorList z_studen
               "stars_loss_fused: every per-layer list must have one entry per layer; got z_teacher ", L,
               ", z_student ", z_student.size(), ", coef_rca ", coef_rca.size(), ", coef_tar ", coef_tar.size());
   TORCH_CHECK(std::isfinite(delta) && delta > 0, "stars_loss_fused: delta must be a finite number > 0, got ", delta);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "stars_loss_fused: eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "stars_loss_fused: eps must be a finite number >= 0, got ", eps);
   for (size_t l = 0; l < L; ++l) {
     TORCH_CHECK(std::isfinite(coef_rca[l]) && std::isfinite(coef_tar[l]), "stars_loss_fused: layer ", l,
                 ": coefficients must be finite, got ", coef_rca[l], " and ", coef_tar[l]);

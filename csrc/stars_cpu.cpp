@@ -4,8 +4,9 @@
 //   quantiles          linear-interpolated quantiles of z.flatten() by exact selection
 //   stars_loss_fused   per layer l, with u = z / ||z|| on the rows active on both sides (a row is silent
 //                      when ||z_i|| <= tau max_j ||z_j|| on its side, tau = kRcaSilentTol; its u is 0),
-//                      zn = (z - shift) scale (shift = mean(zT), scale = 1 / max(std_pop(zT), eps) when
-//                      normalize, else 0, 1) and theta_m the fixed thresholds or the quantiles of zn_T:
+//                      zn = (z - shift) scale (shift = mean(zT), scale = normalize_scale: 1 / max(std_pop(zT),
+//                      1e-3 rms(zT), eps) when normalize, else 0, 1) and theta_m the fixed thresholds or
+//                      the quantiles of zn_T:
 //       RCA  D = U_S U_S^T - U_T U_T^T,  l_rca = sum_{i != j} D_ij^2 / (n_A (n_A - 1))     (Eq. 14)
 //            over the n_A active rows (0 when n_A < 2)
 //       TAR  p^m = mean_{b,c} sigmoid((zn - theta_m) / delta),  l_tar = mean_m (p_S^m - p_T^m)^2
@@ -867,7 +868,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     at::ArrayRef<double> coef_tar, double delta, double eps_d) {
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t L = static_cast<int64_t>(z_teacher.size()), B = z_teacher[0].size(0);
-  const acc_t eps = static_cast<acc_t>(eps_d);
   const at::ArrayRef<double> values = thresholds.has_value() ? *thresholds : quantiles;
   const int64_t M = static_cast<int64_t>(values.size());
   // The kernels compute in acc_t whatever autocast says (as the reference, whose ops autocast leaves alone).
@@ -936,9 +936,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
           const double d = y.row_sum[i] / static_cast<double>(y.Ct) - mean;
           m2 += y.row_m2[i] + static_cast<double>(y.Ct) * d * d;
         }
-        const acc_t std_pop = static_cast<acc_t>(std::sqrt(m2 / static_cast<double>(n)));
         k.shift = static_cast<acc_t>(mean);
-        k.scale = acc_t(1) / (std_pop > eps ? std_pop : eps);
+        k.scale = static_cast<acc_t>(normalize_scale(mean, std::sqrt(m2 / static_cast<double>(n)), eps_d));
         if (has_nan) k.shift = k.scale = std::numeric_limits<acc_t>::quiet_NaN();
       }
       if (thresholds.has_value()) {

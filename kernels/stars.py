@@ -2,7 +2,8 @@
 
 Per layer l, teacher features zt [B, C] and student features zs [B, C'] (pooled, raw):
 
-    normalize  shift = mean(zt), scale = 1 / max(std_pop(zt), eps), zn = (z - shift) scale (else zn = z)
+    normalize  shift = mean(zt), scale = 1 / s, s = max(std_pop(zt), tau_std rms(zt), eps) (1 where s = 0;
+               tau_std = _NORMALIZE_STD_TOL), zn = (z - shift) scale (else zn = z)
     theta_m    fixed thresholds, or torch.quantile(zn_t.flatten(), q_m) ('linear'), by selection
     RCA  row i is silent on a side when ||z_i|| <= tau max_j ||z_j|| (tau = _RCA_SILENT_TOL; no row is
          silent where that max is NaN or inf); A = the rows silent on neither side, n_A = |A|
@@ -73,6 +74,7 @@ _GRAD_WARPS = 8  # with the tiles above: about 128 registers per thread on sm_80
 _CONSTS = 2  # shift, scale, then theta[M] per layer in the constants buffer
 _THETA = tl.constexpr(_CONSTS)  # offset of theta[0] in a layer's constants, as the kernels read it
 _RCA_SILENT_TOL = 1e-3  # tau of the silent-row rule; must equal stars_fast.reference.RCA_SILENT_TOL
+_NORMALIZE_STD_TOL = 1e-3  # normalize's std floor relative to rms(zt); must equal reference.NORMALIZE_STD_TOL
 _NORM_ROWS = 8  # rows x channels of a tile of launch 1's row norms: one value per thread, so launch 1
 _NORM_COLS = 32  # keeps its registers ([16, 64] tiles took twice as many)
 
@@ -114,8 +116,9 @@ def _key_value(key):
 
 
 @triton.jit
-def _teacher_moments(Z, n, eps, BLOCK: tl.constexpr):
-    """(mean, 1 / max(std_pop, eps)) of Z[0:n], summed on z 2^-e (exact scaling, no overflow)."""
+def _teacher_moments(Z, n, eps, STD_TOL: tl.constexpr, BLOCK: tl.constexpr):
+    """(mean, 1 / s) of Z[0:n], s = max(std_pop, STD_TOL rms, eps) and 1 / s = 1 where s = 0, summed on
+    z 2^-e (exact scaling, no overflow)."""
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], tl.float32)
     for s in range(0, n, BLOCK):
@@ -133,8 +136,11 @@ def _teacher_moments(Z, n, eps, BLOCK: tl.constexpr):
         idx = s + offs.to(tl.int64)
         d = tl.load(Z + idx, mask=idx < n, other=0.0).to(tl.float32) * p - mean_p
         acc += tl.where(idx < n, d * d, 0.0)
-    std = tl.sqrt(tl.sum(acc, axis=0) / n) * inv_p
-    return mean_p * inv_p, 1.0 / tl.maximum(std, eps, propagate_nan=tl.PropagateNan.ALL)
+    std_p = tl.sqrt(tl.sum(acc, axis=0) / n)
+    rms_p = tl.sqrt(mean_p * mean_p + std_p * std_p)  # scaled values are at most 1: no overflow
+    s = tl.maximum(tl.maximum(std_p, STD_TOL * rms_p, propagate_nan=tl.PropagateNan.ALL) * inv_p, eps,
+                   propagate_nan=tl.PropagateNan.ALL)
+    return mean_p * inv_p, 1.0 / tl.where(s == 0.0, 1.0, s)
 
 
 @triton.jit
@@ -236,7 +242,7 @@ def _stars_stats_kernel(
     zt0, zt1, zt2, zt3, zs0, zs1, zs2, zs3, nt0, nt1, nt2, nt3, ns0, ns1, ns2, ns3,
     VALUES, CONSTS, TAR, NORMS, COUNTER, B, delta, eps,
     NORMALIZE: tl.constexpr, FIXED: tl.constexpr, CSTRIDE: tl.constexpr, BLOCK: tl.constexpr,
-    RADIX_BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    RADIX_BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STD_TOL: tl.constexpr,
 ):
     """Program (layer, m): shift, scale, theta_m and p_S^m, p_T^m of one layer, and the row norms of
     both sides for every M-th tile of ROWS rows (the M programs of the layer share that work).
@@ -253,7 +259,7 @@ def _stars_stats_kernel(
     shift = 0.0
     scale = 1.0
     if NORMALIZE:
-        shift, scale = _teacher_moments(zt, n_t, eps, BLOCK)
+        shift, scale = _teacher_moments(zt, n_t, eps, STD_TOL, BLOCK)
     value = _pick_value(VALUES, m)
     if FIXED:
         theta = value
@@ -556,7 +562,8 @@ def _launch_stats(z_args, zt, zs, first, layers, values, fixed, normalize, delta
         *z_args, *_slots([z.numel() for z in zt], first), *_slots([z.numel() for z in zs], first),
         tuple(values), consts, tar, norms, counter, norms.shape[2], float(delta), float(eps),
         NORMALIZE=bool(normalize), FIXED=bool(fixed), CSTRIDE=consts.shape[1], BLOCK=_BLOCK,
-        RADIX_BITS=_RADIX_BITS, ROWS=_NORM_ROWS, COLS=_NORM_COLS, num_warps=_STATS_WARPS)
+        RADIX_BITS=_RADIX_BITS, ROWS=_NORM_ROWS, COLS=_NORM_COLS, STD_TOL=_NORMALIZE_STD_TOL,
+        num_warps=_STATS_WARPS)
 
 
 def stars_loss_fused(
@@ -572,8 +579,8 @@ def stars_loss_fused(
     """
     values = [float(v) for v in (quantiles if thresholds is None else thresholds)]
     b = _check_layers(z_teacher, z_student, values, (coef_rca, coef_tar))
-    if not (delta > 0 and eps > 0):
-        raise ValueError(f"delta and eps must be > 0, got delta={delta}, eps={eps}")
+    if not (delta > 0 and eps >= 0):
+        raise ValueError(f"delta must be > 0 and eps >= 0, got delta={delta}, eps={eps}")
     zt = [z.contiguous() for z in z_teacher]
     zs = [z.contiguous() for z in z_student]
     device = zt[0].device

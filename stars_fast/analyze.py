@@ -101,15 +101,17 @@ def curves(records: List[Dict[str, object]]) -> Dict[str, List[Optional[float]]]
 
 
 def tail_masses(zt, zs, *, quantiles: Sequence[float], thresholds: Optional[Sequence[float]], delta: float,
-                normalize: bool, eps: float = 1e-12) -> Dict[str, List[float]]:
+                normalize: bool, eps: float = 0.0) -> Dict[str, List[float]]:
     """TAR's tail masses of one layer over a whole image set: theta_m = quantile(zT, q_m) (or the fixed
     thresholds), p^m = mean sigmoid((z - theta_m) / delta) for teacher and student, and the plain fractions
-    of features above theta_m. normalize: both standardized with zT's mean and population std first."""
+    of features above theta_m. normalize: both standardized first as the loss does (teacher_std_floored)."""
     import torch
+
+    from .reference import teacher_std_floored
 
     zt, zs = zt.double(), zs.double()
     if normalize:
-        shift, scale = zt.mean(), 1.0 / zt.std(correction=0).clamp_min(eps)
+        shift, scale = zt.mean(), 1.0 / teacher_std_floored(zt, eps)
         zt, zs = (zt - shift) * scale, (zs - shift) * scale
     if thresholds is None:
         theta = torch.quantile(zt.flatten(), torch.tensor(list(quantiles), dtype=zt.dtype))

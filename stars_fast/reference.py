@@ -135,6 +135,17 @@ def pool_features(f: torch.Tensor) -> torch.Tensor:
 
 
 RCA_SILENT_TOL = 1e-3  # tau of docs/design.md section 2.2: a row is silent when ||z_i|| <= tau max_j ||z_j||
+# normalize="teacher" divides by s = max(std(zT), tau_std rms(zT), eps) (docs/design.md 2.2): a constant
+# teacher layer at c is standardized by 1e-3 |c|, not by eps (which gave ~1e9 gradients).
+NORMALIZE_STD_TOL = 1e-3
+
+
+def teacher_std_floored(zt: torch.Tensor, eps: float) -> torch.Tensor:
+    """s = max(std_pop(zT), tau_std rms(zT), eps), rms(zT)^2 = mean(zT)^2 + std_pop(zT)^2; 1 where s = 0
+    (an all-zero teacher layer has nothing to standardize by); NaN stays NaN."""
+    std, mean = zt.std(correction=0), zt.mean()
+    s = torch.maximum(std, NORMALIZE_STD_TOL * torch.hypot(mean, std)).clamp_min(eps)
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _row_norms(z: torch.Tensor) -> torch.Tensor:
@@ -193,11 +204,11 @@ def stars_loss(
     lambda_rca: float = 1.0,
     lambda_tar: float = 1.0,
     normalize: Optional[str] = None,
-    eps: float = 1e-12,
+    eps: float = 0.0,
 ):
     """Reference STARS loss (Eqs. 14-17); returns (total, L_RCA, L_TAR), all differentiable.
 
-    normalize="teacher": z <- (z - mean(zT)) / std(zT) on both sides (population std, constants).
+    normalize="teacher": z <- (z - mean(zT)) / s on both sides, s = teacher_std_floored(zT, eps) (constants).
     Thresholds: torch.quantile of the (normalized) teacher features, detached, or fixed values.
     """
     weights = [1.0] * len(z_teacher) if weights is None else list(weights)
@@ -208,7 +219,7 @@ def stars_loss(
         rca_terms.append(_pairwise_rca(zt, zs))
         if normalize == "teacher":
             mu = zt.detach().mean()
-            sd = zt.detach().std(correction=0).clamp_min(eps)
+            sd = teacher_std_floored(zt.detach(), eps)
             zt, zs = (zt - mu) / sd, (zs - mu) / sd
         if thresholds is None:
             q = torch.tensor(list(quantiles), dtype=zt.dtype, device=zt.device)

@@ -129,7 +129,7 @@ def test_bad_inputs(backend):
         stars_fast.stars_loss(zt, zs, normalize="student", backend=backend)
     with pytest.raises(ValueError, match="same batch size"):
         stars_fast.stars_loss([zt[0], torch.randn(5, 5)], [zs[0], torch.randn(5, 5)], backend=backend)
-    for eps in (0.0, -1e-12, float("nan"), float("inf")):
+    for eps in (-1e-12, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="eps"):
             stars_fast.stars_loss(zt, zs, eps=eps, backend=backend)
     for delta in (float("nan"), float("inf"), -1.0):
@@ -303,6 +303,49 @@ def test_rca_silent_rows(backend, case, scale):
         row_norms = got_unit.norm(dim=1)
         if len(active) >= 2:
             assert got_unit.abs().max() <= 1e3 * row_norms[active].median()
+
+
+def _degenerate_teacher_case(name):
+    """(zt, zs, s) of one layer whose teacher has no spread, s the std the standardization must use."""
+    torch.manual_seed(5)
+    zt, zs = torch.full((16, 8), -3.0), torch.randn(16, 6) - 2.5
+    if name == "all_zero_teacher":
+        zt.zero_()
+        return zt, zs, 1.0  # nothing to standardize by: raw units
+    if name == "silent_student":
+        zs.zero_()
+    return zt, zs, 1e-3 * 3.0  # 1e-3 rms(zT) = 1e-3 |c|
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e20])
+@pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
+@pytest.mark.parametrize("case", ["constant_teacher", "silent_student", "all_zero_teacher"])
+def test_normalize_with_a_teacher_without_spread(backend, case, scale):
+    """normalize="teacher" on a teacher layer with std 0 (docs/design.md 2.2): the std is floored at 1e-3
+    rms(zT) (1 for an all-zero teacher), not at eps (which gave ~1e9 gradients). Then zn_T = 0 and every
+    quantile threshold is 0, so p_T = 1/2 and L_TAR = mean_m (mean sigmoid(zn_S / delta) - 1/2)^2 (the
+    oracle, in float64); no gradient may exceed 0.5 / (s delta B C) of its side, the bound of Eq. 17's
+    gradient; scaling all features by any power of ten gives the same loss (but for the all-zero teacher,
+    whose loss is the student's in raw units)."""
+    device = _device_for(backend)
+    zt, zs, std_floor = _degenerate_teacher_case(case)
+    delta, quantiles = 0.5, (0.6, 0.9)
+    if case == "all_zero_teacher":  # raw units: the loss of zs * scale
+        zs, std_floor, scale = zs * scale, 1.0, 1.0
+    zn_s = (zs.double() - zt.double().mean()) / std_floor
+    want = ((torch.sigmoid(zn_s / delta).mean() - 0.5) ** 2).item()
+    total, _, tar, grad_t, grad_s = _loss_and_grads(
+        backend, [(zt * scale).to(device)], [(zs * scale).to(device)], normalize="teacher", lambda_rca=0.0,
+        quantiles=quantiles, delta=delta)
+    assert tar.item() == pytest.approx(want, rel=1e-5, abs=1e-9)
+    for grad, z in ((grad_t[0].cpu(), zt), (grad_s[0].cpu(), zs)):
+        bound = 1.7 * 0.5 / (std_floor * scale * delta * z.numel())
+        assert torch.isfinite(grad).all() and grad.abs().max().item() <= bound * (1 + 1e-4)
+    if backend != "reference":
+        ref = _loss_and_grads("reference", [zt * scale], [zs * scale], normalize="teacher", lambda_rca=0.0,
+                              quantiles=quantiles, delta=delta)
+        for got, expected in zip(grad_t + grad_s, ref[3] + ref[4]):
+            torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["reference"] + EXTENSION)

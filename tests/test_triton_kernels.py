@@ -626,5 +626,5 @@ def test_stars_loss_bad_inputs():
         kernels.stars_loss_fused([z, z.half()], [z, z], [0.5], None, False, [1.0] * 2, [1.0] * 2, 0.5, 1e-12)
     with pytest.raises(ValueError, match="threshold"):
         kernels.stars_loss_fused([z], [z], [], None, False, [1.0], [1.0], 0.5, 1e-12)
-    with pytest.raises(ValueError, match="delta and eps"):
-        kernels.stars_loss_fused([z], [z], [0.5], None, False, [1.0], [1.0], 0.5, 0.0)
+    with pytest.raises(ValueError, match="eps >= 0"):
+        kernels.stars_loss_fused([z], [z], [0.5], None, False, [1.0], [1.0], 0.5, -1e-12)

@@ -3,8 +3,8 @@
 //   pool_mean          z[r] = mean_{t,s} x[t, r, s]                                   (Eq. 12)
 //   quantiles          linear-interpolated quantiles of z.flatten() (a sort + gathers)
 //   stars_loss_fused   per layer, with z' = (z - shift) * scale
-//       (normalize: shift = mean(zT), scale = 1 / max(std_pop(zT), eps), as 0-dim device tensors; else
-//       0 and 1; eps is only this floor of the std), theta = fixed thresholds, or torch.quantile's linear
+//       (normalize: shift = mean(zT), scale = 1 / max(std_pop(zT), 1e-3 rms(zT), eps), 1 where that is 0,
+//       as 0-dim device tensors; else 0 and 1), theta = fixed thresholds, or torch.quantile's linear
 //       quantiles of z'_T by at::kthvalue (radix selection, no sort) of the two neighbouring ranks (known
 //       on the host from q and n):
 //       RCA  row i of a side is silent when ||z_i|| <= tau max_j ||z_j|| (tau = kRcaSilentTol; none is
@@ -464,10 +464,13 @@ std::pair<at::Tensor, at::Tensor> layer_constants(const at::Tensor& zt, at::Arra
   at::Tensor shift = normalize ? zt.mean() : at::zeros({}, opts);
   // The std in double (torch.std of float on the GPU accumulates in float: squares of features near 1e20
   // overflow it to inf, which made every normalized feature 0 and L_TAR a silent 0), as the CPU op does.
-  at::Tensor scale = normalize ? at::clamp_min(zt.to(at::kDouble).std(/*dim=*/{}, /*correction=*/0), eps)
-                                     .reciprocal()
-                                     .to(opts.dtype())
-                               : at::ones({}, opts);
+  at::Tensor scale = at::ones({}, opts);
+  if (normalize) {  // normalize_scale (op_args.h) on the device: 1 / max(std, tau_std rms, eps), 1 where that is 0
+    const at::Tensor zd = zt.to(at::kDouble);
+    const at::Tensor std_pop = zd.std(/*dim=*/{}, /*correction=*/0);
+    const at::Tensor s = at::maximum(std_pop, at::hypot(zd.mean(), std_pop) * kNormalizeStdTol).clamp_min(eps);
+    scale = at::where(s == 0, at::ones_like(s), s.reciprocal()).to(opts.dtype());
+  }
   const at::Tensor shift_scale = at::stack({shift, scale});
   if (thresholds.has_value()) {  // fills on the device (kernel arguments), not a host-to-device copy
     std::vector<at::Tensor> values;

@@ -180,8 +180,8 @@ def _check_stars_args(z_teacher, z_student, quantiles, thresholds, delta, weight
         raise ValueError(f"thresholds must be a non-empty list of finite values, got {thresholds}")
     if not (is_finite_number(delta) and delta > 0):
         raise ValueError(f"delta must be a finite number > 0, got {delta}")
-    if not (is_finite_number(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if not (is_finite_number(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     _finite("lambda_rca", lambda_rca)
     _finite("lambda_tar", lambda_tar)
     if weights is not None:
@@ -206,7 +206,7 @@ def stars_loss(
     normalize: Optional[str] = None,
     return_parts: bool = False,
     backend: str = "auto",
-    eps: float = 1e-12,
+    eps: float = 0.0,
 ):
     """L = lambda_rca * L_RCA + lambda_tar * L_TAR over the selected layers (Eqs. 14-17; docs/design.md 2.2).
 
@@ -220,9 +220,10 @@ def stars_loss(
     delta:      the soft exceedance's temperature, sigmoid((z - theta) / delta) (Eq. 16).
     weights:    the layer weights w_l (Eqs. 15, 17), normalized by their sum; None: equal.
     lambda_rca, lambda_tar: the two terms' weights in L (Eq. 18's lambdas).
-    normalize:  True or "teacher": both sides standardized with the teacher's mean and population std
-                (constants) before thresholding; None or False: raw features.
-    eps:        the floor of that std (a constant teacher layer). RCA needs none: rows at most 1e-3 x
+    normalize:  True or "teacher": both sides standardized, (z - mean(zT)) / s, with constants from the
+                teacher, s = max(std_pop(zT), 1e-3 rms(zT), eps), before thresholding (a constant teacher
+                layer at c gets s = 1e-3 |c|; an all-zero one s = 1); None or False: raw features.
+    eps:        an absolute floor of s (>= 0; default none). RCA needs none either: rows at most 1e-3 x
                 their side's largest norm are silent and leave its pairs (docs/design.md 2.2).
     backend:    "auto", "cpu", "triton", "cuda" or "reference" (stars_fast.available_backends).
     return_parts: also (L_RCA, L_TAR), weighted by w_l / sum(w) but not by the lambdas, detached on
@@ -265,7 +266,7 @@ class StarsLoss(torch.nn.Module):
     def __init__(self, *, quantiles: Sequence[float] = DEFAULT_QUANTILES, thresholds: Optional[Sequence[float]] = None,
                  delta: float = 0.5, weights: Optional[Sequence[float]] = None, lambda_rca: float = 1.0,
                  lambda_tar: float = 1.0, normalize=None, return_parts: bool = False, backend: str = "auto",
-                 eps: float = 1e-12):
+                 eps: float = 0.0):
         super().__init__()
         self.options = dict(quantiles=quantiles, thresholds=thresholds, delta=delta, weights=weights,
                             lambda_rca=lambda_rca, lambda_tar=lambda_tar, normalize=normalize,
