@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                                                    double v_threshold, std::optional<double> v_reset,
                                                    bool decay_input, int64_t surrogate, double alpha, bool spiking,
                                                    bool need_v_last) {
-  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, alpha, v_threshold);
+  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = empty_output(x.sizes(), x.options());
   at::Tensor v_last = at::empty({need_v_last ? N : 0}, x.options());
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky, bool decay_is_tau,
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
     bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) {
-  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, alpha, v_threshold);
+  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   check_neuron_grads(x, grad_spikes, grad_v_last, leaky, decay_is_tau, need_decay_grad);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor grad_x = empty_output(x.sizes(), x.options());

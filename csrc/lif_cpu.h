@@ -19,7 +19,7 @@ struct LifOperand {
 struct LifOptions {
   bool leaky, decay_input, hard, spiking, detach_reset;
   bool divide;  // decay holds tau and the charge divides by it; else it holds k = 1/tau and multiplies
-  int64_t surrogate;  // 0 sigmoid, 1 atan, 2 triangle
+  int64_t surrogate;  // 0 sigmoid, 1 atan, 2 triangle, 3 piecewise_exp, 4 soft_sign, 5 super_spike, 6 erf
   double decay, v_threshold, v_reset, alpha;  // v_reset: 0 for soft reset
 };
 

@@ -14,7 +14,7 @@
 // to the reference and the backward's h is the forward's (the gradient arithmetic after it uses
 // explicit FMAs, within the tolerance tests/test_csrc_kernels.py sets). exp is exp_avx2.h's inline
 // one under AVX2 (1 ulp), exp_avx512.h's (the same, 16 lanes) under AVX-512 and ATen's otherwise;
-// atan is ATen's (Sleef, 1 ulp, under AVX2 and AVX-512). The AVX2 and AVX-512 builds do the same
+// atan and erfc are ATen's (Sleef, 1 and 1.5 ulp, under AVX2 and AVX-512). The AVX2 and AVX-512 builds do the same
 // operations lane for lane, so they return the same bits.
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -41,8 +41,9 @@ using at::vec::Vectorized;
 
 enum class Charge { kIF, kDecayInput, kNoDecay };
 // What the neuron emits: the Heaviside spike (spiking=True) or the primitive of a surrogate
-// (spiking=False). The surrogate of the backward is named by the same enum.
-enum class Fire { kHeaviside, kSigmoid, kAtan, kTriangle };
+// (spiking=False). The surrogate of the backward is named by the same enum; kSuperSpike only names
+// one (SpikingJelly's SuperSpike has no primitive, and the op refuses spiking=False with it).
+enum class Fire { kHeaviside, kSigmoid, kAtan, kTriangle, kPiecewiseExp, kSoftSign, kSuperSpike, kErf };
 
 // The neuron's constants, broadcast.
 template <typename acc_t>
@@ -51,7 +52,7 @@ struct Consts {
   bool divide;
   acc_t v_start;  // v before t = 0 without v_init: v_reset, 0 for soft reset
   Vec zero, one, half, v_th, v_r, v_reset, decay, one_minus_k, alpha, neg_alpha, half_alpha, atan_scale, pi,
-      two_alpha2, alpha2, not_detached, reset_gain, threshold_gain;
+      two_alpha2, alpha2, inv_alpha, two_alpha, erf_scale, not_detached, reset_gain, threshold_gain;
 };
 
 template <typename acc_t>
@@ -81,6 +82,9 @@ Consts<acc_t> make_consts(const LifOptions& o) {
   c.pi = Vec(static_cast<acc_t>(kPi));
   c.two_alpha2 = Vec(static_cast<acc_t>(2.0 * o.alpha * o.alpha));
   c.alpha2 = Vec(static_cast<acc_t>(o.alpha * o.alpha));
+  c.inv_alpha = Vec(static_cast<acc_t>(1.0 / o.alpha));        // soft_sign
+  c.two_alpha = Vec(static_cast<acc_t>(2.0 * o.alpha));        // soft_sign
+  c.erf_scale = Vec(static_cast<acc_t>(o.alpha / std::sqrt(kPi)));  // erf: a / sqrt(pi)
   c.not_detached = Vec(o.detach_reset ? acc_t(0) : acc_t(1));
   c.reset_gain = Vec(o.detach_reset ? acc_t(0) : static_cast<acc_t>(o.v_reset));  // v_reset (1 - D)
   c.threshold_gain = Vec(o.detach_reset ? acc_t(0) : static_cast<acc_t>(o.v_threshold));  // v_th (1 - D)
@@ -125,6 +129,9 @@ LIF_INLINE Vectorized<acc_t> sigmoid(Vectorized<acc_t> y, const Consts<acc_t>& c
 // fire at u = h - v_th   Heaviside: s = [u >= 0] (NaN stays NaN)   sigmoid: s(alpha u)
 //                        atan: atan(pi/2 alpha u) / pi + 1/2
 //                        triangle: 0 | (u + a)^2 / 2a^2 | 1 - (a - u)^2 / 2a^2 | 1 on u < -a | < 0 | < a | >= a
+//                        piecewise_exp: e^(-a|u|) / 2 | 1 - e^(-a|u|) / 2 on u < 0 | >= 0
+//                        soft_sign: (a u / (1 + |a u|) + 1) / 2    erf: erfc(-a u) / 2
+// (SpikingJelly's primitive_function, operation for operation)
 template <typename acc_t, Fire F>
 LIF_INLINE Vectorized<acc_t> fire(Vectorized<acc_t> u, const Consts<acc_t>& c) {
   using Vec = Vectorized<acc_t>;
@@ -134,11 +141,20 @@ LIF_INLINE Vectorized<acc_t> fire(Vectorized<acc_t> u, const Consts<acc_t>& c) {
     return sigmoid(c.alpha * u, c);
   } else if constexpr (F == Fire::kAtan) {
     return (c.atan_scale * u).atan() / c.pi + c.half;
-  } else {
+  } else if constexpr (F == Fire::kTriangle) {
     const Vec left = (u + c.alpha) * (u + c.alpha) / c.two_alpha2;
     const Vec right = c.one - (c.alpha - u) * (c.alpha - u) / c.two_alpha2;
     const Vec mid = Vec::blendv(right, left, u < c.zero);
     return Vec::blendv(Vec::blendv(mid, c.one, u >= c.alpha), c.zero, u < c.neg_alpha);
+  } else if constexpr (F == Fire::kPiecewiseExp) {
+    const Vec half_tail = exp(c.neg_alpha * u.abs()) * c.half;
+    return Vec::blendv(half_tail, c.one - half_tail, u >= c.zero);  // a NaN u takes the (NaN) tail
+  } else if constexpr (F == Fire::kSoftSign) {
+    const Vec y = c.alpha * u;
+    return (y / (c.one + y.abs()) + c.one) * c.half;
+  } else {
+    static_assert(F == Fire::kErf, "SuperSpike has no primitive");
+    return (c.neg_alpha * u).erfc() * c.half;  // erfc: no cancellation in the far negative tail (1 + erf has)
   }
 }
 
@@ -172,6 +188,8 @@ LIF_INLINE Vectorized<acc_t> minus_product(Vectorized<acc_t> a, Vectorized<acc_t
 
 // surrogate'(u) of W vectors   sigmoid: a (s(au) - s(au)^2)   atan: (a/2) / (1 + (pi/2 a u)^2)
 //                              triangle: max(0, a - |u|) / a^2 (NaN stays NaN, as torch.clamp)
+//                              piecewise_exp: (a/2) e^(-a|u|)   soft_sign: 1 / (2a (1/a + |u|)^2)
+//                              super_spike: a / (|u| + 1)^2     erf: e^(-(a u)^2) a / sqrt(pi)
 // The sigmoid runs stage by stage over the W vectors, so that their exp / divide chains overlap.
 template <int W, typename acc_t, Fire S>
 LIF_INLINE void surrogate_grads(const Vectorized<acc_t>* u, Vectorized<acc_t>* sg, const Consts<acc_t>& c) {
@@ -187,6 +205,23 @@ LIF_INLINE void surrogate_grads(const Vectorized<acc_t>* u, Vectorized<acc_t>* s
     LIF_UNROLL for (int w = 0; w < W; ++w) {
       const auto a = c.atan_scale * u[w];
       sg[w] = c.half_alpha / (c.one + a * a);
+    }
+  } else if constexpr (S == Fire::kPiecewiseExp) {
+    LIF_UNROLL for (int w = 0; w < W; ++w) sg[w] = c.half_alpha * exp(c.neg_alpha * u[w].abs());
+  } else if constexpr (S == Fire::kSoftSign) {
+    LIF_UNROLL for (int w = 0; w < W; ++w) {
+      const auto z = c.inv_alpha + u[w].abs();
+      sg[w] = c.one / (c.two_alpha * (z * z));
+    }
+  } else if constexpr (S == Fire::kSuperSpike) {
+    LIF_UNROLL for (int w = 0; w < W; ++w) {
+      const auto z = u[w].abs() + c.one;
+      sg[w] = c.alpha / (z * z);
+    }
+  } else if constexpr (S == Fire::kErf) {
+    LIF_UNROLL for (int w = 0; w < W; ++w) {
+      const auto z = c.alpha * u[w];
+      sg[w] = exp((z * z).neg()) * c.erf_scale;
     }
   } else {
     static_assert(S == Fire::kTriangle, "the Heaviside has no surrogate gradient");
@@ -586,6 +621,10 @@ template <typename Fn>
 void with_surrogate(int64_t surrogate, const Fn& fn) {
   if (surrogate == 0) return fn(Tag<Fire, Fire::kSigmoid>{});
   if (surrogate == 1) return fn(Tag<Fire, Fire::kAtan>{});
+  if (surrogate == 3) return fn(Tag<Fire, Fire::kPiecewiseExp>{});
+  if (surrogate == 4) return fn(Tag<Fire, Fire::kSoftSign>{});
+  if (surrogate == 5) return fn(Tag<Fire, Fire::kSuperSpike>{});
+  if (surrogate == 6) return fn(Tag<Fire, Fire::kErf>{});
   fn(Tag<Fire, Fire::kTriangle>{});
 }
 
@@ -593,7 +632,9 @@ void with_surrogate(int64_t surrogate, const Fn& fn) {
 template <typename Fn>
 void with_fire(const LifOptions& o, const Fn& fn) {
   if (o.spiking) return fn(Tag<Fire, Fire::kHeaviside>{});
-  with_surrogate(o.surrogate, fn);
+  with_surrogate(o.surrogate, [&](auto S) {
+    if constexpr (S.value != Fire::kSuperSpike) fn(S);  // no primitive: check_neuron_inputs refuses it
+  });
 }
 
 }  // namespace

@@ -48,10 +48,12 @@ inline double normalize_scale(double mean, double std_pop, double eps) {
 // Neuron (lif_forward / lif_backward).
 
 // x [T, N] contiguous; v_init [N] of x's dtype; decay one float element on x's device or the CPU
-// (tau when decay_is_tau, else k = 1/tau); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle);
+// (tau when decay_is_tau, else k = 1/tau); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle) |
+// 3 (piecewise_exp) | 4 (soft_sign) | 5 (super_spike, spiking only: it has no primitive) | 6 (erf);
 // alpha > 0. The Python op checks all of this first (stars_fast/ops/lif.py); these are the second line.
 inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
-                                const at::Tensor& decay, int64_t surrogate, double alpha, double v_threshold) {
+                                const at::Tensor& decay, int64_t surrogate, bool spiking, double alpha,
+                                double v_threshold) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
   check_float(x, x.device(), op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
@@ -69,8 +71,10 @@ inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::
   TORCH_CHECK(is_float_dtype(decay.scalar_type()), op, ": decay must be a floating-point tensor, got ",
               decay.scalar_type());
   TORCH_CHECK(decay.numel() == 1, op, ": decay must have one element, got ", decay.numel());
-  TORCH_CHECK(surrogate >= 0 && surrogate <= 2, op, ": surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got ",
-              surrogate);
+  TORCH_CHECK(surrogate >= 0 && surrogate <= 6, op, ": surrogate must be 0 (sigmoid), 1 (atan), 2 (triangle), ",
+              "3 (piecewise_exp), 4 (soft_sign), 5 (super_spike) or 6 (erf), got ", surrogate);
+  TORCH_CHECK_VALUE(spiking || surrogate != 5, op,
+                    ": super_spike has no primitive: spiking=False is not supported with it");
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
   TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
 }
@@ -115,6 +119,9 @@ struct NeuronConstants {
   acc_t pi;
   acc_t two_alpha2;    // 2 alpha^2 (triangle primitive)
   acc_t alpha2;        // alpha^2 (triangle surrogate)
+  acc_t inv_alpha;     // 1 / alpha (soft_sign surrogate)
+  acc_t two_alpha;     // 2 alpha (soft_sign surrogate)
+  acc_t erf_scale;     // alpha / sqrt(pi) (erf surrogate)
   acc_t not_detached;  // 1 - D: 0 when detach_reset drops the reset's path through s
 };
 
@@ -133,6 +140,9 @@ NeuronConstants<acc_t> neuron_constants(double v_threshold, std::optional<double
   c.pi = static_cast<acc_t>(kPi);
   c.two_alpha2 = static_cast<acc_t>(2.0 * alpha * alpha);
   c.alpha2 = static_cast<acc_t>(alpha * alpha);
+  c.inv_alpha = static_cast<acc_t>(1.0 / alpha);
+  c.two_alpha = static_cast<acc_t>(2.0 * alpha);
+  c.erf_scale = static_cast<acc_t>(alpha / std::sqrt(kPi));
   c.not_detached = detach_reset ? acc_t(0) : acc_t(1);
   return c;
 }

@@ -15,7 +15,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(stars_fast, m) {
-  // Multi-step LIF/IF neuron over x[T, N] (contiguous). surrogate: 0 sigmoid, 1 atan, 2 triangle.
+  // Multi-step LIF/IF neuron over x[T, N] (contiguous). surrogate: 0 sigmoid, 1 atan, 2 triangle,
+  // 3 piecewise_exp, 4 soft_sign, 5 super_spike (spiking only: it has no primitive), 6 erf.
   // v_init: [N] or None (then v_reset, or 0 for soft reset). decay: 1-element float tensor holding tau
   // (decay_is_tau: the charge divides by it, as SpikingJelly's LIFNode) or k = 1/tau (multiplies, as
   // its ParametricLIFNode). Returns spikes [T, N] (x's dtype) and the final membrane potential v_last

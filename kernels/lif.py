@@ -11,6 +11,7 @@ PLIF's multiply by k = sigmoid(w)):
             IF:                h = v + x[t]
     fire    u = h - v_th;  s[t] = Theta(u) (Theta(0) = 1, NaN stays NaN), or with spiking=False
             the surrogate's primitive: sigmoid(a u) | atan(pi/2 a u)/pi + 1/2 | C1 piecewise quadratic
+            | Theta(u) - sign(u) e^(-a|u|)/2 | (softsign(a u) + 1)/2 | (1 + erf(a u))/2 (super_spike has none)
     reset   hard: v = h (1 - s) + v_reset s        soft: v = h - v_th s
 
 Backward is the reverse scan of section 2.1 (gv = dL/dv, sg = surrogate'(u), D = detach_reset):
@@ -62,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-SIGMOID, ATAN, TRIANGLE = 0, 1, 2
+SIGMOID, ATAN, TRIANGLE, PIECEWISE_EXP, SOFT_SIGN, SUPER_SPIKE, ERF = range(7)  # stars_fast.ops.lif.SURROGATE_IDS
 _NUM_WARPS = 4
 _BYTES_PER_THREAD = 16  # one 128-bit access per thread per [N] row
 _FWD_MAX_STEPS = 8  # x of a forward chunk, loaded before its spikes are stored
@@ -90,30 +91,52 @@ def _atan(x):
 
 @triton.jit
 def _surrogate_primitive(u, alpha, inv_alpha2, SURROGATE: tl.constexpr):
-    """The smooth spike of spiking=False: sigmoid(a u) | atan(pi/2 a u)/pi + 1/2 | C1 quadratic."""
+    """The smooth spike of spiking=False: sigmoid(a u) | atan(pi/2 a u)/pi + 1/2 | C1 quadratic |
+    Theta(u) - sign(u) e^(-a|u|)/2 | (softsign(a u) + 1)/2 | (1 + erf(a u))/2."""
+    tl.static_assert(SURROGATE != 5, "super_spike has no primitive (the launchers refuse spiking=False)")
     if SURROGATE == 0:
         s = tl.fdiv(1.0, 1.0 + tl.exp(-alpha * u))
     elif SURROGATE == 1:
         s = _atan(1.5707963267948966 * alpha * u) * 0.3183098861837907 + 0.5
-    else:
+    elif SURROGATE == 2:
         left = (u + alpha) * (u + alpha) * (0.5 * inv_alpha2)
         right = 1.0 - (alpha - u) * (alpha - u) * (0.5 * inv_alpha2)
         mid = tl.where(u < 0.0, left, right)
         s = tl.where(u < -alpha, 0.0, tl.where(u >= alpha, 1.0, mid))
+    elif SURROGATE == 3:  # NaN u: a NaN tail, not 1 - tail
+        half_tail = tl.exp(-alpha * tl.abs(u)) * 0.5
+        s = tl.where(u >= 0.0, 1.0 - half_tail, half_tail)
+    elif SURROGATE == 4:
+        y = alpha * u
+        s = (tl.fdiv(y, 1.0 + tl.abs(y)) + 1.0) * 0.5
+    else:  # 1 + erf (no erfc in tl, nor in the interpreter): within 2^-25 + erf's error of erfc(-a u)/2
+        s = 0.5 + 0.5 * tl.erf(alpha * u)
     return s
 
 
 @triton.jit
 def _surrogate_grad(u, alpha, inv_alpha2, SURROGATE: tl.constexpr):
-    """sg(u): a sigmoid(au)(1 - sigmoid(au)) | (a/2) / (1 + (pi/2 a u)^2) | max(0, a - |u|) / a^2."""
+    """sg(u): a sigmoid(au)(1 - sigmoid(au)) | (a/2) / (1 + (pi/2 a u)^2) | max(0, a - |u|) / a^2 |
+    (a/2) e^(-a|u|) | 1 / (2a (1/a + |u|)^2) | a / (1 + |u|)^2 | (a/sqrt(pi)) e^(-(a u)^2)."""
     if SURROGATE == 0:
         sig = tl.fdiv(1.0, 1.0 + tl.exp(-alpha * u))
         sg = alpha * sig * (1.0 - sig)
     elif SURROGATE == 1:
         w = 1.5707963267948966 * alpha * u
         sg = tl.fdiv(alpha * 0.5, 1.0 + w * w)
-    else:  # NaN u gives NaN, as torch.clamp in the reference
+    elif SURROGATE == 2:  # NaN u gives NaN, as torch.clamp in the reference
         sg = tl.maximum(alpha - tl.abs(u), 0.0, propagate_nan=tl.PropagateNan.ALL) * inv_alpha2
+    elif SURROGATE == 3:
+        sg = (alpha * 0.5) * tl.exp(-alpha * tl.abs(u))
+    elif SURROGATE == 4:  # as (a/2) / (1 + a|u|)^2: no 1/a needed
+        w = 1.0 + alpha * tl.abs(u)
+        sg = tl.fdiv(alpha * 0.5, w * w)
+    elif SURROGATE == 5:
+        w = 1.0 + tl.abs(u)
+        sg = tl.fdiv(alpha, w * w)
+    else:
+        z = alpha * u
+        sg = (alpha * 0.5641895835477563) * tl.exp(-(z * z))  # 1/sqrt(pi)
     return sg
 
 
@@ -281,7 +304,7 @@ def _lif_bwd_kernel(
         tl.store(GRAD_DECAY + offs, grad_decay, mask=mask)
 
 
-def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, surrogate: int) -> int:
+def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, surrogate: int, spiking: bool) -> int:
     """Validates the arguments shared by both launchers; returns N, the number of neurons."""
     if x.dim() < 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be a [T, N] float32/float16/bfloat16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
@@ -292,8 +315,11 @@ def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
         raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}")
     if decay.numel() != 1 or not decay.is_floating_point():
         raise ValueError(f"decay must be a 1-element float tensor, got {decay.dtype} of shape {tuple(decay.shape)}")
-    if surrogate not in (SIGMOID, ATAN, TRIANGLE):
-        raise ValueError(f"surrogate must be 0 (sigmoid), 1 (atan) or 2 (triangle), got {surrogate}")
+    if surrogate not in range(SIGMOID, ERF + 1):
+        raise ValueError(f"surrogate must be 0 (sigmoid), 1 (atan), 2 (triangle), 3 (piecewise_exp), 4 (soft_sign), "
+                         f"5 (super_spike) or 6 (erf), got {surrogate}")
+    if not spiking and surrogate == SUPER_SPIKE:
+        raise ValueError("super_spike has no primitive: spiking=False is not supported with it")
     return n
 
 
@@ -329,7 +355,7 @@ def lif_forward(
 
     decay holds tau (divided by) when decay_is_tau, else k = 1/tau (multiplied by); IF ignores it.
     """
-    N = _check(x, v_init, decay, surrogate)
+    N = _check(x, v_init, decay, surrogate, spiking)
     x = x.contiguous()
     T = x.shape[0]
     spikes = torch.empty_like(x)
@@ -363,7 +389,7 @@ def lif_backward(
     grad_v_last None is zero (never read). grad_decay is the per-neuron partial sum (fp32) of dL/dk
     when need_decay_grad (multiply mode only; the caller reduces it), else empty.
     """
-    N = _check(x, v_init, decay, surrogate)
+    N = _check(x, v_init, decay, surrogate, spiking)
     leaky = bool(leaky)
     need_decay_grad = bool(need_decay_grad) and leaky
     if need_decay_grad and decay_is_tau:

@@ -4,25 +4,42 @@ or single-step, one time step per call.
 The constructors take SpikingJelly's arguments, in its order: `LIFNode(tau, decay_input, v_threshold,
 v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)`, so code written for
 `spikingjelly.activation_based.neuron` runs unchanged with `surrogate_function=surrogate.ATan()`
-(Sigmoid, ATan and PiecewiseQuadratic objects; their alpha and spiking flag are taken over) or with our
-strings "sigmoid" / "atan" / "triangle" plus `alpha=`. Differences: the default `step_mode` is 'm' (the
-fused kernels run the whole sequence in one call; SpikingJelly's default is 's'), `backend` names ours
+(Sigmoid, ATan, PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike and Erf objects -- the surrogates of
+SpikingJelly's Triton backend; their alpha and spiking flag are taken over) or with our strings "sigmoid" /
+"atan" / "triangle" / "piecewise_exp" / "soft_sign" / "super_spike" / "erf" plus `alpha=` (SuperSpike has
+no primitive, so no spiking=False). Differences: the default `step_mode` is 'm' (the fused kernels run the
+whole sequence in one call; SpikingJelly's default is 's'), `backend` names ours
 (SpikingJelly's "torch" and "cupy" mean "reference" and "cuda"), and a multi-step input must be at least
-[T, B, features].
+[T, B, features]. Channels-last steps give channels-last spikes (a dense x is read in place, in its layout).
 
-Step modes. 'm': forward(x[T, B, ...]) runs all T steps. 's': forward(x[B, ...]) runs one step and keeps
-the membrane potential in `self.v` for the next call, as SpikingJelly's single-step loop
+Step modes. 'm': forward(x[T, B, ...]) runs all T steps. 's': forward(x[B, ...]) runs one step and
+continues from the previous call's membrane potential, as SpikingJelly's single-step loop
 `sum(net(x[t]) for t in range(T)) / T` expects (gradients flow through v from call to call), until
 `reset()`. The mode is checked whenever it is set, so `functional.set_step_mode(net, 's')` switches the
 neurons for real.
 
-State in multi-step mode: by default each forward starts from rest (v = v_reset, or 0 with soft reset)
--- what SpikingJelly does when `functional.reset_net(net)` runs after every batch, the usual training
-loop. With `stateful=True` the final membrane potential is kept in `self.v` and the next forward
-continues from it, as SpikingJelly's memory modules do, until `reset()` returns the neuron to rest.
-`reset()` and `detach()` exist in every mode, so SpikingJelly's `functional.reset_net` and
-`functional.detach_net` (truncated backpropagation through time) work on networks built from these
-modules.
+State. `v` is, as in SpikingJelly, the rest value as a float (v_reset, or 0.0 with soft reset) before any
+forward and after `reset()`, and after every forward the last step's membrane potential (after its
+reset), in the layout of one step. In multi-step mode each forward starts from rest by default -- what
+SpikingJelly does when `functional.reset_net(net)` runs after every batch, the usual training loop --
+and `v` is only a readout there, detached (it costs one write of a step; keeping its graph would hold
+the batch's saved tensors until the next forward). With `stateful=True` the next forward continues from
+`v`, as SpikingJelly's memory modules do, until `reset()`. A `v` assigned from outside is a state: the
+next single-step or stateful forward starts from it. `reset()` and `detach()` exist in every mode, so
+SpikingJelly's `functional.reset_net` and `functional.detach_net` (truncated backpropagation through
+time) work on networks built from these modules.
+
+`store_v_seq=True` keeps `v_seq` [T, B, ...], the membrane potential after each step's reset (as
+SpikingJelly): in multi-step mode the forward then runs one time step per launch (the fused kernels
+keep only the last step's v), slower, and only these layers pay; in single-step mode each call appends
+its step, until `reset()`. `v_seq` keeps its graph (a loss may use it); `detach()` cuts it.
+
+SpikingJelly's monitors find layers by isinstance: give them our classes, e.g.
+`monitor.OutputMonitor(net, stars_fast.neurons.BaseNode)` (every neuron layer here) or
+`(LIFNode, IFNode)`; `monitor.AttributeMonitor("v", ...)` and `("v_seq", ...)` then record tensors.
+SpikingJelly's own `neuron.BaseNode` matches none of them (they are not its subclasses). Not carried
+over: SpikingJelly's `register_memory` / functional state API (`to_functional_forward`) and its
+restart of a single-step state on a change of shape (here a clear error asks for `reset()`).
 """
 from __future__ import annotations
 
@@ -33,8 +50,8 @@ import torch
 from torch import nn
 
 from ._backend import BACKENDS
-from .ops.lif import SURROGATE_IDS, _finite, multistep_neuron
-from .reference import SURROGATE_DEFAULT_ALPHA
+from .ops.lif import SURROGATE_IDS, _finite, _state_dtype, multistep_neuron
+from .reference import SURROGATE_DEFAULT_ALPHA, SURROGATES_WITHOUT_PRIMITIVE
 
 # SpikingJelly surrogate class -> (our surrogate, our alpha from its alpha). PiecewiseQuadratic's gradient
 # alpha - alpha^2 |u| on |u| <= 1/alpha is our triangle (a - |u|) / a^2 with a = 1 / alpha.
@@ -42,6 +59,10 @@ SPIKINGJELLY_SURROGATES = {
     "Sigmoid": ("sigmoid", lambda alpha: alpha),
     "ATan": ("atan", lambda alpha: alpha),
     "PiecewiseQuadratic": ("triangle", lambda alpha: 1.0 / alpha),
+    "PiecewiseExp": ("piecewise_exp", lambda alpha: alpha),
+    "SoftSign": ("soft_sign", lambda alpha: alpha),
+    "SuperSpike": ("super_spike", lambda alpha: alpha),
+    "Erf": ("erf", lambda alpha: alpha),
 }
 SPIKINGJELLY_BACKENDS = {"torch": "reference", "cupy": "cuda"}
 STEP_MODES = ("s", "m")
@@ -66,19 +87,21 @@ def resolve_surrogate(surrogate_function, alpha: Optional[float]) -> Tuple[str, 
         name, to_ours = SPIKINGJELLY_SURROGATES[kind.__name__]
         alpha = to_ours(_finite(surrogate_function.alpha, f"{kind.__name__}.alpha"))
         spiking = bool(surrogate_function.spiking)
+        if not spiking and name in SURROGATES_WITHOUT_PRIMITIVE:
+            raise ValueError(f"{kind.__name__}(spiking=False) is not supported: SpikingJelly defines no primitive "
+                             f"for it (its own forward raises NotImplementedError)")
     if not alpha > 0:
         raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
     return name, alpha, spiking
 
 
-class _MultiStepNeuron(nn.Module):
+class BaseNode(nn.Module):
+    """The neuron layers' common base: give it to SpikingJelly's monitors as their instance filter."""
+
     def __init__(self, *, leaky: bool, decay_input: bool, v_threshold: float, v_reset: Optional[float],
                  surrogate_function, alpha: Optional[float], detach_reset: bool, step_mode: str, backend: str,
                  store_v_seq: bool, stateful: bool):
         super().__init__()
-        if store_v_seq:
-            raise ValueError("store_v_seq=True is not supported: the fused kernels keep only the final membrane "
-                             "potential (stateful=True keeps it in .v)")
         backend = SPIKINGJELLY_BACKENDS.get(backend, backend)
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS} "
@@ -92,7 +115,17 @@ class _MultiStepNeuron(nn.Module):
         self.step_mode = step_mode
         self.backend = backend
         self.stateful = bool(stateful)
-        self.v: Optional[torch.Tensor] = None  # membrane potential after the last forward (stateful, or 's')
+        self.store_v_seq = bool(store_v_seq)
+        self.reset()
+
+    @property
+    def v(self) -> Union[float, torch.Tensor]:
+        """The last step's membrane potential (after its reset); the rest value, a float, before any forward."""
+        return self._v
+
+    @v.setter
+    def v(self, value: Union[float, torch.Tensor]) -> None:
+        self._v, self._v_carried = value, True  # set from outside: the next forward continues from it
 
     @property
     def step_mode(self) -> str:
@@ -107,32 +140,64 @@ class _MultiStepNeuron(nn.Module):
         self._step_mode = mode
 
     def reset(self) -> None:
-        """Return to rest: the next forward starts at v = v_reset (0 for soft reset)."""
-        self.v = None
+        """Return to rest: v = v_reset (0.0 for soft reset), a float as SpikingJelly's; v_seq = None."""
+        self._v = 0.0 if self.v_reset is None else self.v_reset
+        self._v_carried = False  # whether a single-step or stateful forward continues from v
+        self.v_seq: Optional[torch.Tensor] = None
 
     def detach(self) -> None:
-        """Cut the graph behind the kept membrane potential (SpikingJelly's detach_net, truncated BPTT)."""
-        if self.v is not None:
-            self.v = self.v.detach()
+        """Cut the graph behind v and v_seq (SpikingJelly's detach_net, truncated BPTT)."""
+        if isinstance(self._v, torch.Tensor):
+            self._v = self._v.detach()
+        if self.v_seq is not None:
+            self.v_seq = self.v_seq.detach()
+
+    def _carried_v(self, x: torch.Tensor, step_shape: torch.Size) -> Optional[torch.Tensor]:
+        """The v a single-step or stateful forward starts from (None: rest), checked against one step."""
+        if not self._v_carried:
+            return None
+        if not isinstance(self._v, torch.Tensor):
+            return x.new_full((), float(self._v))
+        if self._v.shape != step_shape:
+            mode = "in step_mode='s'" if self.step_mode == "s" else "stateful"
+            raise ValueError(f"{type(self).__name__} {mode} holds a state of shape {tuple(self._v.shape)} but got "
+                             f"a step of shape {tuple(step_shape)}: call reset() (functional.reset_net) between "
+                             f"sequences")
+        return self._v
 
     def _decay(self) -> dict:
         return {}
 
-    def _run(self, x: torch.Tensor, v_init: Optional[torch.Tensor], keep_v: bool):
+    def _run(self, x: torch.Tensor, v_init: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(spikes, v_last): v_last always, as SpikingJelly sets v after every forward."""
         return multistep_neuron(
             x, **self._decay(), neuron="lif" if self.leaky else "if", v_threshold=self.v_threshold,
             v_reset=self.v_reset, decay_input=self.decay_input, detach_reset=self.detach_reset,
             surrogate=self.surrogate, alpha=self.alpha, spiking=self.spiking, v_init=v_init,
-            return_v=keep_v, backend=self.backend)
+            return_v=True, backend=self.backend)
+
+    def _run_step_by_step(self, x: torch.Tensor, v_init: Optional[torch.Tensor]):
+        """(spikes, v_seq): one launch per step, the only way to see every step's v (the fused kernels keep
+        the last). Steps chained in the kernels' state dtype (fp32 for half x), so the spikes are the fused
+        call's; gradients flow through both."""
+        steps = x.to(_state_dtype(x.dtype))
+        v, spikes, v_seq = v_init, [], []
+        for step in steps.split(1):
+            s, v = self._run(step, v)
+            spikes.append(s[0])
+            v_seq.append(v)
+        return torch.stack(spikes).to(x.dtype), torch.stack(v_seq).to(x.dtype)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One time step x[B, ...] from the kept v (rest after reset()); keeps the new v."""
+        """One time step x[B, ...] from the carried v (rest after reset()); keeps the new v (and appends it
+        to v_seq when store_v_seq)."""
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__} in step_mode='s' expects one step [B, ...], got a scalar")
-        if self.v is not None and self.v.shape != x.shape:
-            raise ValueError(f"{type(self).__name__} holds a state of shape {tuple(self.v.shape)} but got a step "
-                             f"of shape {tuple(x.shape)}: call reset() (functional.reset_net) between sequences")
-        spikes, self.v = self._run(x.unsqueeze(0), self.v, keep_v=True)
+        v_init = self._carried_v(x, x.shape)
+        spikes, v = self._run(x.unsqueeze(0), v_init)
+        if self.store_v_seq:  # a sequence from rest starts a new v_seq
+            self.v_seq = v.unsqueeze(0) if v_init is None or self.v_seq is None else torch.cat((self.v_seq, v[None]))
+        self._v, self._v_carried = v, True
         return spikes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,13 +211,14 @@ class _MultiStepNeuron(nn.Module):
                 f"features), got shape {tuple(x.shape)}. Without a time dimension, repeat the input over T "
                 f"steps: x.unsqueeze(0).repeat(T, *([1] * x.dim())); a [T, N] sequence needs a batch "
                 f"dimension: x.unsqueeze(1)")
-        v_init = self.v if self.stateful else None
-        if v_init is not None and v_init.shape != x.shape[1:]:
-            raise ValueError(f"stateful {type(self).__name__} holds a state of shape {tuple(v_init.shape)} but got "
-                             f"steps of shape {tuple(x.shape[1:])}: call reset() between sequences")
-        spikes, v_last = self._run(x, v_init, keep_v=self.stateful)
-        if self.stateful:
-            self.v = v_last
+        v_init = self._carried_v(x, x.shape[1:]) if self.stateful else None
+        if self.store_v_seq and x.shape[0] > 0:
+            spikes, self.v_seq = self._run_step_by_step(x, v_init)
+            v_last = self.v_seq[-1]
+        else:
+            spikes, v_last = self._run(x, v_init)
+            self.v_seq = x.new_empty(x.shape) if self.store_v_seq else None  # T = 0: no step to keep
+        self._v, self._v_carried = (v_last, True) if self.stateful else (v_last.detach(), False)
         return spikes
 
     def extra_repr(self) -> str:
@@ -164,7 +230,7 @@ class _MultiStepNeuron(nn.Module):
 SurrogateArg = Union[str, object]
 
 
-class LIFNode(_MultiStepNeuron):
+class LIFNode(BaseNode):
     """LIF: h = v + (x - (v - v_reset)) / tau (decay_input) or h = v - (v - v_reset) / tau + x; the charge
     divides by tau, as SpikingJelly's LIFNode."""
 
@@ -187,7 +253,7 @@ class LIFNode(_MultiStepNeuron):
         return f"tau={self.tau}, decay_input={self.decay_input}, " + super().extra_repr()
 
 
-class IFNode(_MultiStepNeuron):
+class IFNode(BaseNode):
     """IF: h = v + x."""
 
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
@@ -200,7 +266,7 @@ class IFNode(_MultiStepNeuron):
                          stateful=stateful)
 
 
-class ParametricLIFNode(_MultiStepNeuron):
+class ParametricLIFNode(BaseNode):
     """PLIF: LIF with a learnable scalar w and 1/tau = k = sigmoid(w) (the charge multiplies by k, as
     SpikingJelly's ParametricLIFNode), w initialised to -log(init_tau - 1)."""
 

@@ -10,11 +10,17 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-SURROGATE_DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0, "triangle": 1.0}
+# SpikingJelly's defaults (triangle is its PiecewiseQuadratic(alpha=1), whose a is 1/alpha).
+SURROGATE_DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0, "triangle": 1.0, "piecewise_exp": 1.0, "soft_sign": 2.0,
+                           "super_spike": 1.0, "erf": 2.0}
+# SpikingJelly's SuperSpike defines no primitive (its spiking=False raises), so neither do we.
+SURROGATES_WITHOUT_PRIMITIVE = ("super_spike",)
 
 
 def surrogate_grad(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-    """sg(u): sigmoid a*s(au)(1-s(au)); atan (a/2)/(1+(pi/2*a*u)^2); triangle max(0, a-|u|)/a^2."""
+    """sg(u): sigmoid a*s(au)(1-s(au)); atan (a/2)/(1+(pi/2*a*u)^2); triangle max(0, a-|u|)/a^2;
+    piecewise_exp (a/2) e^(-a|u|); soft_sign 1/(2a(1/a+|u|)^2); super_spike a/(1+|u|)^2;
+    erf (a/sqrt(pi)) e^(-(au)^2) (SpikingJelly's PiecewiseExp, SoftSign, SuperSpike, Erf)."""
     if surrogate == "sigmoid":
         s = torch.sigmoid(alpha * u)
         return alpha * s * (1.0 - s)
@@ -22,6 +28,14 @@ def surrogate_grad(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tenso
         return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * u) ** 2)
     if surrogate == "triangle":
         return torch.clamp(alpha - u.abs(), min=0.0) / (alpha * alpha)
+    if surrogate == "piecewise_exp":
+        return alpha / 2.0 * torch.exp(-alpha * u.abs())
+    if surrogate == "soft_sign":
+        return 1.0 / (2.0 * alpha * (1.0 / alpha + u.abs()) ** 2)
+    if surrogate == "super_spike":
+        return alpha / (u.abs() + 1.0) ** 2
+    if surrogate == "erf":
+        return torch.exp(-(alpha * u) ** 2) * (alpha / math.sqrt(math.pi))
     raise ValueError(f"unknown surrogate {surrogate!r}")
 
 
@@ -37,6 +51,17 @@ def surrogate_primitive(u: torch.Tensor, surrogate: str, alpha: float) -> torch.
         right = 1.0 - (a - u) ** 2 / (2 * a * a)
         mid = torch.where(u < 0, left, right)
         return torch.where(u < -a, torch.zeros_like(u), torch.where(u >= a, torch.ones_like(u), mid))
+    if surrogate == "piecewise_exp":  # Theta(u) - sign(u) e^(-a|u|)/2, the sign a constant: exact at u = 0
+        sign = torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+        half_tail = torch.exp(-alpha * sign * u) / 2.0
+        return torch.where(u >= 0, 1.0 - half_tail, half_tail)
+    if surrogate == "soft_sign":
+        return (torch.nn.functional.softsign(alpha * u) + 1.0) / 2.0
+    if surrogate == "erf":  # erfc keeps the far negative tail accurate, where 1 + erf(au) cancels
+        return torch.erfc(-alpha * u) / 2.0
+    if surrogate in SURROGATES_WITHOUT_PRIMITIVE:
+        raise ValueError(f"surrogate {surrogate!r} has no primitive (SpikingJelly defines none): spiking=False "
+                         f"is not supported with it")
     raise ValueError(f"unknown surrogate {surrogate!r}")
 
 

@@ -19,9 +19,12 @@ Run `python tests/compile_gate.py` for the table; tests/test_compile_gate.py fai
 error or spill.
 
 Covering design of the LIF grid: every option combination (LIF/IF/PLIF x hard/soft reset x
-decay_input x detach_reset x 3 surrogates x spiking x v_init x return_v) at T = 33, which uses the
-largest chunk of both kernels (and the checkpointed backward), and every T = 1..33 and 40 at the
-default options; each in fp32, fp16 and bf16, with N a multiple of 16 (vectorized) and not.
+decay_input x detach_reset x sigmoid/atan/triangle x spiking x v_init x return_v) at T = 33, which uses
+the largest chunk of both kernels (and the checkpointed backward), and every T = 1..33 and 40 at the
+default options; each in fp32, fp16 and bf16, with N a multiple of 16 (vectorized) and not. The other
+surrogates (piecewise_exp, soft_sign, super_spike, erf) differ from these in the surrogate and primitive
+code only: at T = 33 with N vectorized, LIF and PLIF (dL/dk) spiking and smooth in fp32, and in bf16
+(16 bytes per thread: the most registers) LIF spiking and PLIF smooth.
 """
 from __future__ import annotations
 
@@ -172,6 +175,14 @@ def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
             scenarios.append((f"lif T={T} {dtype} aligned={aligned} default",
                               lambda d=dtype, a=aligned, t=T: run(t, d, a, "lif", 0.0, True, False, "sigmoid", True,
                                                                  False, False)))
+    for surrogate in ("piecewise_exp", "soft_sign", "super_spike", "erf"):
+        for dtype, neuron, spiking in [("float32", "lif", True), ("float32", "lif", False), ("float32", "plif", True),
+                                       ("float32", "plif", False), ("bfloat16", "lif", True),
+                                       ("bfloat16", "plif", False)]:
+            if spiking or surrogate != "super_spike":  # super_spike has no primitive
+                opts = (neuron, 0.0, True, False, surrogate, spiking, True, True)
+                scenarios.append((f"lif T=33 {dtype} aligned=True {opts}",
+                                  lambda d=dtype, o=opts: run(33, d, True, *o)))
     return scenarios
 
 

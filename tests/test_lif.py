@@ -449,6 +449,30 @@ def test_noncontiguous_and_broadcast_v_init(backend):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_channels_last_layout_kept(backend):
+    """multistep_lif on [T, B, C, H, W] with channels-last steps: spikes with x's strides, v_last
+    channels-last (from a v_init in the standard layout), values and gradients of a contiguous x."""
+    require_backend(backend)
+    x = torch.randn(3, 2, 4, 5, 6) * 1.5 + 0.4
+    x_cl = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    v_init = torch.randn(2, 4, 5, 6) * 0.3
+    g_s, g_v = torch.randn_like(x), torch.randn(2, 4, 5, 6)
+    results = []
+    for xs, name in ((x, "reference"), (x_cl, backend)):
+        xg = xs.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        v0 = v_init.clone().requires_grad_(True)
+        spikes, v_last = stars_fast.multistep_lif(xg, tau=2.0, v_init=v0, return_v=True, backend=name)
+        ((spikes * g_s).sum() + (v_last * g_v).sum()).backward()
+        results.append((spikes, v_last, xg.grad, v0.grad))
+    spikes, v_last = results[1][:2]
+    assert spikes.stride() == x_cl.stride() and v_last.is_contiguous(memory_format=torch.channels_last)
+    assert results[1][2].stride() == x_cl.stride()
+    assert torch.equal(spikes, results[0][0])
+    for got, ref in zip(results[1][1:], results[0][1:]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_make_neuron_and_modules_share_defaults():
     assert isinstance(make_neuron("plif"), ParametricLIFNode)
     with pytest.raises(ValueError):

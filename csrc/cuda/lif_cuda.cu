@@ -30,8 +30,11 @@ namespace {
 constexpr int kThreads = 256;
 
 enum Charge : int { kIF = 0, kDecayInput = 1, kNoDecay = 2 };
-// Emitted value: the Heaviside spike, or a surrogate's primitive; surrogates use the last three.
-enum Fire : int { kHeaviside = 0, kSigmoid = 1, kAtan = 2, kTriangle = 3 };
+// Emitted value: the Heaviside spike, or a surrogate's primitive; surrogates use the others (surrogate
+// id + 1). kSuperSpike is a surrogate only: it has no primitive (check_neuron_inputs refuses spiking=False).
+enum Fire : int {
+  kHeaviside = 0, kSigmoid = 1, kAtan = 2, kTriangle = 3, kPiecewiseExp = 4, kSoftSign = 5, kSuperSpike = 6, kErf = 7
+};
 
 // The neuron's constants (op_args.h) and its options as run-time modes (uniform branches).
 template <typename acc_t>
@@ -56,6 +59,10 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float atan_acc(float x) { return atanf(x); }
 __device__ __forceinline__ double atan_acc(double x) { return atan(x); }
+__device__ __forceinline__ float erfc_acc(float x) { return erfcf(x); }
+__device__ __forceinline__ double erfc_acc(double x) { return erfc(x); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t abs_acc(acc_t x) { return x < acc_t(0) ? -x : x; }  // NaN stays NaN
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t sigmoid(acc_t x) {
@@ -77,12 +84,22 @@ __device__ __forceinline__ acc_t charge(acc_t v, acc_t x, acc_t decay, const Par
 }
 
 // fire at u = h - v_th: Heaviside [u >= 0] (NaN stays NaN), or the primitive sigmoid(a u) |
-// atan(pi/2 a u) / pi + 1/2 | triangle's piecewise quadratic.
+// atan(pi/2 a u) / pi + 1/2 | triangle's piecewise quadratic | piecewise_exp e^(-a|u|)/2 below 0,
+// 1 - e^(-a|u|)/2 from 0 | soft_sign (a u / (1 + |a u|) + 1) / 2 | erf erfc(-a u) / 2 (SpikingJelly's).
 template <typename acc_t>
 __device__ __forceinline__ acc_t fire(acc_t u, int mode, const Params<acc_t>& p) {
   if (mode == kHeaviside) return u >= acc_t(0) ? acc_t(1) : (u == u ? acc_t(0) : u);
   if (mode == kSigmoid) return sigmoid(p.alpha * u);
   if (mode == kAtan) return atan_acc(p.atan_scale * u) / p.pi + acc_t(0.5);
+  if (mode == kPiecewiseExp) {
+    const acc_t half_tail = exp_acc(-p.alpha * abs_acc(u)) * acc_t(0.5);
+    return u >= acc_t(0) ? acc_t(1) - half_tail : half_tail;  // a NaN u takes the (NaN) tail
+  }
+  if (mode == kSoftSign) {
+    const acc_t y = p.alpha * u;
+    return (y / (acc_t(1) + abs_acc(y)) + acc_t(1)) * acc_t(0.5);
+  }
+  if (mode == kErf) return erfc_acc(-p.alpha * u) * acc_t(0.5);
   const acc_t a = p.alpha;
   const acc_t left = (u + a) * (u + a) / p.two_alpha2;
   const acc_t right = acc_t(1) - (a - u) * (a - u) / p.two_alpha2;
@@ -91,7 +108,9 @@ __device__ __forceinline__ acc_t fire(acc_t u, int mode, const Params<acc_t>& p)
 }
 
 // surrogate'(u): sigmoid a s(au)(1 - s(au)) | atan (a/2) / (1 + (pi/2 a u)^2) |
-// triangle max(0, a - |u|) / a^2, NaN kept (as torch.clamp in the reference).
+// triangle max(0, a - |u|) / a^2, NaN kept (as torch.clamp in the reference) | piecewise_exp
+// (a/2) e^(-a|u|) | soft_sign 1 / (2a (1/a + |u|)^2) | super_spike a / (|u| + 1)^2 |
+// erf e^(-(a u)^2) a / sqrt(pi).
 template <typename acc_t>
 __device__ __forceinline__ acc_t surrogate_grad(acc_t u, const Params<acc_t>& p) {
   if (p.surrogate == kSigmoid) {
@@ -101,6 +120,19 @@ __device__ __forceinline__ acc_t surrogate_grad(acc_t u, const Params<acc_t>& p)
   if (p.surrogate == kAtan) {
     const acc_t w = p.atan_scale * u;
     return p.half_alpha / (acc_t(1) + w * w);
+  }
+  if (p.surrogate == kPiecewiseExp) return p.half_alpha * exp_acc(-p.alpha * abs_acc(u));
+  if (p.surrogate == kSoftSign) {
+    const acc_t z = p.inv_alpha + abs_acc(u);
+    return acc_t(1) / (p.two_alpha * (z * z));
+  }
+  if (p.surrogate == kSuperSpike) {
+    const acc_t z = abs_acc(u) + acc_t(1);
+    return p.alpha / (z * z);
+  }
+  if (p.surrogate == kErf) {
+    const acc_t z = p.alpha * u;
+    return exp_acc(-(z * z)) * p.erf_scale;
   }
   const acc_t d = p.alpha - (u < acc_t(0) ? -u : u);
   return (d < acc_t(0) ? acc_t(0) : d) / p.alpha2;
@@ -318,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(const at::Tensor& x, const s
                                                     double v_threshold, std::optional<double> v_reset,
                                                     bool decay_input, int64_t surrogate, double alpha, bool spiking,
                                                     bool need_v_last) {
-  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, alpha, v_threshold);
+  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = at::empty_like(x);
@@ -355,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky, bool decay_is_tau,
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
     bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) {
-  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, alpha, v_threshold);
+  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   check_neuron_grads(x, grad_spikes_in, grad_v_last_in, leaky, decay_is_tau, need_decay_grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), N = x.size(1);

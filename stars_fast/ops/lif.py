@@ -12,14 +12,15 @@ ParametricLIFNode, whose k = sigmoid(w) may need a gradient).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import _backend, reference
 
-SURROGATE_IDS = {"sigmoid": 0, "atan": 1, "triangle": 2}
+# Our surrogate names -> the kernels' ids; the last four are SpikingJelly's PiecewiseExp, SoftSign, SuperSpike, Erf.
+SURROGATE_IDS = {"sigmoid": 0, "atan": 1, "triangle": 2, "piecewise_exp": 3, "soft_sign": 4, "super_spike": 5, "erf": 6}
 NEURONS = ("lif", "if")
 
 
@@ -205,7 +206,7 @@ def _check_decay(leaky: bool, inv_tau, tau):
 
 
 def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surrogate: str, alpha, v_threshold,
-                       v_reset, inv_tau, tau) -> Tuple[float, float, Optional[float]]:
+                       v_reset, inv_tau, tau, spiking: bool = True) -> Tuple[float, float, Optional[float]]:
     """Every argument check of the neuron, for all backends; returns (alpha, v_threshold, v_reset) as floats."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -217,6 +218,9 @@ def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surroga
         raise ValueError(f"unknown neuron {neuron!r}; expected one of {NEURONS}")
     if surrogate not in SURROGATE_IDS:
         raise ValueError(f"unknown surrogate {surrogate!r}; expected one of {tuple(SURROGATE_IDS)}")
+    if not spiking and surrogate in reference.SURROGATES_WITHOUT_PRIMITIVE:
+        raise ValueError(f"spiking=False emits the surrogate's primitive, and {surrogate!r} has none (SpikingJelly "
+                         f"defines none); use spiking=True or another surrogate")
     alpha = _finite(reference.SURROGATE_DEFAULT_ALPHA[surrogate] if alpha is None else alpha, "alpha")
     if not alpha > 0:
         raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
@@ -248,6 +252,26 @@ def _decay_tensor(leaky: bool, inv_tau, tau, x: Tensor) -> Tuple[Tensor, bool]:
     return torch.full((1,), float(inv_tau) if leaky else 1.0, dtype=dtype, device=x.device), False
 
 
+def _memory_order(x: Tensor) -> Optional[List[int]]:
+    """x's dimensions from the outermost in memory to the innermost, time kept first; None when that is
+    x's own order. In this order a dense x with time outermost (steps in channels-last, say) is contiguous,
+    so the kernels read its storage as [T, N] without a copy; a strided x is copied in this order."""
+    if x.is_contiguous():
+        return None
+    order = [0] + sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+    return None if order == list(range(x.dim())) else order
+
+
+def _in_input_layout(order: Optional[List[int]], spikes: Tensor,
+                     v_last: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """The outputs, computed in memory order, permuted back to x's dimensions: spikes with x's layout
+    (x's strides when x is dense), v_last with the layout of one step."""
+    if order is None:
+        return spikes, v_last
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return spikes.permute(inverse), (None if v_last is None else v_last.permute([d - 1 for d in inverse[1:]]))
+
+
 def multistep_neuron(
     x: Tensor,
     inv_tau: Union[float, Tensor, None] = None,
@@ -265,21 +289,28 @@ def multistep_neuron(
     return_v: bool = True,
     backend: str = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Run the neuron over x[T, ...]; returns (spikes, v_last), v_last None unless return_v.
+    """Run the neuron over x[T, ...]; returns (spikes, v_last), v_last None unless return_v. The spikes
+    keep x's memory layout (channels-last steps give channels-last spikes, without copying x), v_last
+    the layout of one step.
 
     LIF takes exactly one of tau (h divides by tau, SpikingJelly's LIFNode) or inv_tau = 1/tau (h
     multiplies by it: a float, or a tensor that may need grad, as ParametricLIFNode). IF ignores both.
     """
     alpha, v_threshold, v_reset = _check_neuron_args(x, v_init, neuron, surrogate, alpha, v_threshold, v_reset,
-                                                     inv_tau, tau)
+                                                     inv_tau, tau, spiking)
     leaky = neuron == "lif"
     chosen = _backend.reference_under_transforms(_backend.resolve(backend, x.device, x.dtype))
+    order = _memory_order(x)
+    if order is not None:  # run in x's memory order (a view of a dense x); the outputs get x's layout back
+        if v_init is not None:
+            v_init = v_init.expand(x.shape[1:]).permute([d - 1 for d in order[1:]]).contiguous()
+        x = x.permute(order)
     if chosen == "reference" or x.numel() == 0:
         decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
         spikes, v_last = reference.multistep_neuron(
             x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
             detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init, **decay)
-        return spikes, (v_last if return_v else None)
+        return _in_input_layout(order, spikes, v_last if return_v else None)
     steps, step_shape = x.shape[0], x.shape[1:]
     x2d = x.reshape(steps, -1).contiguous()
     if v_init is not None:
@@ -288,7 +319,7 @@ def multistep_neuron(
     op = _triton_neuron if chosen == "triton" else _ExtNeuron.apply
     spikes, v_last = op(x2d, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input,
                         SURROGATE_IDS[surrogate], alpha, spiking, detach_reset, return_v)
-    return spikes.reshape(x.shape), (v_last.reshape(step_shape) if return_v else None)
+    return _in_input_layout(order, spikes.reshape(x.shape), v_last.reshape(step_shape) if return_v else None)
 
 
 def multistep_lif(
