@@ -392,7 +392,14 @@ def test_channels_last_matches_contiguous():
     grad, = torch.autograd.grad(logits.sum(), x)
     model_cl = model.to(memory_format=torch.channels_last)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    spike_layouts = []
+    for module in model_cl.modules():
+        if isinstance(module, Spiking):
+            module.register_forward_hook(lambda _, inputs, out: spike_layouts.append(
+                (inputs[0].is_contiguous(memory_format=torch.channels_last),
+                 out.is_contiguous(memory_format=torch.channels_last))))
     logits_cl, taps_cl = model_cl(x_cl, return_taps=True)
+    assert spike_layouts and all(out for is_cl, out in spike_layouts if is_cl), "a spiking layer changed the layout"
     grad_cl, = torch.autograd.grad(logits_cl.sum(), x_cl)
     torch.testing.assert_close(logits_cl, logits, rtol=0, atol=1e-5)
     for a, b in zip(taps_cl, taps):

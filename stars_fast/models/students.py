@@ -15,7 +15,6 @@ from __future__ import annotations
 from functools import partial
 from typing import List
 
-import torch
 from torch import Tensor, nn
 
 from ..neurons import make_neuron
@@ -24,11 +23,8 @@ from .teachers import ARCHITECTURES, VGG, DigitsCNN, ResNet, ResNetCifar, TapNet
 
 
 class Spiking(nn.Module):
-    """A multi-step neuron (stars_fast.neurons) applied to time-folded activations [T*B, ...].
-
-    The neurons act element-wise (one tau per layer), so a channels-last input is handed over in
-    its own memory order ([T, B, H, W, C]) and nothing is copied.
-    """
+    """A multi-step neuron (stars_fast.neurons) applied to time-folded activations [T*B, ...]; a
+    channels-last input gives channels-last spikes, nothing copied (the neuron op reads any dense layout)."""
 
     def __init__(self, neuron: str = "lif", backend: str = "auto", **options):
         super().__init__()
@@ -36,10 +32,7 @@ class Spiking(nn.Module):
         self.T = 1  # set by the owning SpikingNet
 
     def forward(self, x: Tensor) -> Tensor:
-        seq = x.unflatten(0, (self.T, -1))
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return self.neuron(seq.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3).flatten(0, 1)
-        return self.neuron(seq).flatten(0, 1)
+        return self.neuron(x.unflatten(0, (self.T, -1))).flatten(0, 1)
 
 
 class SpikingNet(TapNet):
