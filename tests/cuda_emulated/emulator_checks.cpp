@@ -1,8 +1,9 @@
 // Kernels that check the CUDA emulation itself (csrc/cuda/emulation/cuda_on_host.h): the shuffles'
-// lane arithmetic, __shared__ memory and __syncthreads per block, and the CUDA bugs it must report
-// rather than hang on. Bound to Python in stars_emulated.cpp.
+// lane arithmetic, __shared__ memory and __syncthreads per block, atomicAdd, and the CUDA bugs it must
+// report rather than hang on. Bound to Python in stars_emulated.cpp.
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emulation/cuda_on_host.h"
@@ -32,6 +33,20 @@ __global__ void reverse_in_shared_kernel(int* out) {
   values[threadIdx.x] = 1000 * static_cast<int>(blockIdx.x) + static_cast<int>(threadIdx.x);
   __syncthreads();
   out[64 * blockIdx.x + threadIdx.x] = values[63 - threadIdx.x];
+}
+
+constexpr int kAtomicBins = 4;
+
+// Every thread adds 1 to the shared bin threadIdx.x % kAtomicBins, `rounds` times, keeping the values
+// atomicAdd returned in olds; counts[block, bin] = the bins' final values.
+__global__ void atomic_add_kernel(unsigned* counts, unsigned* olds, int rounds) {
+  __shared__ unsigned bins[kAtomicBins];
+  if (threadIdx.x < kAtomicBins) bins[threadIdx.x] = 0;
+  __syncthreads();
+  unsigned* mine = olds + (blockIdx.x * blockDim.x + threadIdx.x) * rounds;
+  for (int r = 0; r < rounds; ++r) mine[r] = atomicAdd(&bins[threadIdx.x % kAtomicBins], 1u);
+  __syncthreads();
+  if (threadIdx.x < kAtomicBins) counts[blockIdx.x * kAtomicBins + threadIdx.x] = bins[threadIdx.x];
 }
 
 __global__ void return_before_syncthreads_kernel() {
@@ -68,6 +83,13 @@ std::vector<int> emulated_reverse_in_shared(unsigned blocks) {
   std::vector<int> out(64 * blocks);
   cuda_on_host::launch(reverse_in_shared_kernel, blocks, 64, nullptr, out.data());
   return out;
+}
+
+// (counts [blocks, kAtomicBins], olds [blocks, 64 threads, rounds]) of atomic_add_kernel.
+std::pair<std::vector<unsigned>, std::vector<unsigned>> emulated_atomic_add(unsigned blocks, int rounds) {
+  std::vector<unsigned> counts(blocks * kAtomicBins), olds(blocks * 64 * rounds);
+  cuda_on_host::launch(atomic_add_kernel, blocks, 64, nullptr, counts.data(), olds.data(), rounds);
+  return {counts, olds};
 }
 
 // Launches the faulty kernel `name`; the emulation must throw cuda_on_host::LaunchError.

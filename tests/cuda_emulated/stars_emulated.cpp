@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "stars_ops.cuh"
@@ -14,6 +15,7 @@
 // emulator_checks.cpp
 std::vector<int> emulated_shuffles(int width);
 std::vector<int> emulated_reverse_in_shared(unsigned blocks);
+std::pair<std::vector<unsigned>, std::vector<unsigned>> emulated_atomic_add(unsigned blocks, int rounds);
 void launch_faulty_kernel(const std::string& name);
 
 namespace {
@@ -39,5 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_count", &cuda_on_host::launch_count, "kernel launches so far in this process");
   m.def("emulated_shuffles", &emulated_shuffles);
   m.def("emulated_reverse_in_shared", &emulated_reverse_in_shared);
+  m.def("emulated_atomic_add", &emulated_atomic_add);
   m.def("launch_faulty_kernel", &launch_faulty_kernel);
 }

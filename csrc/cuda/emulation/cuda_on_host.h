@@ -11,8 +11,10 @@
 //     __syncthreads calls, a shuffle whose mask leaves out its own lane, names lanes the block lacks or
 //     that have returned, or reads a lane outside the mask. The launch then throws LaunchError.
 // Launches are synchronous and serialized (one implicit stream). Provided: the qualifiers, the four
-// warp shuffles, __syncthreads, __ldg and the host's math library; not (yet, as no kernel here uses
-// them) dynamic shared memory, atomics, votes or cooperative groups.
+// warp shuffles, __syncthreads, __ldg, the integer min, the integer atomicAdd (atomic on the host
+// too: the block's threads run concurrently), the float/integer bit reinterpretations and the host's
+// math library; not (yet, as no kernel here uses them) dynamic shared memory, float atomics, votes or
+// cooperative groups.
 #pragma once
 
 #include <math.h>  // C math at global scope, with the float overloads (std's) that CUDA's math API also has
@@ -42,6 +44,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __grid_constant__
 
 struct uint3 {
   unsigned x, y, z;
@@ -434,3 +437,30 @@ template <typename T>
 T __ldg(const T* p) {
   return *p;
 }
+
+// CUDA's integer min (the float one is the math library's fmin).
+template <typename T>
+  requires std::is_integral_v<T>
+constexpr T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+namespace cuda_on_host::detail {
+template <typename T>
+T atomic_add(T* address, T val) {
+  return std::atomic_ref<T>(*address).fetch_add(val);
+}
+}  // namespace cuda_on_host::detail
+
+// atomicAdd of the integer types: stores old + val at address and returns old, as one atomic step.
+inline int atomicAdd(int* address, int val) { return cuda_on_host::detail::atomic_add(address, val); }
+inline unsigned atomicAdd(unsigned* address, unsigned val) { return cuda_on_host::detail::atomic_add(address, val); }
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
+  return cuda_on_host::detail::atomic_add(address, val);
+}
+
+// The bits of a float or double as an integer and back (no conversion of the value).
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
+inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
