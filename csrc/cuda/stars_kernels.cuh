@@ -146,9 +146,18 @@ __global__ void pool_mean_kernel(const scalar_t* __restrict__ x, scalar_t* __res
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32; r < R; r += warps_total) {
     acc_t sum = 0;
+    // Element j = t S + s of the row, j = lane, lane + 32, ...: (t, s) advanced by (32 / S, 32 % S) with one
+    // carry, not by a 64-bit division per element (the same elements in the same order).
+    const int64_t step_t = 32 / S, step_s = 32 - step_t * S;
+    int64_t t = lane / S, s = lane - t * S;
     for (int64_t j = lane; j < T * S; j += 32) {
-      const int64_t t = j / S, s = j - t * S;
       sum += static_cast<acc_t>(x[(t * R + r) * S + s]);
+      t += step_t;
+      s += step_s;
+      if (s >= S) {
+        s -= S;
+        ++t;
+      }
     }
     sum = warp_sum(sum);
     if (lane == 0) out[r] = static_cast<scalar_t>(sum / static_cast<acc_t>(T * S));
