@@ -30,13 +30,15 @@ at::Tensor readable_grad(const at::Tensor& g, at::ScalarType dtype) {
   return col_stride == 0 || col_stride == 1 ? out : out.contiguous();
 }
 
-LifOptions options(const at::Tensor& decay, bool leaky, bool decay_is_tau, double v_threshold,
+LifOptions options(const at::Tensor& x, const at::Tensor& decay, bool leaky, bool decay_is_tau, double v_threshold,
                    std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha, bool spiking,
                    bool detach_reset, const char* op) {
-  const double d = decay.item<double>();
+  const bool per_neuron = check_per_neuron_decay(op, x, decay, decay_is_tau);
+  const double d = per_neuron ? 1.0 : decay.item<double>();  // per neuron: the kernels read `decays` instead
   check_decay_value(op, leaky, decay_is_tau, d);
   return LifOptions{leaky,        decay_input, v_reset.has_value(),    spiking, detach_reset, decay_is_tau, surrogate,
-                    d,            v_threshold, v_reset.value_or(0.0), alpha};
+                    d,            v_threshold, v_reset.value_or(0.0), alpha,
+                    per_neuron && leaky ? decay.const_data_ptr() : nullptr};
 }
 
 // Runs the kernels of the widest ISA cpu_isa() allows over all chunks.
@@ -71,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                          operand(v0),
                          spikes.data_ptr(),
                          need_v_last ? v_last.data_ptr() : nullptr,
-                         options(decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
+                         options(x, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
                                  spiking, false, "lif_forward")};
   run_chunks(a, LIF_KERNELS(lif_forward_range));
   return {spikes, v_last};
@@ -103,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
                           grad_x.data_ptr(),
                           need_grad_v_init ? grad_v_init.data_ptr() : nullptr,
                           need_decay_grad ? grad_decay.data_ptr() : nullptr,
-                          options(decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
+                          options(x, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
                                   spiking, detach_reset, "lif_backward")};
   run_chunks(a, LIF_KERNELS(lif_backward_range));
   return {grad_x, grad_v_init, grad_decay};

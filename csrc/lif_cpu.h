@@ -21,6 +21,7 @@ struct LifOptions {
   bool divide;  // decay holds tau and the charge divides by it; else it holds k = 1/tau and multiplies
   int64_t surrogate;  // 0 sigmoid, 1 atan, 2 triangle, 3 piecewise_exp, 4 soft_sign, 5 super_spike, 6 erf
   double decay, v_threshold, v_reset, alpha;  // v_reset: 0 for soft reset
+  const void* decays;  // [N] k per neuron (state dtype, multiply mode: PLIF per channel), or nullptr: `decay`
 };
 
 struct LifForwardArgs {

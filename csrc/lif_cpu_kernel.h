@@ -7,8 +7,9 @@
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
 // spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
 // runs the reverse scan (read grad_spikes, write grad_x, streamed) four vectors at a time, prefetching
-// the next block's rows. The neuron options are template parameters, except divide-or-multiply (a
-// uniform branch). The charge / fire / reset arithmetic is written in exactly the order of
+// the next block's rows. The neuron options are template parameters (one k per neuron, PLIF per
+// channel, among them: the scalar k's code is unchanged), except divide-or-multiply (a uniform
+// branch). The charge / fire / reset arithmetic is written in exactly the order of
 // stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true division by tau;
 // setup.py forbids FMA contraction; the intrinsics never contract), so the spikes are bit-identical
 // to the reference and the backward's h is the forward's (the gradient arithmetic after it uses
@@ -91,21 +92,22 @@ Consts<acc_t> make_consts(const LifOptions& o) {
   return c;
 }
 
-// (1/tau) d: d / tau (divide mode) | d * k (multiply mode)
+// (1/tau) d: d / tau (divide mode) | d * k (multiply mode); decay is c.decay, or the lanes' own k
 template <typename acc_t>
-LIF_INLINE Vectorized<acc_t> leak(Vectorized<acc_t> d, const Consts<acc_t>& c) {
-  return c.divide ? d / c.decay : d * c.decay;
+LIF_INLINE Vectorized<acc_t> leak(Vectorized<acc_t> d, Vectorized<acc_t> decay, const Consts<acc_t>& c) {
+  return c.divide ? d / decay : d * decay;
 }
 
 // charge   IF: h = v + x    LIF decay_input: h = v + (x - (v - v_r)) / tau    LIF: h = v - (v - v_r) / tau + x
 template <typename acc_t, Charge C>
-LIF_INLINE Vectorized<acc_t> charge(Vectorized<acc_t> v, Vectorized<acc_t> x, const Consts<acc_t>& c) {
+LIF_INLINE Vectorized<acc_t> charge(Vectorized<acc_t> v, Vectorized<acc_t> x, Vectorized<acc_t> decay,
+                                    const Consts<acc_t>& c) {
   if constexpr (C == Charge::kIF) {
     return v + x;
   } else if constexpr (C == Charge::kDecayInput) {
-    return v + leak(x - (v - c.v_r), c);
+    return v + leak(x - (v - c.v_r), decay, c);
   } else {
-    return v - leak(v - c.v_r, c) + x;
+    return v - leak(v - c.v_r, decay, c) + x;
   }
 }
 
@@ -307,6 +309,17 @@ LIF_INLINE void fence_streams() {
 #endif
 }
 
+// The decay of lanes [j, j + count): their own k from ks (kPerNeuron: one k per neuron, multiply
+// mode), else the one broadcast value, so that the scalar path is the code it always was.
+template <bool kPerNeuron, bool kFull, typename acc_t>
+LIF_INLINE Vectorized<acc_t> decay_at(const acc_t* ks, int64_t j, int64_t count, const Consts<acc_t>& c) {
+  if constexpr (kPerNeuron) {
+    return load<kFull>(ks + j, count);
+  } else {
+    return c.decay;
+  }
+}
+
 // Calls fn(j, count, width, full) over [0, n): groups of W whole vectors (width = W), then whole
 // vectors, then the tail (width = 1); full tells whether all `count` lanes are elements.
 template <typename acc_t, int W, typename Fn>
@@ -405,10 +418,11 @@ int64_t block_size(int64_t T) {
 // and writes 256 (AVX-512: 512) contiguous bytes of every row (whole cache lines, which the streaming stores need:
 // one vector per row at a time measured 7x slower streamed, and the block walked row by row
 // reloading v at every step 1.6x slower than this). v holds the block's v before t = 0, and after
-// the last step on return when keep_v. emit(t, j, h, s, count, full) receives every step; s is
-// fired's (no NaN spikes) when kBackward.
-template <typename acc_t, Charge C, bool kHard, Fire F, bool kBackward, typename Emit>
-LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* v, bool keep_v,
+// the last step on return when keep_v. ks: the block's k per neuron when kPerNeuron (read at every
+// step: eight more vectors held through the steps would spill under AVX2). emit(t, j, h, s, count,
+// full) receives every step; s is fired's (no NaN spikes) when kBackward.
+template <typename acc_t, Charge C, bool kHard, Fire F, bool kBackward, bool kPerNeuron, typename Emit>
+LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, const acc_t* ks, acc_t* v, bool keep_v,
                            const Consts<acc_t>& c, const Emit& emit) {
   for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
     constexpr int W = decltype(width)::value;
@@ -419,7 +433,8 @@ LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, acc_t* 
     for (int64_t t = 0; t < T; ++t) {
       LIF_UNROLL for (int w = 0; w < W; ++w) {
         const int64_t j = j0 + w * V;
-        const auto h = charge<acc_t, C>(vw[w], load<kFull>(xs[t] + j, cnt), c);
+        const auto k = decay_at<kPerNeuron, kFull>(ks, j, cnt, c);
+        const auto h = charge<acc_t, C>(vw[w], load<kFull>(xs[t] + j, cnt), k, c);
         const auto sj = kBackward ? fired<acc_t, F>(h - c.v_th, c) : fire<acc_t, F>(h - c.v_th, c);
         emit(t, j, h, sj, cnt, full);
         vw[w] = reset<acc_t, kHard>(h, sj, c);
@@ -438,10 +453,17 @@ void load_rows(c10::ScalarType dtype, const LifOperand& x, int64_t T, int64_t b0
   for (int64_t t = 0; t < T; ++t) xs[t] = load_block(dtype, x, t, b0, n, xb + t * blk);
 }
 
+// The k of the block's neurons from b0 on when kPerNeuron (read in place: the op hands them in the
+// state dtype), else nullptr.
+template <bool kPerNeuron, typename acc_t>
+const acc_t* block_decays(const LifOptions& o, int64_t b0, const Consts<acc_t>&) {
+  return kPerNeuron ? static_cast<const acc_t*>(o.decays) + b0 : nullptr;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: the scan, writing s[t] (and v_last when asked).
 
-template <typename acc_t, Charge C, bool kHard, Fire F>
+template <typename acc_t, Charge C, bool kHard, Fire F, bool kPerNeuron>
 void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t begin, int64_t end) {
   const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   const int64_t T = a.T, blk = block_size<acc_t>(T);
@@ -462,7 +484,8 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t
       stream = stream && streamable(a.dtype, ss[t]);
     }
     const auto scan = [&](auto streamed) {  // the store kind fixed outside the loops
-      scan_block<acc_t, C, kHard, F, false>(T, n, xs.data(), v, a.v_last != nullptr, c,
+      scan_block<acc_t, C, kHard, F, false, kPerNeuron>(T, n, xs.data(), block_decays<kPerNeuron>(a.o, b0, c), v,
+                                                    a.v_last != nullptr, c,
                                      [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
                                        store_out<decltype(full)::value>(sj, ss[t] + j, cnt, streamed.value);
                                      });
@@ -493,7 +516,7 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t
 //   gx = gh / tau (LIF decay_input) | gh;   gv <- gh - gh / tau (LIF) | gh (IF)
 //   (multiply mode: gh k and gh (1 - k));   PLIF: dL/dk += gh (x - (v_prev - v_r)) | gh * -(v_prev - v_r)
 
-template <typename acc_t, Charge C, bool kHard, Fire F, Fire S>
+template <typename acc_t, Charge C, bool kHard, Fire F, Fire S, bool kPerNeuron>
 void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64_t begin, int64_t end) {
   const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   const int64_t T = a.T, blk = block_size<acc_t>(T);
@@ -510,7 +533,8 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
     const int64_t n = std::min(blk, end - b0);
     initial_v(a.dtype, a.v_init, c, b0, n, v0, gsb);
     load_rows(a.dtype, a.x, T, b0, n, blk, xb, xs);
-    scan_block<acc_t, C, kHard, F, true>(T, n, xs.data(), v0, false, c,
+    const acc_t* ks = block_decays<kPerNeuron>(a.o, b0, c);
+    scan_block<acc_t, C, kHard, F, true, kPerNeuron>(T, n, xs.data(), ks, v0, false, c,
                                    [&](int64_t t, int64_t j, auto hj, auto, int64_t cnt, auto full) {
                                      store<decltype(full)::value>(hj, hs + t * blk + j, cnt);
                                    });
@@ -564,9 +588,11 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
             store_out<kFull>(g[w], gx + j, cnt, stream_gx);
             store<kFull>(g[w], gv + j, cnt);
           } else {
-            const auto g_leak = leak(g[w], c);
+            const auto k = decay_at<kPerNeuron, kFull>(ks, j, cnt, c);
+            const auto g_leak = leak(g[w], k, c);
             store_out<kFull>(C == Charge::kDecayInput ? g_leak : g[w], gx + j, cnt, stream_gx);
-            store<kFull>(c.divide ? g[w] - g_leak : g[w] * c.one_minus_k, gv + j, cnt);
+            const auto one_minus_k = kPerNeuron ? c.one - k : c.one_minus_k;
+            store<kFull>(c.divide ? g[w] - g_leak : g[w] * one_minus_k, gv + j, cnt);
           }
         }
         if (need_k) {
@@ -611,6 +637,15 @@ void with_charge(const LifOptions& o, const Fn& fn) {
   fn(Tag<Charge, Charge::kNoDecay>{});
 }
 
+// One k per neuron (PLIF per channel) or one for all; IF has no decay.
+template <Charge C, typename Fn>
+void with_decays(const LifOptions& o, const Fn& fn) {
+  if constexpr (C != Charge::kIF) {
+    if (o.decays != nullptr) return fn(std::true_type{});
+  }
+  fn(std::false_type{});
+}
+
 template <typename Fn>
 void with_hard(const LifOptions& o, const Fn& fn) {
   if (o.hard) return fn(std::true_type{});
@@ -644,8 +679,12 @@ void lif_forward_range(const LifForwardArgs& a, int64_t begin, int64_t end) {
     using acc_t = decltype(acc);
     const Consts<acc_t> c = make_consts<acc_t>(a.o);
     with_charge(a.o, [&](auto C) {
-      with_hard(a.o, [&](auto hard) {
-        with_fire(a.o, [&](auto F) { forward_range<acc_t, C.value, hard.value, F.value>(a, c, begin, end); });
+      with_decays<C.value>(a.o, [&](auto per_neuron) {
+        with_hard(a.o, [&](auto hard) {
+          with_fire(a.o, [&](auto F) {
+            forward_range<acc_t, C.value, hard.value, F.value, per_neuron.value>(a, c, begin, end);
+          });
+        });
       });
     });
   });
@@ -656,13 +695,15 @@ void lif_backward_range(const LifBackwardArgs& a, int64_t begin, int64_t end) {
     using acc_t = decltype(acc);
     const Consts<acc_t> c = make_consts<acc_t>(a.o);
     with_charge(a.o, [&](auto C) {
-      with_hard(a.o, [&](auto hard) {
-        with_surrogate(a.o.surrogate, [&](auto S) {
-          with_fire(a.o, [&](auto F) {
-            // spiking=False emits the primitive of S itself: only (F, S) = (Heaviside | S, S) is reachable.
-            if constexpr (F.value == Fire::kHeaviside || F.value == S.value) {
-              backward_range<acc_t, C.value, hard.value, F.value, S.value>(a, c, begin, end);
-            }
+      with_decays<C.value>(a.o, [&](auto per_neuron) {
+        with_hard(a.o, [&](auto hard) {
+          with_surrogate(a.o.surrogate, [&](auto S) {
+            with_fire(a.o, [&](auto F) {
+              // spiking=False emits the primitive of S itself: only (F, S) = (Heaviside | S, S) is reachable.
+              if constexpr (F.value == Fire::kHeaviside || F.value == S.value) {
+                backward_range<acc_t, C.value, hard.value, F.value, S.value, per_neuron.value>(a, c, begin, end);
+              }
+            });
           });
         });
       });

@@ -1,6 +1,6 @@
 // What the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) implementations of each op share on the host:
 // the argument checks, so that an op rejects the same inputs with the same message on either device,
-// and the neuron's constants derived from its options. Plain ATen, no device code.
+// and (neuron_constants.h) the neuron's constants derived from its options. Plain ATen, no device code.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+
+#include "neuron_constants.h"
 
 namespace stars_fast {
 
@@ -48,9 +50,10 @@ inline double normalize_scale(double mean, double std_pop, double eps) {
 // Neuron (lif_forward / lif_backward).
 
 // x [T, N] contiguous; v_init [N] of x's dtype; decay one float element on x's device or the CPU
-// (tau when decay_is_tau, else k = 1/tau); surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle) |
-// 3 (piecewise_exp) | 4 (soft_sign) | 5 (super_spike, spiking only: it has no primitive) | 6 (erf);
-// alpha > 0. The Python op checks all of this first (stars_fast/ops/lif.py); these are the second line.
+// (tau when decay_is_tau, else k = 1/tau), or [N] values of k, one per neuron (check_per_neuron_decay);
+// surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle) | 3 (piecewise_exp) | 4 (soft_sign) | 5 (super_spike,
+// spiking only: it has no primitive) | 6 (erf); alpha > 0. The Python op checks all of this first
+// (stars_fast/ops/lif.py); these are the second line.
 inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
                                 const at::Tensor& decay, int64_t surrogate, bool spiking, double alpha,
                                 double v_threshold) {
@@ -70,13 +73,29 @@ inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::
               " or the CPU, got ", decay.device());
   TORCH_CHECK(is_float_dtype(decay.scalar_type()), op, ": decay must be a floating-point tensor, got ",
               decay.scalar_type());
-  TORCH_CHECK(decay.numel() == 1, op, ": decay must have one element, got ", decay.numel());
+  TORCH_CHECK(decay.numel() == 1 || (decay.dim() == 1 && decay.size(0) == x.size(1)), op,
+              ": decay must have one element or shape [N] = [", x.size(1), "] (one per neuron), got shape ",
+              decay.sizes());
   TORCH_CHECK(surrogate >= 0 && surrogate <= 6, op, ": surrogate must be 0 (sigmoid), 1 (atan), 2 (triangle), ",
               "3 (piecewise_exp), 4 (soft_sign), 5 (super_spike) or 6 (erf), got ", surrogate);
   TORCH_CHECK_VALUE(spiking || surrogate != 5, op,
                     ": super_spike has no primitive: spiking=False is not supported with it");
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
   TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
+}
+
+// Whether decay holds one k = 1/tau per neuron ([N], N > 1), which the kernels read in place: then it
+// must be multiply mode, on x's device, in the state dtype and contiguous. Its values are not checked
+// (on a GPU that would synchronize); the Python op passes sigmoid(w), in (0, 1).
+inline bool check_per_neuron_decay(const char* op, const at::Tensor& x, const at::Tensor& decay, bool decay_is_tau) {
+  if (decay.numel() == 1) return false;
+  TORCH_CHECK_VALUE(!decay_is_tau, op, ": a per-neuron decay holds k = 1/tau: decay_is_tau must be False");
+  TORCH_CHECK(decay.device() == x.device(), op, ": a per-neuron decay must be on ", x.device(), ", got ",
+              decay.device());
+  TORCH_CHECK(decay.scalar_type() == acc_dtype(x.scalar_type()), op, ": a per-neuron decay must be ",
+              acc_dtype(x.scalar_type()), " for ", x.scalar_type(), " x, got ", decay.scalar_type());
+  TORCH_CHECK(decay.is_contiguous(), op, ": a per-neuron decay must be contiguous");
+  return true;
 }
 
 // A decay value read on the host: tau finite and > 1 (divide mode), or k = 1/tau finite and > 0.
@@ -104,47 +123,6 @@ inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spike
   TORCH_CHECK(leaky || !need_decay_grad, "lif_backward: need_decay_grad requires the leaky (LIF) neuron");
   TORCH_CHECK_VALUE(!decay_is_tau || !need_decay_grad,
               "lif_backward: need_decay_grad requires decay_is_tau=False (decay holds k = 1/tau)");
-}
-
-// The neuron's options as the constants its kernels use (DESIGN.md section 2.1), in acc_t.
-template <typename acc_t>
-struct NeuronConstants {
-  acc_t v_th;
-  acc_t v_r;           // v_reset in the charge: the reset value, 0 for soft reset
-  acc_t v_reset;       // hard-reset value (unused for soft reset)
-  acc_t v_start;       // v before t = 0 when v_init is None
-  acc_t alpha;
-  acc_t half_alpha;    // alpha / 2
-  acc_t atan_scale;    // pi/2 * alpha
-  acc_t pi;
-  acc_t two_alpha2;    // 2 alpha^2 (triangle primitive)
-  acc_t alpha2;        // alpha^2 (triangle surrogate)
-  acc_t inv_alpha;     // 1 / alpha (soft_sign surrogate)
-  acc_t two_alpha;     // 2 alpha (soft_sign surrogate)
-  acc_t erf_scale;     // alpha / sqrt(pi) (erf surrogate)
-  acc_t not_detached;  // 1 - D: 0 when detach_reset drops the reset's path through s
-};
-
-template <typename acc_t>
-NeuronConstants<acc_t> neuron_constants(double v_threshold, std::optional<double> v_reset, double alpha,
-                                        bool detach_reset) {
-  constexpr double kPi = 3.14159265358979323846;
-  NeuronConstants<acc_t> c;
-  c.v_th = static_cast<acc_t>(v_threshold);
-  c.v_r = static_cast<acc_t>(v_reset.value_or(0.0));
-  c.v_reset = c.v_r;
-  c.v_start = c.v_r;
-  c.alpha = static_cast<acc_t>(alpha);
-  c.half_alpha = static_cast<acc_t>(alpha / 2.0);
-  c.atan_scale = static_cast<acc_t>(kPi / 2.0 * alpha);
-  c.pi = static_cast<acc_t>(kPi);
-  c.two_alpha2 = static_cast<acc_t>(2.0 * alpha * alpha);
-  c.alpha2 = static_cast<acc_t>(alpha * alpha);
-  c.inv_alpha = static_cast<acc_t>(1.0 / alpha);
-  c.two_alpha = static_cast<acc_t>(2.0 * alpha);
-  c.erf_scale = static_cast<acc_t>(alpha / std::sqrt(kPi));
-  c.not_detached = detach_reset ? acc_t(0) : acc_t(1);
-  return c;
 }
 
 // ---------------------------------------------------------------------------------------------

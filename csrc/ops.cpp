@@ -19,7 +19,7 @@ TORCH_LIBRARY(stars_fast, m) {
   // 3 piecewise_exp, 4 soft_sign, 5 super_spike (spiking only: it has no primitive), 6 erf.
   // v_init: [N] or None (then v_reset, or 0 for soft reset). decay: 1-element float tensor holding tau
   // (decay_is_tau: the charge divides by it, as SpikingJelly's LIFNode) or k = 1/tau (multiplies, as
-  // its ParametricLIFNode). Returns spikes [T, N] (x's dtype) and the final membrane potential v_last
+  // its ParametricLIFNode), or [N] values of k, one per neuron (state dtype, contiguous). Returns spikes [T, N] (x's dtype) and the final membrane potential v_last
   // [N] (x's dtype) when need_v_last, else an empty [0] tensor.
   m.def(
       "lif_forward(Tensor x, Tensor? v_init, Tensor decay, bool leaky, bool decay_is_tau, float v_threshold, "

@@ -32,6 +32,7 @@ With b bytes per element, per neuron (S = 4 backward steps per chunk, see below)
                        + 8 B (ceil(T / S) - 2) of fp32 v checkpoints (written, read back) for T > 2 S
                        + b each for v_init, grad_v_last (when given), grad_v_init (when asked)
                        + 4 B of per-neuron dL/dk partial sums for PLIF
+              both      + 4 B of k per neuron for PLIF per channel (read once per program)
     e.g. T = 4: forward and backward minimal; T = 32 fp32: backward 3 T b + 28 b + 48 B (1.42x)
 
 The backward cannot hold all T steps in registers at 16 B per thread without spilling (nor compile
@@ -48,10 +49,10 @@ grad_x's dtype would lose bits and could flip a spike). The forward loads chunks
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
-threshold could flip. Only the surrogate, spiking, dL/dk and the chunk size are compile-time
-constants; the neuron options (LIF/IF, divide/multiply, reset, decay_input, detach_reset) are
-runtime flags selected per element, and v_init, v_last, grad_v_last, grad_v_init runtime flags
-too, so the variants stay few (tests/compile_gate.py compiles every one for sm_80 and sm_90).
+threshold could flip. Only the surrogate, spiking, dL/dk, one k per neuron (PLIF per channel: the
+scalar k's code stays as it was) and the chunk size are compile-time constants; the neuron options
+(LIF/IF, divide/multiply, reset, decay_input, detach_reset) are runtime flags selected per element,
+and v_init, v_last, grad_v_last, grad_v_init runtime flags too, so the variants stay few (tests/compile_gate.py compiles every one for sm_80 and sm_90).
 """
 from __future__ import annotations
 
@@ -187,6 +188,17 @@ def _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, d
 
 
 @triton.jit
+def _decays(DECAY, offs, mask, PER_NEURON_DECAY: tl.constexpr):
+    """(k or tau, 1/tau in fp64): the block's own k per neuron (multiply mode only) when PER_NEURON_DECAY,
+    else the one value. The reciprocal serves divide mode, whose tau is always one value."""
+    decay = tl.load(DECAY).to(tl.float32)
+    inv_tau = _reciprocal_f64(decay)
+    if PER_NEURON_DECAY:
+        decay = tl.load(DECAY + offs, mask=mask, other=1.0).to(tl.float32)
+    return decay, inv_tau
+
+
+@triton.jit
 def _initial_v(V_INIT, offs, mask, v_rest, has_v_init):
     """v before t = 0: v_init, or v_reset (0 for soft reset)."""
     v = tl.zeros(offs.shape, tl.float32) + v_rest
@@ -199,7 +211,8 @@ def _initial_v(V_INIT, offs, mask, v_rest, has_v_init):
 def _lif_fwd_kernel(
     X, V_INIT, DECAY, SPIKES, V_LAST,
     T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, has_v_init, need_v_last,
-    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, PER_NEURON_DECAY: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """spikes[t] (and v_last when asked) for BLOCK neurons: the charge/fire/reset scan over t.
 
@@ -209,8 +222,7 @@ def _lif_fwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     n = tl.cast(N, tl.int64)
-    decay = tl.load(DECAY).to(tl.float32)
-    inv_tau = _reciprocal_f64(decay)
+    decay, inv_tau = _decays(DECAY, offs, mask, PER_NEURON_DECAY)
     v = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
     for t0 in range(0, T, STEPS):
         xs = ()
@@ -231,8 +243,8 @@ def _lif_bwd_kernel(
     GRAD_SPIKES, GRAD_V_LAST, X, V_INIT, DECAY, GRAD_X, GRAD_V_INIT, GRAD_DECAY, V_CHECKPOINTS,
     T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, detach_reset,
     has_grad_v_last, has_v_init, need_grad_v_init,
-    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, NEED_DECAY_GRAD: tl.constexpr, STEPS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, NEED_DECAY_GRAD: tl.constexpr, PER_NEURON_DECAY: tl.constexpr,
+    STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad_x[t], dL/dv_init and the per-neuron dL/dk for BLOCK neurons: checkpoint, recompute, reverse scan.
 
@@ -245,8 +257,7 @@ def _lif_bwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     n = tl.cast(N, tl.int64)
-    decay = tl.load(DECAY).to(tl.float32)
-    inv_tau = _reciprocal_f64(decay)
+    decay, inv_tau = _decays(DECAY, offs, mask, PER_NEURON_DECAY)
     v_init = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
     num_chunks = tl.cdiv(T, STEPS)
     v = v_init
@@ -313,8 +324,9 @@ def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
         raise ValueError(f"v_init must have {n} elements (one per neuron), got shape {tuple(v_init.shape)}")
     if v_init is not None and v_init.device != x.device:
         raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}")
-    if decay.numel() != 1 or not decay.is_floating_point():
-        raise ValueError(f"decay must be a 1-element float tensor, got {decay.dtype} of shape {tuple(decay.shape)}")
+    if decay.numel() not in (1, n) or not decay.is_floating_point():
+        raise ValueError(f"decay must be a float tensor of 1 or N = {n} elements (one k per neuron), got "
+                         f"{decay.dtype} of shape {tuple(decay.shape)}")
     if surrogate not in range(SIGMOID, ERF + 1):
         raise ValueError(f"surrogate must be 0 (sigmoid), 1 (atan), 2 (triangle), 3 (piecewise_exp), 4 (soft_sign), "
                          f"5 (super_spike) or 6 (erf), got {surrogate}")
@@ -343,7 +355,16 @@ def _device_guard(x: torch.Tensor):
 
 
 def _decay_operand(decay: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return decay.reshape(1).to(device=x.device, dtype=torch.float32)
+    return decay.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+
+
+def _is_per_neuron_decay(decay: torch.Tensor, decay_is_tau: bool) -> bool:
+    """Whether decay holds one k per neuron (N > 1 entries; multiply mode only)."""
+    if decay.numel() == 1:
+        return False
+    if decay_is_tau:
+        raise ValueError("a per-neuron decay holds k = 1/tau: decay_is_tau must be False")
+    return True
 
 
 def lif_forward(
@@ -353,9 +374,11 @@ def lif_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multi-step neuron over x[T, N] -> (spikes [T, N], v_last [N] if need_v_last else [0]), x's dtype.
 
-    decay holds tau (divided by) when decay_is_tau, else k = 1/tau (multiplied by); IF ignores it.
+    decay holds tau (divided by) when decay_is_tau, else k = 1/tau (multiplied by): one value, or one k
+    per neuron (N values); IF ignores it.
     """
     N = _check(x, v_init, decay, surrogate, spiking)
+    per_neuron_decay = bool(leaky) and _is_per_neuron_decay(decay, decay_is_tau)
     x = x.contiguous()
     T = x.shape[0]
     spikes = torch.empty_like(x)
@@ -372,8 +395,8 @@ def lif_forward(
             T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
             leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), v_init is not None,
             bool(need_v_last), SURROGATE=0 if spiking else int(surrogate), SPIKING=bool(spiking),
-            STEPS=_fwd_steps(T), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS,
-            enable_fp_fusion=False,
+            PER_NEURON_DECAY=per_neuron_decay, STEPS=_fwd_steps(T), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1,
+            maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
         )
     return spikes, v_last
 
@@ -391,6 +414,7 @@ def lif_backward(
     """
     N = _check(x, v_init, decay, surrogate, spiking)
     leaky = bool(leaky)
+    per_neuron_decay = leaky and _is_per_neuron_decay(decay, decay_is_tau)
     need_decay_grad = bool(need_decay_grad) and leaky
     if need_decay_grad and decay_is_tau:
         raise ValueError("need_decay_grad requires decay_is_tau=False (the gradient is taken with respect to k)")
@@ -420,7 +444,8 @@ def lif_backward(
             T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
             leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), bool(detach_reset),
             grad_v_last is not None, v_init is not None, bool(need_grad_v_init),
-            SURROGATE=int(surrogate), SPIKING=bool(spiking), NEED_DECAY_GRAD=need_decay_grad, STEPS=steps,
+            SURROGATE=int(surrogate), SPIKING=bool(spiking), NEED_DECAY_GRAD=need_decay_grad,
+            PER_NEURON_DECAY=per_neuron_decay, STEPS=steps,
             BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
         )
     return grad_x, grad_v_init, grad_decay

@@ -267,30 +267,54 @@ class IFNode(BaseNode):
 
 
 class ParametricLIFNode(BaseNode):
-    """PLIF: LIF with a learnable scalar w and 1/tau = k = sigmoid(w) (the charge multiplies by k, as
-    SpikingJelly's ParametricLIFNode), w initialised to -log(init_tau - 1)."""
+    """PLIF: LIF with a learnable w and 1/tau = k = sigmoid(w) (the charge multiplies by k, as
+    SpikingJelly's ParametricLIFNode), w initialised to -log(init_tau - 1).
+
+    w is one scalar, as SpikingJelly's; with `per_channel=True, channels=C` it is a vector [C], one time
+    constant per channel: k_c = sigmoid(w_c) for the channels at dim 2 of a multi-step input [T, B, C, ...]
+    (dim 1 of a single step [B, C, ...]; [T, B, C] needs no spatial dims). Fused on every backend; the
+    gradient of w is summed per channel without atomics (deterministic)."""
 
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function: Optional[SurrogateArg] = None,
                  detach_reset: bool = False, step_mode: str = "m", backend: str = "auto", store_v_seq: bool = False,
-                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False):
+                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False,
+                 per_channel: bool = False, channels: Optional[int] = None):
         if not _finite(init_tau, "init_tau") > 1.0:
             raise ValueError(f"init_tau must be > 1, got {init_tau}")
+        if per_channel and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"per_channel=True needs channels, the number of channels (an int >= 1), got {channels!r}")
+        if not per_channel and channels is not None:
+            raise ValueError("channels is only used with per_channel=True")
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
                          stateful=stateful)
-        self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
+        self.per_channel = bool(per_channel)
+        self.channels = channels
+        w0 = -math.log(init_tau - 1.0)
+        self.w = nn.Parameter(torch.full((channels,), w0) if per_channel else torch.tensor(w0))
 
     def inv_tau(self) -> torch.Tensor:
-        """k = 1/tau = sigmoid(w)."""
+        """k = 1/tau = sigmoid(w): a scalar, or [C] per channel."""
         return self.w.sigmoid()
 
     def _decay(self) -> dict:
         return {"inv_tau": self.inv_tau()}
 
+    def _run(self, x: torch.Tensor, v_init: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.per_channel and (x.dim() < 3 or x.shape[2] != self.channels):
+            shape = tuple(x.shape) if self.step_mode == "m" else tuple(x.shape[1:])
+            where = "dim 2 of a multi-step input [T, B, C, ...]" if self.step_mode == "m" else \
+                "dim 1 of a single step [B, C, ...]"
+            raise ValueError(f"ParametricLIFNode(per_channel=True, channels={self.channels}) expects its "
+                             f"{self.channels} channels at {where}, got shape {shape}")
+        return super()._run(x, v_init)
+
     def extra_repr(self) -> str:
-        return f"tau={1.0 / self.w.sigmoid().item():.4f}, decay_input={self.decay_input}, " + super().extra_repr()
+        tau = f"channels={self.channels}, per_channel=True" if self.per_channel else \
+            f"tau={1.0 / self.w.sigmoid().item():.4f}"
+        return f"{tau}, decay_input={self.decay_input}, " + super().extra_repr()
 
 
 def _pick_surrogate(surrogate_function: Optional[SurrogateArg], surrogate: Optional[str]) -> SurrogateArg:

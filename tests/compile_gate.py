@@ -24,7 +24,9 @@ the largest chunk of both kernels (and the checkpointed backward), and every T =
 default options; each in fp32, fp16 and bf16, with N a multiple of 16 (vectorized) and not. The other
 surrogates (piecewise_exp, soft_sign, super_spike, erf) differ from these in the surrogate and primitive
 code only: at T = 33 with N vectorized, LIF and PLIF (dL/dk) spiking and smooth in fp32, and in bf16
-(16 bytes per thread: the most registers) LIF spiking and PLIF smooth.
+(16 bytes per thread: the most registers) LIF spiking and PLIF smooth. Per-channel PLIF (one k per
+neuron) differs from PLIF in the load of k only: at T = 33 with v_init, spiking and smooth, in fp32 and
+bf16 with N vectorized, and fp32 / fp16 with N not.
 """
 from __future__ import annotations
 
@@ -149,13 +151,14 @@ def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
 
     def run(T, dtype, n_aligned, neuron, v_reset, decay_input, detach_reset, surrogate, spiking, with_v_init,
             return_v):
-        shape = (T, 2, 16, 4) if n_aligned else (T, 37)  # N = 128 (16-divisible) or 37
+        # N = 128 (16-divisible) or 37; per-channel PLIF needs a channel dim (dim 2)
+        shape = (T, 2, 16, 4) if n_aligned else (T, 1, 37) if neuron == "plif_channel" else (T, 37)
         x = torch.randn(shape, dtype=_dtype(dtype), requires_grad=True)
         v_init = torch.randn(shape[1:], dtype=x.dtype, requires_grad=True) if with_v_init else None
         common = dict(v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate,
                       spiking=spiking, v_init=v_init, backend="triton")
-        if neuron == "plif":
-            w = torch.zeros((), requires_grad=True)
+        if neuron in ("plif", "plif_channel"):
+            w = torch.zeros(shape[2] if neuron == "plif_channel" else (), requires_grad=True)
             spikes, v = lif.multistep_neuron(x, torch.sigmoid(w), **common)
             if not return_v:
                 v = None
@@ -183,6 +186,11 @@ def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
                 opts = (neuron, 0.0, True, False, surrogate, spiking, True, True)
                 scenarios.append((f"lif T=33 {dtype} aligned=True {opts}",
                                   lambda d=dtype, o=opts: run(33, d, True, *o)))
+    for dtype, aligned, spiking in [("float32", True, True), ("float32", True, False), ("float32", False, True),
+                                    ("bfloat16", True, True), ("bfloat16", True, False), ("float16", False, False)]:
+        opts = ("plif_channel", 0.0, True, False, "sigmoid", spiking, True, True)
+        scenarios.append((f"lif T=33 {dtype} aligned={aligned} {opts}",
+                          lambda d=dtype, a=aligned, o=opts: run(33, d, a, *o)))
     return scenarios
 
 

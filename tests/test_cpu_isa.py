@@ -1,7 +1,8 @@
 """The cpu backend's kernels under each vector ISA this CPU can run (csrc/common.h cpu_isa).
 
 PyTorch reads ATEN_CPU_CAPABILITY once per process, so the narrower ISAs run in subprocesses:
-- the kernel tests (test_csrc_kernels.py, test_lif.py: against stars_fast.reference) pass under each;
+- the kernel tests (test_csrc_kernels.py, test_lif.py: against stars_fast.reference;
+  test_plif_per_channel.py: against its own loop) pass under each;
 - the AVX2 and AVX-512 LIF builds do the same operations lane for lane: their outputs are equal bit
   for bit (the DEFAULT build uses ATen's exp and rounds c - a b twice, so it only meets the tolerances).
 """
@@ -43,27 +44,35 @@ def test_cpu_isa_reports_the_capability_cap():
 def test_kernel_tests_pass_under_narrower_isa(isa):
     if isa not in _narrower_isas():
         pytest.skip(f"{isa} is this CPU's own ISA (the other tests run it) or beyond it")
-    out = _run(isa, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_csrc_kernels.py", "tests/test_lif.py"])
+    out = _run(isa, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_csrc_kernels.py",
+                     "tests/test_lif.py", "tests/test_plif_per_channel.py"])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
 def _lif_outputs():
     """Spikes, v_last and every gradient of lif_forward / lif_backward over configurations that reach
-    the vector tails (N % 16), several parallel chunks (N > 32768), every surrogate, both resets, and
-    float32 / float64 / bfloat16 I/O."""
+    the vector tails (N % 16), several parallel chunks (N > 32768), every surrogate, both resets,
+    float32 / float64 / bfloat16 I/O, and one k per neuron (per-channel PLIF)."""
     ops = torch.ops.stars_fast
     gen = torch.Generator().manual_seed(7)
     outputs = []
-    configs = [(4, 70001, torch.float32, s, hard, leaky, True) for s in range(7) for hard in (True, False)
+    configs = [(4, 70001, torch.float32, s, hard, leaky, True, False) for s in range(7) for hard in (True, False)
                for leaky in (True, False)]
-    configs += [(4, 70001, torch.float32, 0, True, True, False), (1, 1000, torch.float32, 0, True, True, True),
-                (3, 4099, torch.float64, 0, True, True, True), (4, 4099, torch.bfloat16, 1, False, True, True)]
-    for T, N, dtype, surrogate, hard, leaky, decay_is_tau in configs:
+    configs += [(4, 70001, torch.float32, 0, True, True, False, False),
+                (1, 1000, torch.float32, 0, True, True, True, False),
+                (3, 4099, torch.float64, 0, True, True, True, False),
+                (4, 4099, torch.bfloat16, 1, False, True, True, False)]
+    configs += [(4, 70001, torch.float32, 0, True, True, False, True),  # one k per neuron
+                (3, 4099, torch.float64, 1, False, True, False, True),
+                (4, 4099, torch.bfloat16, 2, True, True, False, True)]
+    for T, N, dtype, surrogate, hard, leaky, decay_is_tau, per_neuron in configs:
         x = (torch.randn(T, N, generator=gen) * 0.8 + 0.6).to(dtype)
         gs = torch.randn(T, N, generator=gen).to(dtype)
         gv = torch.randn(N, generator=gen).to(dtype)
         v0 = (torch.rand(N, generator=gen) - 0.5).to(dtype)
         decay = torch.tensor([3.0 if decay_is_tau else 1 / 3], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        if per_neuron:
+            decay = torch.rand(N, generator=gen, dtype=decay.dtype) * 0.9 + 0.05
         v_reset = 0.0 if hard else None
         need_decay_grad = leaky and not decay_is_tau  # the PLIF gradient (multiply mode only)
         for spiking in (True, False) if surrogate != 5 else (True,):  # super_spike (5) has no primitive

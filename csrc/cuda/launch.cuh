@@ -1,6 +1,6 @@
-// Kernel launches and device selection for the host code of csrc/cuda, written once for nvcc and for
-// the host compiler; the latter runs the kernels on the CUDA emulation of emulation/cuda_on_host.h
-// (on CPU tensors, in the tests).
+// Kernel launches, device selection and device properties for the host code of csrc/cuda, written once
+// for nvcc and for the host compiler; the latter runs the kernels on the CUDA emulation of
+// emulation/cuda_on_host.h (on CPU tensors, in the tests).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -25,6 +25,7 @@ class DeviceScope {
  public:
   explicit DeviceScope(c10::Device device) : guard_(device) {}
   DeviceStream stream() const { return at::cuda::getCurrentCUDAStream(); }
+  int multiprocessor_count() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
  private:
   c10::cuda::CUDAGuard guard_;
@@ -40,11 +41,13 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, DeviceStrea
 #else
 using DeviceStream = cuda_on_host::Stream;
 
-// The emulation works on CPU tensors: no device to select, one implicit stream.
+// The emulation works on CPU tensors: no device to select, one implicit stream. One multiprocessor, so
+// that grids sized by it leave work to the kernels' grid-stride loops at sizes the tests can afford.
 class DeviceScope {
  public:
   explicit DeviceScope(c10::Device) {}
   DeviceStream stream() const { return nullptr; }
+  int multiprocessor_count() const { return 1; }
 };
 
 template <typename... Params, typename... Args>

@@ -7,7 +7,8 @@ every backend, registers the autograd formula once for the compiled backends and
 
 `decay` (a 1-element tensor) holds tau when `decay_is_tau` (the charge divides by tau, as
 SpikingJelly's LIFNode) and k = 1/tau otherwise (the charge multiplies by k, as its
-ParametricLIFNode, whose k = sigmoid(w) may need a gradient).
+ParametricLIFNode, whose k = sigmoid(w) may need a gradient). A per-channel k reaches the kernels
+as one k per neuron: `decay` of N entries in the order of x's [T, N] view.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_gr
     through reference.multistep_neuron on the saved inputs. Its second derivatives are the reference's."""
     x, v_init, decay = saved
     leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha, spiking, detach_reset = options
-    mode = {"tau": decay.reshape(())} if decay_is_tau else {"inv_tau": decay.reshape(())}
+    k = decay.reshape(()) if decay.numel() == 1 else decay  # one k per neuron broadcasts over x's [T, N]
+    mode = {"tau": k} if decay_is_tau else {"inv_tau": k}
     with torch.enable_grad():
         spikes, v_last = reference.multistep_neuron(
             x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
@@ -108,7 +110,10 @@ def _neuron_backward(ctx, grad_spikes, grad_v_last, backward_op):
     grad_x, grad_v_init, grad_decay = backward_op(
         grad_spikes, grad_v_last, x, v_init,  # the kernels read gradients through their strides
         decay, *ctx.options, needs[2], needs[1])
-    grad_decay = grad_decay.sum().reshape(decay.shape).to(decay.dtype) if needs[2] else None
+    if needs[2]:  # per-neuron partial sums: summed for one k; one k per neuron takes its own
+        grad_decay = (grad_decay.sum() if decay.numel() == 1 else grad_decay).reshape(decay.shape).to(decay.dtype)
+    else:
+        grad_decay = None
     return (grad_x if needs[0] else None, grad_v_init if needs[1] else None, grad_decay) + (None,) * 10
 
 
@@ -188,8 +193,9 @@ def _finite(value, name: str) -> float:
     return value if isinstance(value, torch.SymFloat) else float(value)
 
 
-def _check_decay(leaky: bool, inv_tau, tau):
-    """LIF: exactly one of inv_tau (float in (0, 1], or a 1-element float tensor) or tau (float > 1)."""
+def _check_decay(leaky: bool, inv_tau, tau, x_shape):
+    """LIF: exactly one of inv_tau (float in (0, 1], a 1-element float tensor, or a float tensor [C] of
+    one k per channel, dim 2 of x) or tau (float > 1). Tensor values are not checked (no device sync)."""
     if not leaky:
         return  # IF ignores the leak
     if (inv_tau is None) == (tau is None):
@@ -198,9 +204,12 @@ def _check_decay(leaky: bool, inv_tau, tau):
         if not _finite(tau, "tau") > 1.0:
             raise ValueError(f"tau must be > 1 for a LIF neuron, got {tau}")
     elif isinstance(inv_tau, Tensor):
-        if inv_tau.numel() != 1 or not inv_tau.is_floating_point():
-            raise ValueError(f"inv_tau must be a 1-element floating-point tensor, got shape "
-                             f"{tuple(inv_tau.shape)} and dtype {inv_tau.dtype}")
+        if not inv_tau.is_floating_point():
+            raise ValueError(f"inv_tau must be a floating-point tensor, got dtype {inv_tau.dtype}")
+        if inv_tau.numel() != 1 and (inv_tau.dim() != 1 or len(x_shape) < 3 or inv_tau.shape[0] != x_shape[2]):
+            raise ValueError(f"inv_tau must be a 1-element tensor or one k per channel, shape [C] with x of shape "
+                             f"[T, B, C, ...]; got inv_tau of shape {tuple(inv_tau.shape)} and x of shape "
+                             f"{tuple(x_shape)}")
     elif not 0.0 < _finite(inv_tau, "inv_tau") <= 1.0:
         raise ValueError(f"inv_tau (1/tau) must be in (0, 1], got {inv_tau}")
 
@@ -226,7 +235,7 @@ def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surroga
         raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
     v_threshold = _finite(v_threshold, "v_threshold")
     v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
-    _check_decay(neuron == "lif", inv_tau, tau)
+    _check_decay(neuron == "lif", inv_tau, tau, x.shape)
     if v_init is not None:
         if not isinstance(v_init, Tensor) or not v_init.is_floating_point():
             raise TypeError("v_init must be a floating-point tensor")
@@ -242,9 +251,24 @@ def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surroga
     return alpha, v_threshold, v_reset
 
 
+def _is_per_channel(inv_tau) -> bool:
+    return isinstance(inv_tau, Tensor) and inv_tau.numel() > 1
+
+
+def _per_neuron_view(inv_tau: Tensor, x: Tensor) -> Tensor:
+    """A per-channel k [C] broadcast to one step of x[T, B, C, ...]: one k per neuron, a view (the
+    reference broadcasts it; _decay_tensor copies it for the kernels). Autograd sums its gradient back
+    per channel: a plain reduction, deterministic."""
+    return inv_tau.reshape((1, -1) + (1,) * (x.dim() - 3)).expand(x.shape[1:])
+
+
 def _decay_tensor(leaky: bool, inv_tau, tau, x: Tensor) -> Tuple[Tensor, bool]:
-    """(decay, decay_is_tau): tau for divide mode, k for multiply mode, in the state dtype on x's device."""
+    """(decay, decay_is_tau): tau for divide mode, k for multiply mode, in the state dtype on x's device;
+    a per-channel k arrives as its per-neuron view (in the state dtype), made contiguous [N] in x's memory
+    order: what the kernels read."""
     dtype = _state_dtype(x.dtype)
+    if leaky and _is_per_channel(inv_tau):
+        return inv_tau.reshape(-1).contiguous(), False
     if leaky and tau is not None:
         return torch.full((1,), float(tau), dtype=dtype, device=x.device), True
     if leaky and isinstance(inv_tau, Tensor):
@@ -295,15 +319,22 @@ def multistep_neuron(
 
     LIF takes exactly one of tau (h divides by tau, SpikingJelly's LIFNode) or inv_tau = 1/tau (h
     multiplies by it: a float, or a tensor that may need grad, as ParametricLIFNode). IF ignores both.
+    inv_tau may also be a tensor [C] of one k per channel, the channel dim being dim 2 of x[T, B, C, ...]
+    (PLIF per channel); its gradient is reduced per channel without atomics (deterministic).
     """
     alpha, v_threshold, v_reset = _check_neuron_args(x, v_init, neuron, surrogate, alpha, v_threshold, v_reset,
                                                      inv_tau, tau, spiking)
     leaky = neuron == "lif"
     chosen = _backend.reference_under_transforms(_backend.resolve(backend, x.device, x.dtype))
     order = _memory_order(x)
+    if leaky and _is_per_channel(inv_tau):  # one k per neuron (a view), permuted with x below
+        inv_tau = _per_neuron_view(inv_tau.to(device=x.device, dtype=_state_dtype(x.dtype)), x)
     if order is not None:  # run in x's memory order (a view of a dense x); the outputs get x's layout back
+        step_order = [d - 1 for d in order[1:]]
         if v_init is not None:
-            v_init = v_init.expand(x.shape[1:]).permute([d - 1 for d in order[1:]]).contiguous()
+            v_init = v_init.expand(x.shape[1:]).permute(step_order).contiguous()
+        if leaky and _is_per_channel(inv_tau):
+            inv_tau = inv_tau.permute(step_order)
         x = x.permute(order)
     if chosen == "reference" or x.numel() == 0:
         decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
