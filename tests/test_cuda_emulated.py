@@ -7,41 +7,29 @@ is built once into ~/.cache/stars_fast/cuda_emulated (cold: about 15 s on 2 core
 source or header changes). One host thread per CUDA thread is slow: the shapes are small, C = 512 only at B = 33.
 
 A kernel that hangs (a deadlock the emulation does not report) ends the run with every thread's
-traceback after TEST_TIMEOUT_S, rather than stalling it."""
-import faulthandler
-from pathlib import Path
-
+traceback after cuda_emulation.HANG_TIMEOUT_S, rather than stalling it."""
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from stars_fast import reference
-from test_stars import SILENT_CASES, _degenerate_teacher_case, _rca_oracle, _silent_case
+
+import cuda_emulation
+from test_stars import SILENT_CASES, _degenerate_teacher_oracle, _rca_oracle, _silent_case
 
 pytestmark = pytest.mark.cuda_emulated
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_DIR = Path.home() / ".cache" / "stars_fast" / "cuda_emulated"
-TEST_TIMEOUT_S = 300
 DEFAULT_QUANTILES = (0.6, 0.7, 0.8, 0.9, 0.95)
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
 @pytest.fixture(scope="module")
 def emulated():
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    sources = ROOT / "tests" / "cuda_emulated"
-    return cpp_extension.load(
-        name="stars_cuda_emulated", sources=[str(sources / "stars_emulated.cpp"), str(sources / "emulator_checks.cpp")],
-        extra_include_paths=[str(ROOT / "csrc" / "cuda")], extra_cflags=["-O1", "-g0"],
-        build_directory=str(BUILD_DIR))
+    return cuda_emulation.build("stars_cuda_emulated", ["stars_emulated.cpp", "emulator_checks.cpp"])
 
 
 @pytest.fixture(autouse=True)
 def _hang_guard(emulated):
-    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    yield from cuda_emulation.hang_guard()
 
 
 def _emulated_loss(emulated, zt, zs, quantiles=DEFAULT_QUANTILES, thresholds=None, delta=0.5, weights=None,
@@ -138,12 +126,8 @@ def test_normalize_with_a_teacher_without_spread(emulated, case, scale):
     """As test_stars.test_normalize_with_a_teacher_without_spread: the std floored at 1e-3 rms(zT) (1 for an
     all-zero teacher), so p_T = 1/2 and L_TAR = mean_m (mean sigmoid(zn_S / delta) - 1/2)^2, gradients
     bounded by 0.5 / (s delta B C) and as the reference's."""
-    zt, zs, std_floor = _degenerate_teacher_case(case)
     delta, quantiles = 0.5, (0.6, 0.9)
-    if case == "all_zero_teacher":  # raw units: the loss of zs * scale
-        zs, std_floor, scale = zs * scale, 1.0, 1.0
-    zn_s = (zs.double() - zt.double().mean()) / std_floor
-    want = ((torch.sigmoid(zn_s / delta).mean() - 0.5) ** 2).item()
+    zt, zs, std_floor, scale, want = _degenerate_teacher_oracle(case, scale, delta)
     options = dict(normalize="teacher", lambda_rca=0.0, quantiles=quantiles, delta=delta)
     _, _, tar, grad_t, grad_s = _emulated_loss(emulated, [zt * scale], [zs * scale], **options)
     assert tar.item() == pytest.approx(want, rel=1e-5, abs=1e-9)

@@ -15,22 +15,18 @@ the full grid of neuron options runs at T = 4, each configuration in the four dt
 misaligned views, T in {1, 5, 33}, gradient layouts and a grid-stride N run for a few configurations.
 The emulated device has one multiprocessor: 32 blocks of 256 threads, so N above 8192 x VEC elements
 takes the kernels' grid-stride loops."""
-import faulthandler
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from stars_fast import reference
 from stars_fast.ops.lif import SURROGATE_IDS
 
+import cuda_emulation
+
 pytestmark = pytest.mark.cuda_emulated
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_DIR = Path.home() / ".cache" / "stars_fast" / "cuda_emulated" / "lif"
-TEST_TIMEOUT_S = 300
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = (torch.float16, torch.bfloat16)
 # Neuron charge and decay: (leaky, decay_input, decay) with decay ("tau", value) dividing by tau, ("inv_tau",
@@ -49,18 +45,12 @@ INPUT_KINDS = list(itertools.product([True, False], [True, False]))
 
 @pytest.fixture(scope="module")
 def emulated():
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="lif_cuda_emulated", sources=[str(ROOT / "tests" / "cuda_emulated" / "lif_emulated.cpp")],
-        extra_include_paths=[str(ROOT / "csrc" / "cuda")], extra_cflags=["-O1", "-g0"],
-        build_directory=str(BUILD_DIR))
+    return cuda_emulation.build("lif_cuda_emulated", ["lif_emulated.cpp"], build_subdir="lif")
 
 
 @pytest.fixture(autouse=True)
 def _hang_guard(emulated):
-    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    yield from cuda_emulation.hang_guard()
 
 
 def _ids(opts):

@@ -317,6 +317,17 @@ def _degenerate_teacher_case(name):
     return zt, zs, 1e-3 * 3.0  # 1e-3 rms(zT) = 1e-3 |c|
 
 
+def _degenerate_teacher_oracle(case, scale, delta):
+    """(zt, zs, s, scale, L_TAR) of _degenerate_teacher_case at `scale`: zn_T = 0 and every threshold 0, so
+    p_T = 1/2 and L_TAR = mean_m (mean sigmoid(zn_S / delta) - 1/2)^2, in float64. The all-zero teacher keeps
+    raw units: its features come scaled and the returned scale is 1."""
+    zt, zs, std_floor = _degenerate_teacher_case(case)
+    if case == "all_zero_teacher":
+        zs, std_floor, scale = zs * scale, 1.0, 1.0
+    zn_s = (zs.double() - zt.double().mean()) / std_floor
+    return zt, zs, std_floor, scale, ((torch.sigmoid(zn_s / delta).mean() - 0.5) ** 2).item()
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-20, 1e20])
 @pytest.mark.parametrize("backend", ["reference"] + FUSED + ["cuda"])
 @pytest.mark.parametrize("case", ["constant_teacher", "silent_student", "all_zero_teacher"])
@@ -328,12 +339,8 @@ def test_normalize_with_a_teacher_without_spread(backend, case, scale):
     gradient; scaling all features by any power of ten gives the same loss (but for the all-zero teacher,
     whose loss is the student's in raw units)."""
     device = _device_for(backend)
-    zt, zs, std_floor = _degenerate_teacher_case(case)
     delta, quantiles = 0.5, (0.6, 0.9)
-    if case == "all_zero_teacher":  # raw units: the loss of zs * scale
-        zs, std_floor, scale = zs * scale, 1.0, 1.0
-    zn_s = (zs.double() - zt.double().mean()) / std_floor
-    want = ((torch.sigmoid(zn_s / delta).mean() - 0.5) ** 2).item()
+    zt, zs, std_floor, scale, want = _degenerate_teacher_oracle(case, scale, delta)
     total, _, tar, grad_t, grad_s = _loss_and_grads(
         backend, [(zt * scale).to(device)], [(zs * scale).to(device)], normalize="teacher", lambda_rca=0.0,
         quantiles=quantiles, delta=delta)
