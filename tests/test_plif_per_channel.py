@@ -57,6 +57,16 @@ def _grads(fn, x, w, seed=1):
     return spikes.detach(), v_last.detach(), x.grad, w.grad
 
 
+def _assert_matches_loop(backend, x, w, tol, **opts):
+    """The fused op against _loop on the same x (the loop on x's contiguous copy): spikes exact, v_last and
+    the gradients of x and w within tol (rtol, atol)."""
+    got = _grads(lambda x, k: multistep_neuron(x, k, backend=backend, **opts), x, w)
+    want = _grads(lambda x, k: _loop(x, k, **opts), x.contiguous(), w)
+    assert torch.equal(got[0], want[0])
+    for g, r in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, r, rtol=tol[0], atol=tol[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decay_input,v_reset,detach_reset", [(True, 0.0, False), (False, -0.3, True),
                                                               (True, None, False), (False, None, True)])
@@ -66,11 +76,7 @@ def test_matches_the_loop(backend, decay_input, v_reset, detach_reset):
     x = torch.randn(6, 2, 5, 7, 7) * 0.8 + 0.4
     w = torch.randn(5) * 1.5
     opts = dict(decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset)
-    got = _grads(lambda x, k: multistep_neuron(x, k, backend=backend, **opts), x, w)
-    want = _grads(lambda x, k: _loop(x, k, **opts), x, w)
-    assert torch.equal(got[0], want[0])
-    for g, r in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    _assert_matches_loop(backend, x, w, (1e-5, 1e-5), **opts)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -78,11 +84,7 @@ def test_half_input_matches_the_loop(backend):
     require_backend(backend)
     x = (torch.randn(4, 3, 6, 5) * 0.8 + 0.4).to(torch.bfloat16)
     w = torch.randn(6)
-    got = _grads(lambda x, k: multistep_neuron(x, k, backend=backend), x, w)
-    want = _grads(lambda x, k: _loop(x, k), x, w)
-    assert torch.equal(got[0], want[0])
-    for g, r in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-3)
+    _assert_matches_loop(backend, x, w, (1e-2, 1e-3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,18 +94,10 @@ def test_channels_last_and_no_spatial_dims(backend):
     require_backend(backend)
     x = (torch.randn(5, 2, 4, 3, 6) * 0.8 + 0.4).permute(0, 1, 4, 2, 3)  # [T, B, C=6, H, W], C innermost
     w = torch.randn(6)
-    got = _grads(lambda x, k: multistep_neuron(x, k, backend=backend), x, w)
-    want = _grads(lambda x, k: _loop(x, k), x.contiguous(), w)
-    assert torch.equal(got[0], want[0])
-    for g, r in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    _assert_matches_loop(backend, x, w, (1e-5, 1e-5))
     x3 = torch.randn(7, 3, 11) * 0.8 + 0.4
     w3 = torch.randn(11)
-    got = _grads(lambda x, k: multistep_neuron(x, k, backend=backend), x3, w3)
-    want = _grads(lambda x, k: _loop(x, k), x3, w3)
-    assert torch.equal(got[0], want[0])
-    for g, r in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    _assert_matches_loop(backend, x3, w3, (1e-5, 1e-5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

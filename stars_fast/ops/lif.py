@@ -12,7 +12,6 @@ as one k per neuron: `decay` of N entries in the order of x's [T, N] view.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple, Union
 
 import torch
