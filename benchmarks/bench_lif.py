@@ -6,8 +6,9 @@ achieved GB/s over the minimal bytes (fwd: read x, write spikes; bwd: read x and
 write grad_x; fwd+bwd: the sum) and the % of the copy bandwidth measured in the same group
 (`copy`: dst.copy_(x) of the same [T, N]). CPU: fp32, T in {4, 8}, N in {2^21, 2^23}. GPU:
 fp32 and bf16, T in {4, 32}, N = 2^23. Each baseline is checked against our op on one call first.
-test_plif: ParametricLIFNode fwd+bwd with one k and with one k per channel (per_channel=True) at the
-same [T, B, C, H, W] shape, the cost of per-channel time constants.
+test_plif: ParametricLIFNode fwd+bwd with one k, with one k per channel (per_channel=True), and each with a
+learnable threshold (one, or one per channel) at the same [T, B, C, H, W] shape: the cost of per-channel
+time constants and of learning the threshold.
 """
 import functools
 import time
@@ -133,8 +134,13 @@ def test_lif(measure, smoke, case, mode, variant):
             bytes_moved=bytes_moved, sync=sync, first_call_s=first_call_s if role == "compiled" else None)
 
 
-# PLIF fwd+bwd (gradients of x and w) with one k and with one k per channel, at one [T, B, C, H, W] shape:
-# N = 2^21 on the CPU (the LIF headline's), 2^23 on a GPU. The per-channel kernels read k per neuron.
+# PLIF fwd+bwd (gradients of x and w, and of v_threshold when learnable) with one k and with one k per channel,
+# at one [T, B, C, H, W] shape: N = 2^21 on the CPU (the LIF headline's), 2^23 on a GPU. The per-channel kernels
+# read k per neuron; a learnable threshold (any shape) takes the per-neuron path too, reading v_th per neuron.
+PLIF_VARIANTS = {"plif-scalar": dict(), "plif-per-channel": dict(per_channel=True),
+                 "plif-scalar-learnable-threshold": dict(learnable_threshold=True),
+                 "plif-per-channel-learnable-threshold": dict(per_channel=True, learnable_threshold=True,
+                                                              per_channel_threshold=True)}
 PLIF_CASES = [("cpu", 4, (32, 64, 32, 32), torch.float32)]
 if torch.cuda.is_available():
     PLIF_CASES += [("cuda", 4, (32, 256, 32, 32), torch.float32)]
@@ -145,7 +151,7 @@ def _plif_case_id(case):
     return f"{device}-T{steps}-B{b}-C{c}-{h}x{w}-{str(dtype).removeprefix('torch.')}"
 
 
-@pytest.mark.parametrize("variant", ["plif-scalar", "plif-per-channel"])
+@pytest.mark.parametrize("variant", PLIF_VARIANTS)
 @pytest.mark.parametrize("case", PLIF_CASES, ids=_plif_case_id)
 def test_plif(measure, smoke, case, variant):
     device, steps, step_shape, dtype = case
@@ -155,23 +161,23 @@ def test_plif(measure, smoke, case, variant):
     generator = torch.Generator(device).manual_seed(0)
     x = (torch.randn(steps, *step_shape, device=device, generator=generator) + 0.5).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=generator).to(dtype)
-    channels = step_shape[1]
-    nodes = {per_channel: stars_fast.neurons.ParametricLIFNode(
-        init_tau=TAU, per_channel=per_channel, channels=channels if per_channel else None).to(device)
-        for per_channel in (False, True)}
-    node = nodes[variant == "plif-per-channel"]
+    options = PLIF_VARIANTS[variant]
+    channels = step_shape[1] if "per_channel" in options or "per_channel_threshold" in options else None
+    node = stars_fast.neurons.ParametricLIFNode(init_tau=TAU, channels=channels, **options).to(device)
     xg = x.detach().requires_grad_(True)
 
     def run():
-        xg.grad = node.w.grad = None
+        node.zero_grad(set_to_none=True)
+        xg.grad = None
         node(xg).backward(grad)
 
     run()
-    if variant == "plif-per-channel":  # every channel at the scalar's k: the scalar's spikes and grad_x
+    if variant != "plif-scalar":  # every channel at the scalar's k and threshold: the scalar's spikes and grad_x
         spikes, grad_x = node(x).detach(), xg.grad.clone()
         xg.grad = None
-        nodes[False](xg).backward(grad)
-        _assert_same_as_ours(spikes, grad_x, nodes[False](x).detach(), xg.grad, dtype, variant)
+        scalar = stars_fast.neurons.ParametricLIFNode(init_tau=TAU).to(device)
+        scalar(xg).backward(grad)
+        _assert_same_as_ours(spikes, grad_x, scalar(x).detach(), xg.grad, dtype, variant)
     measure(run, group=f"plif {_plif_case_id((device, steps, step_shape, dtype))} fwd+bwd", variant=variant,
             role="ours", rounds=21, bytes_moved=BYTES_PER_ELEMENT["fwd+bwd"] * x.numel() * x.element_size(),
             sync=sync)

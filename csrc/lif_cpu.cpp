@@ -32,13 +32,15 @@ at::Tensor readable_grad(const at::Tensor& g, at::ScalarType dtype) {
 
 LifOptions options(const at::Tensor& x, const at::Tensor& decay, bool leaky, bool decay_is_tau, double v_threshold,
                    std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha, bool spiking,
-                   bool detach_reset, const char* op) {
+                   bool detach_reset, const std::optional<at::Tensor>& threshold, const char* op) {
   const bool per_neuron = check_per_neuron_decay(op, x, decay, decay_is_tau);
   const double d = per_neuron ? 1.0 : decay.item<double>();  // per neuron: the kernels read `decays` instead
   check_decay_value(op, leaky, decay_is_tau, d);
+  check_per_neuron_threshold(op, x, threshold);
   return LifOptions{leaky,        decay_input, v_reset.has_value(),    spiking, detach_reset, decay_is_tau, surrogate,
                     d,            v_threshold, v_reset.value_or(0.0), alpha,
-                    per_neuron && leaky ? decay.const_data_ptr() : nullptr};
+                    per_neuron && leaky ? decay.const_data_ptr() : nullptr,
+                    threshold.has_value() ? threshold->const_data_ptr() : nullptr};
 }
 
 // Runs the kernels of the widest ISA cpu_isa() allows over all chunks.
@@ -60,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                                                    const at::Tensor& decay, bool leaky, bool decay_is_tau,
                                                    double v_threshold, std::optional<double> v_reset,
                                                    bool decay_input, int64_t surrogate, double alpha, bool spiking,
-                                                   bool need_v_last) {
+                                                   bool need_v_last, const std::optional<at::Tensor>& threshold) {
   check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = empty_output(x.sizes(), x.options());
@@ -74,24 +76,29 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                          spikes.data_ptr(),
                          need_v_last ? v_last.data_ptr() : nullptr,
                          options(x, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
-                                 spiking, false, "lif_forward")};
+                                 spiking, false, threshold, "lif_forward")};
   run_chunks(a, LIF_KERNELS(lif_forward_range));
   return {spikes, v_last};
 }
 
-// grad_v_init [N] (x's dtype, dL/dv before t = 0) when need_grad_v_init; grad_decay the [N] partial
-// sums of dL/dk in the state dtype (fp64 for fp64 x, else fp32) when need_decay_grad. Else empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
+// grad_v_init [N] (x's dtype, dL/dv before t = 0) when need_grad_v_init; grad_decay and grad_threshold the
+// [N] partial sums of dL/dk and dL/dv_th in the state dtype (fp64 for fp64 x, else fp32) when
+// need_decay_grad / need_threshold_grad. Else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const at::Tensor& grad_spikes, const std::optional<at::Tensor>& grad_v_last, const at::Tensor& x,
     const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky, bool decay_is_tau,
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
-    bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) {
+    bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init,
+    const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
   check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   check_neuron_grads(x, grad_spikes, grad_v_last, leaky, decay_is_tau, need_decay_grad);
+  check_threshold_grad(threshold, need_threshold_grad);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
   at::Tensor grad_v_init = at::empty({need_grad_v_init ? N : 0}, x.options());
   at::Tensor grad_decay = at::empty({need_decay_grad ? N : 0}, x.options().dtype(acc_dtype(x.scalar_type())));
+  at::Tensor grad_threshold =
+      at::empty({need_threshold_grad ? N : 0}, x.options().dtype(acc_dtype(x.scalar_type())));
   const at::Tensor gs = readable_grad(grad_spikes, x.scalar_type());
   const at::Tensor gv = grad_v_last.has_value() ? readable_grad(*grad_v_last, x.scalar_type()) : at::Tensor();
   const at::Tensor v0 = v_init.has_value() ? v_init->contiguous() : at::Tensor();
@@ -105,10 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
                           grad_x.data_ptr(),
                           need_grad_v_init ? grad_v_init.data_ptr() : nullptr,
                           need_decay_grad ? grad_decay.data_ptr() : nullptr,
+                          need_threshold_grad ? grad_threshold.data_ptr() : nullptr,
                           options(x, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
-                                  spiking, detach_reset, "lif_backward")};
+                                  spiking, detach_reset, threshold, "lif_backward")};
   run_chunks(a, LIF_KERNELS(lif_backward_range));
-  return {grad_x, grad_v_init, grad_decay};
+  return {grad_x, grad_v_init, grad_decay, grad_threshold};
 }
 
 }  // namespace

@@ -22,6 +22,7 @@ struct LifOptions {
   int64_t surrogate;  // 0 sigmoid, 1 atan, 2 triangle, 3 piecewise_exp, 4 soft_sign, 5 super_spike, 6 erf
   double decay, v_threshold, v_reset, alpha;  // v_reset: 0 for soft reset
   const void* decays;  // [N] k per neuron (state dtype, multiply mode: PLIF per channel), or nullptr: `decay`
+  const void* thresholds;  // [N] v_th per neuron (state dtype: a learnable threshold), or nullptr: `v_threshold`
 };
 
 struct LifForwardArgs {
@@ -40,6 +41,7 @@ struct LifBackwardArgs {
   void* grad_x;        // [T, N] contiguous
   void* grad_v_init;   // [N] or nullptr when not wanted
   void* grad_decay;    // [N] partial sums in the state dtype, or nullptr
+  void* grad_threshold;  // [N] partial sums of dL/dv_th in the state dtype (per-neuron thresholds), or nullptr
   LifOptions o;
 };
 

@@ -7,9 +7,10 @@
 // forward in time eight vectors at a time with v in registers (scan_block): the forward writes the
 // spikes (and v_last only when asked); the backward writes h of every t into L1/L2 scratch, then
 // runs the reverse scan (read grad_spikes, write grad_x, streamed) four vectors at a time, prefetching
-// the next block's rows. The neuron options are template parameters (one k per neuron, PLIF per
-// channel, among them: the scalar k's code is unchanged), except divide-or-multiply (a uniform
-// branch). The charge / fire / reset arithmetic is written in exactly the order of
+// the next block's rows. The neuron options are template parameters (per-neuron parameters among
+// them: one k per neuron for PLIF per channel and one v_th per neuron for a learnable threshold, each
+// read from its array when given; the scalar path's code is unchanged), except divide-or-multiply (a
+// uniform branch). The charge / fire / reset arithmetic is written in exactly the order of
 // stars_fast.reference.multistep_neuron, one IEEE rounding per operation (true division by tau;
 // setup.py forbids FMA contraction; the intrinsics never contract), so the spikes are bit-identical
 // to the reference and the backward's h is the forward's (the gradient arithmetic after it uses
@@ -231,13 +232,14 @@ LIF_INLINE void surrogate_grads(const Vectorized<acc_t>* u, Vectorized<acc_t>* s
   }
 }
 
-// reset   hard: v = h (1 - s) + v_reset s    soft: v = h - v_th s
+// reset   hard: v = h (1 - s) + v_reset s    soft: v = h - v_th s   (v_th: the lanes' threshold)
 template <typename acc_t, bool kHard>
-LIF_INLINE Vectorized<acc_t> reset(Vectorized<acc_t> h, Vectorized<acc_t> s, const Consts<acc_t>& c) {
+LIF_INLINE Vectorized<acc_t> reset(Vectorized<acc_t> h, Vectorized<acc_t> s, Vectorized<acc_t> v_th,
+                                   const Consts<acc_t>& c) {
   if constexpr (kHard) {
     return h * (c.one - s) + c.v_reset * s;
   } else {
-    return h - c.v_th * s;
+    return h - v_th * s;
   }
 }
 
@@ -309,15 +311,24 @@ LIF_INLINE void fence_streams() {
 #endif
 }
 
-// The decay of lanes [j, j + count): their own k from ks (kPerNeuron: one k per neuron, multiply
-// mode), else the one broadcast value, so that the scalar path is the code it always was.
+// The decay of lanes [j, j + count): their own k from ks (kPerNeuron with ks given: one k per neuron,
+// multiply mode), else the one broadcast value, so that the scalar path is the code it always was.
 template <bool kPerNeuron, bool kFull, typename acc_t>
 LIF_INLINE Vectorized<acc_t> decay_at(const acc_t* ks, int64_t j, int64_t count, const Consts<acc_t>& c) {
   if constexpr (kPerNeuron) {
-    return load<kFull>(ks + j, count);
-  } else {
-    return c.decay;
+    if (ks != nullptr) return load<kFull>(ks + j, count);
   }
+  return c.decay;
+}
+
+// The threshold of lanes [j, j + count): their own v_th from ths (kPerNeuron with ths given: a learnable
+// threshold), else the one broadcast value.
+template <bool kPerNeuron, bool kFull, typename acc_t>
+LIF_INLINE Vectorized<acc_t> threshold_at(const acc_t* ths, int64_t j, int64_t count, const Consts<acc_t>& c) {
+  if constexpr (kPerNeuron) {
+    if (ths != nullptr) return load<kFull>(ths + j, count);
+  }
+  return c.v_th;
 }
 
 // Calls fn(j, count, width, full) over [0, n): groups of W whole vectors (width = W), then whole
@@ -418,12 +429,12 @@ int64_t block_size(int64_t T) {
 // and writes 256 (AVX-512: 512) contiguous bytes of every row (whole cache lines, which the streaming stores need:
 // one vector per row at a time measured 7x slower streamed, and the block walked row by row
 // reloading v at every step 1.6x slower than this). v holds the block's v before t = 0, and after
-// the last step on return when keep_v. ks: the block's k per neuron when kPerNeuron (read at every
-// step: eight more vectors held through the steps would spill under AVX2). emit(t, j, h, s, count,
-// full) receives every step; s is fired's (no NaN spikes) when kBackward.
+// the last step on return when keep_v. ks, ths: the block's k and v_th per neuron when kPerNeuron, or
+// nullptr (read at every step: eight more vectors held through the steps would spill under AVX2).
+// emit(t, j, h, s, count, full) receives every step; s is fired's (no NaN spikes) when kBackward.
 template <typename acc_t, Charge C, bool kHard, Fire F, bool kBackward, bool kPerNeuron, typename Emit>
-LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, const acc_t* ks, acc_t* v, bool keep_v,
-                           const Consts<acc_t>& c, const Emit& emit) {
+LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, const acc_t* ks, const acc_t* ths, acc_t* v,
+                           bool keep_v, const Consts<acc_t>& c, const Emit& emit) {
   for_vector_groups<acc_t, 8>(n, [&](int64_t j0, int64_t cnt, auto width, auto full) {
     constexpr int W = decltype(width)::value;
     constexpr bool kFull = decltype(full)::value;
@@ -434,10 +445,11 @@ LIF_INLINE void scan_block(int64_t T, int64_t n, const acc_t* const* xs, const a
       LIF_UNROLL for (int w = 0; w < W; ++w) {
         const int64_t j = j0 + w * V;
         const auto k = decay_at<kPerNeuron, kFull>(ks, j, cnt, c);
+        const auto v_th = threshold_at<kPerNeuron, kFull>(ths, j, cnt, c);
         const auto h = charge<acc_t, C>(vw[w], load<kFull>(xs[t] + j, cnt), k, c);
-        const auto sj = kBackward ? fired<acc_t, F>(h - c.v_th, c) : fire<acc_t, F>(h - c.v_th, c);
+        const auto sj = kBackward ? fired<acc_t, F>(h - v_th, c) : fire<acc_t, F>(h - v_th, c);
         emit(t, j, h, sj, cnt, full);
-        vw[w] = reset<acc_t, kHard>(h, sj, c);
+        vw[w] = reset<acc_t, kHard>(h, sj, v_th, c);
       }
     }
     if (keep_v) {
@@ -453,11 +465,11 @@ void load_rows(c10::ScalarType dtype, const LifOperand& x, int64_t T, int64_t b0
   for (int64_t t = 0; t < T; ++t) xs[t] = load_block(dtype, x, t, b0, n, xb + t * blk);
 }
 
-// The k of the block's neurons from b0 on when kPerNeuron (read in place: the op hands them in the
-// state dtype), else nullptr.
+// The block's per-neuron parameters from b0 on (k or v_th) when kPerNeuron and the op has them (read in
+// place: the op hands them in the state dtype), else nullptr.
 template <bool kPerNeuron, typename acc_t>
-const acc_t* block_decays(const LifOptions& o, int64_t b0, const Consts<acc_t>&) {
-  return kPerNeuron ? static_cast<const acc_t*>(o.decays) + b0 : nullptr;
+const acc_t* block_params(const void* per_neuron, int64_t b0, const Consts<acc_t>&) {
+  return kPerNeuron && per_neuron != nullptr ? static_cast<const acc_t*>(per_neuron) + b0 : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -484,7 +496,8 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t
       stream = stream && streamable(a.dtype, ss[t]);
     }
     const auto scan = [&](auto streamed) {  // the store kind fixed outside the loops
-      scan_block<acc_t, C, kHard, F, false, kPerNeuron>(T, n, xs.data(), block_decays<kPerNeuron>(a.o, b0, c), v,
+      scan_block<acc_t, C, kHard, F, false, kPerNeuron>(T, n, xs.data(), block_params<kPerNeuron>(a.o.decays, b0, c),
+                                                    block_params<kPerNeuron>(a.o.thresholds, b0, c), v,
                                                     a.v_last != nullptr, c,
                                      [&](int64_t t, int64_t j, auto, auto sj, int64_t cnt, auto full) {
                                        store_out<decltype(full)::value>(sj, ss[t] + j, cnt, streamed.value);
@@ -515,12 +528,14 @@ void forward_range(const LifForwardArgs& a, const Consts<acc_t>& consts, int64_t
 //     thread, standalone harness; only the forward and its recompute must round as the reference does)
 //   gx = gh / tau (LIF decay_input) | gh;   gv <- gh - gh / tau (LIF) | gh (IF)
 //   (multiply mode: gh k and gh (1 - k));   PLIF: dL/dk += gh (x - (v_prev - v_r)) | gh * -(v_prev - v_r)
+//   learnable threshold: dL/dv_th += gv (1 - s) - gh   (both resets, D or not: v_th enters as -v_th next to
+//     h in u = h - v_th, and the soft reset's -v_th s adds -gv s to it; docs/design.md section 2.1)
 
 template <typename acc_t, Charge C, bool kHard, Fire F, Fire S, bool kPerNeuron>
 void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64_t begin, int64_t end) {
   const Consts<acc_t> c = consts;  // a local copy: the stores cannot alias it, so it is not reloaded after each
   const int64_t T = a.T, blk = block_size<acc_t>(T);
-  const bool need_k = a.grad_decay != nullptr;
+  const bool need_k = a.grad_decay != nullptr, need_th = a.grad_threshold != nullptr;
   const auto scratch = std::make_unique_for_overwrite<acc_t[]>((2 * T + 4) * blk);  // not zero-filled
   acc_t* xb = scratch.get();  // [T, blk] conversion buffers of x, then I/O buffers
   acc_t* gsb = xb + T * blk;
@@ -533,8 +548,9 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
     const int64_t n = std::min(blk, end - b0);
     initial_v(a.dtype, a.v_init, c, b0, n, v0, gsb);
     load_rows(a.dtype, a.x, T, b0, n, blk, xb, xs);
-    const acc_t* ks = block_decays<kPerNeuron>(a.o, b0, c);
-    scan_block<acc_t, C, kHard, F, true, kPerNeuron>(T, n, xs.data(), ks, v0, false, c,
+    const acc_t* ks = block_params<kPerNeuron>(a.o.decays, b0, c);
+    const acc_t* ths = block_params<kPerNeuron>(a.o.thresholds, b0, c);
+    scan_block<acc_t, C, kHard, F, true, kPerNeuron>(T, n, xs.data(), ks, ths, v0, false, c,
                                    [&](int64_t t, int64_t j, auto hj, auto, int64_t cnt, auto full) {
                                      store<decltype(full)::value>(hj, hs + t * blk + j, cnt);
                                    });
@@ -546,6 +562,8 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
     }
     acc_t* k_acc = need_k ? static_cast<acc_t*>(a.grad_decay) + b0 : nullptr;
     if (need_k) std::fill(k_acc, k_acc + n, acc_t(0));
+    acc_t* th_acc = need_th ? static_cast<acc_t*>(a.grad_threshold) + b0 : nullptr;
+    if (need_th) std::fill(th_acc, th_acc + n, acc_t(0));
     for (int64_t t = T - 1; t >= 0; --t) {
       const acc_t* gs = load_block(a.dtype, a.grad_spikes, t, b0, n, gsb);
       const acc_t* x = xs[t];
@@ -572,7 +590,7 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
         Vectorized<acc_t> hj[W], u[W], sg[W], g[W];
         LIF_UNROLL for (int w = 0; w < W; ++w) {
           hj[w] = load<kFull>(h + j0 + w * V, cnt);
-          u[w] = hj[w] - c.v_th;
+          u[w] = hj[w] - threshold_at<kPerNeuron, kFull>(ths, j0 + w * V, cnt, c);
         }
         surrogate_grads<W, acc_t, S>(u, sg, c);
         LIF_UNROLL for (int w = 0; w < W; ++w) {
@@ -582,7 +600,14 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
             const auto reset_weight = minus_product(hj[w], c.not_detached, c.reset_gain);  // (v_reset - h) (1 - D)
             g[w] = at::vec::fmadd(sg[w], at::vec::fmadd(gv_j, reset_weight, gs_j), times_not_fired<acc_t, F>(gv_j, u[w], c));
           } else {
-            g[w] = at::vec::fmadd(sg[w], minus_product(gv_j, c.threshold_gain, gs_j), gv_j);
+            const auto threshold_gain = kPerNeuron && ths != nullptr
+                                            ? threshold_at<kPerNeuron, kFull>(ths, j, cnt, c) * c.not_detached
+                                            : c.threshold_gain;  // v_th (1 - D)
+            g[w] = at::vec::fmadd(sg[w], minus_product(gv_j, threshold_gain, gs_j), gv_j);
+          }
+          if (need_th) {
+            store<kFull>(load<kFull>(th_acc + j, cnt) + (times_not_fired<acc_t, F>(gv_j, u[w], c) - g[w]), th_acc + j,
+                         cnt);
           }
           if constexpr (C == Charge::kIF) {
             store_out<kFull>(g[w], gx + j, cnt, stream_gx);
@@ -598,8 +623,10 @@ void backward_range(const LifBackwardArgs& a, const Consts<acc_t>& consts, int64
         if (need_k) {
           LIF_UNROLL for (int w = 0; w < W; ++w) {
             const int64_t j = j0 + w * V;
+            const auto v_th = threshold_at<kPerNeuron, kFull>(ths, j, cnt, c);
             const auto v_prev = t > 0 ? reset<acc_t, kHard>(load<kFull>(h - blk + j, cnt),
-                                                            fired<acc_t, F>(load<kFull>(h - blk + j, cnt) - c.v_th, c), c)
+                                                            fired<acc_t, F>(load<kFull>(h - blk + j, cnt) - v_th, c),
+                                                            v_th, c)
                                       : load<kFull>(v0 + j, cnt);
             const auto dh_dk = C == Charge::kDecayInput ? load<kFull>(x + j, cnt) - (v_prev - c.v_r)
                                                         : (v_prev - c.v_r).neg();
@@ -637,12 +664,11 @@ void with_charge(const LifOptions& o, const Fn& fn) {
   fn(Tag<Charge, Charge::kNoDecay>{});
 }
 
-// One k per neuron (PLIF per channel) or one for all; IF has no decay.
+// Per-neuron parameters (one k per neuron for PLIF per channel, one v_th per neuron for a learnable
+// threshold; IF has no decay) or one of each for all.
 template <Charge C, typename Fn>
-void with_decays(const LifOptions& o, const Fn& fn) {
-  if constexpr (C != Charge::kIF) {
-    if (o.decays != nullptr) return fn(std::true_type{});
-  }
+void with_per_neuron(const LifOptions& o, const Fn& fn) {
+  if (o.thresholds != nullptr || (C != Charge::kIF && o.decays != nullptr)) return fn(std::true_type{});
   fn(std::false_type{});
 }
 
@@ -679,7 +705,7 @@ void lif_forward_range(const LifForwardArgs& a, int64_t begin, int64_t end) {
     using acc_t = decltype(acc);
     const Consts<acc_t> c = make_consts<acc_t>(a.o);
     with_charge(a.o, [&](auto C) {
-      with_decays<C.value>(a.o, [&](auto per_neuron) {
+      with_per_neuron<C.value>(a.o, [&](auto per_neuron) {
         with_hard(a.o, [&](auto hard) {
           with_fire(a.o, [&](auto F) {
             forward_range<acc_t, C.value, hard.value, F.value, per_neuron.value>(a, c, begin, end);
@@ -695,7 +721,7 @@ void lif_backward_range(const LifBackwardArgs& a, int64_t begin, int64_t end) {
     using acc_t = decltype(acc);
     const Consts<acc_t> c = make_consts<acc_t>(a.o);
     with_charge(a.o, [&](auto C) {
-      with_decays<C.value>(a.o, [&](auto per_neuron) {
+      with_per_neuron<C.value>(a.o, [&](auto per_neuron) {
         with_hard(a.o, [&](auto hard) {
           with_surrogate(a.o.surrogate, [&](auto S) {
             with_fire(a.o, [&](auto F) {

@@ -98,6 +98,27 @@ inline bool check_per_neuron_decay(const char* op, const at::Tensor& x, const at
   return true;
 }
 
+// A learnable threshold: v_th per neuron ([N]), which the kernels read in place (then on x's device, in the
+// state dtype, contiguous) instead of v_threshold. Its values are not checked (that would synchronize a
+// GPU); a NaN threshold gives NaN spikes, as in the reference.
+inline void check_per_neuron_threshold(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& threshold) {
+  if (!threshold.has_value()) return;
+  TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == x.size(1), op,
+              ": threshold must have shape [N] = [", x.size(1), "] (one v_th per neuron), got shape ",
+              threshold->sizes());
+  TORCH_CHECK(threshold->device() == x.device(), op, ": threshold must be on ", x.device(), ", got ",
+              threshold->device());
+  TORCH_CHECK(threshold->scalar_type() == acc_dtype(x.scalar_type()), op, ": threshold must be ",
+              acc_dtype(x.scalar_type()), " for ", x.scalar_type(), " x, got ", threshold->scalar_type());
+  TORCH_CHECK(threshold->is_contiguous(), op, ": threshold must be contiguous");
+}
+
+// dL/dv_th is taken with respect to a per-neuron threshold operand.
+inline void check_threshold_grad(const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
+  TORCH_CHECK_VALUE(!need_threshold_grad || threshold.has_value(),
+                    "lif_backward: need_threshold_grad requires a threshold tensor");
+}
+
 // A decay value read on the host: tau finite and > 1 (divide mode), or k = 1/tau finite and > 0.
 inline void check_decay_value(const char* op, bool leaky, bool decay_is_tau, double decay) {
   if (!leaky) return;

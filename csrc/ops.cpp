@@ -19,20 +19,24 @@ TORCH_LIBRARY(stars_fast, m) {
   // 3 piecewise_exp, 4 soft_sign, 5 super_spike (spiking only: it has no primitive), 6 erf.
   // v_init: [N] or None (then v_reset, or 0 for soft reset). decay: 1-element float tensor holding tau
   // (decay_is_tau: the charge divides by it, as SpikingJelly's LIFNode) or k = 1/tau (multiplies, as
-  // its ParametricLIFNode), or [N] values of k, one per neuron (state dtype, contiguous). Returns spikes [T, N] (x's dtype) and the final membrane potential v_last
-  // [N] (x's dtype) when need_v_last, else an empty [0] tensor.
+  // its ParametricLIFNode), or [N] values of k, one per neuron (state dtype, contiguous). threshold: [N]
+  // values of v_th, one per neuron (state dtype, contiguous: a learnable threshold), which replace
+  // v_threshold; None: v_threshold. Returns spikes [T, N] (x's dtype) and the final membrane potential
+  // v_last [N] (x's dtype) when need_v_last, else an empty [0] tensor.
   m.def(
       "lif_forward(Tensor x, Tensor? v_init, Tensor decay, bool leaky, bool decay_is_tau, float v_threshold, "
-      "float? v_reset, bool decay_input, int surrogate, float alpha, bool spiking, bool need_v_last) "
-      "-> (Tensor spikes, Tensor v_last)");
+      "float? v_reset, bool decay_input, int surrogate, float alpha, bool spiking, bool need_v_last, "
+      "Tensor? threshold=None) -> (Tensor spikes, Tensor v_last)");
   // Surrogate-gradient backward: recomputes h from x. grad_v_last None is zero. grad_v_init [N] when
-  // need_grad_v_init, grad_decay the per-neuron partial sums [N] of dL/dk (fp32; fp64 for fp64 x;
-  // reduced by the caller) when need_decay_grad (requires decay_is_tau=False); else empty [0].
+  // need_grad_v_init, grad_decay and grad_threshold the per-neuron partial sums [N] of dL/dk and dL/dv_th
+  // (fp32; fp64 for fp64 x; reduced by the caller) when need_decay_grad (requires decay_is_tau=False) and
+  // need_threshold_grad (requires threshold); else empty [0].
   m.def(
       "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor x, Tensor? v_init, Tensor decay, "
       "bool leaky, bool decay_is_tau, float v_threshold, float? v_reset, bool decay_input, int surrogate, "
-      "float alpha, bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) "
-      "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay)");
+      "float alpha, bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init, "
+      "Tensor? threshold=None, bool need_threshold_grad=False) "
+      "-> (Tensor grad_x, Tensor grad_v_init, Tensor grad_decay, Tensor grad_threshold)");
   // Fused STARS loss over L layers: z_teacher[l] [B, C_l], z_student[l] [B, C'_l] (one B for all).
   // Per layer, normalize: zn = (z - mean(zT)) / max(std_pop(zT), eps) on both sides (else zn = z);
   // theta = thresholds (shared by all layers, in zn coordinates) if given, else the linear

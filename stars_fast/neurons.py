@@ -37,7 +37,13 @@ its step, until `reset()`. `v_seq` keeps its graph (a loss may use it); `detach(
 SpikingJelly's monitors find layers by isinstance: give them our classes, e.g.
 `monitor.OutputMonitor(net, stars_fast.neurons.BaseNode)` (every neuron layer here) or
 `(LIFNode, IFNode)`; `monitor.AttributeMonitor("v", ...)` and `("v_seq", ...)` then record tensors.
-SpikingJelly's own `neuron.BaseNode` matches none of them (they are not its subclasses). Not carried
+SpikingJelly's own `neuron.BaseNode` matches none of them (they are not its subclasses).
+
+Learnable threshold (every node; SpikingJelly has none): `learnable_threshold=True` makes `v_threshold` an
+`nn.Parameter` initialised to the given value, one scalar, or one per channel with
+`per_channel_threshold=True, channels=C` (dim 2 of [T, B, C, ...]). Its gradient is the surrogate's:
+dL/dv_th = sum over steps of gv (1 - s) - gh (docs/design.md 2.1), fused on every backend and summed per
+channel without atomics. Not carried
 over: SpikingJelly's `register_memory` / functional state API (`to_functional_forward`) and its
 restart of a single-step state on a change of shape (here a clear error asks for `reset()`).
 """
@@ -100,7 +106,8 @@ class BaseNode(nn.Module):
 
     def __init__(self, *, leaky: bool, decay_input: bool, v_threshold: float, v_reset: Optional[float],
                  surrogate_function, alpha: Optional[float], detach_reset: bool, step_mode: str, backend: str,
-                 store_v_seq: bool, stateful: bool):
+                 store_v_seq: bool, stateful: bool, learnable_threshold: bool = False,
+                 per_channel_threshold: bool = False, channels: Optional[int] = None):
         super().__init__()
         backend = SPIKINGJELLY_BACKENDS.get(backend, backend)
         if backend not in ("auto",) + BACKENDS:
@@ -110,6 +117,14 @@ class BaseNode(nn.Module):
         self.leaky = leaky
         self.decay_input = bool(decay_input)
         self.v_threshold = _finite(v_threshold, "v_threshold")
+        if per_channel_threshold and not learnable_threshold:
+            raise ValueError("per_channel_threshold=True needs learnable_threshold=True")
+        if per_channel_threshold and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"per_channel_threshold=True needs channels, the number of channels (an int >= 1), "
+                             f"got {channels!r}")
+        if learnable_threshold:  # a Parameter in place of the float: the op takes either
+            shape = (channels,) if per_channel_threshold else ()
+            self.v_threshold = nn.Parameter(torch.full(shape, self.v_threshold))
         self.v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
         self.detach_reset = bool(detach_reset)
         self.step_mode = step_mode
@@ -222,7 +237,10 @@ class BaseNode(nn.Module):
         return spikes
 
     def extra_repr(self) -> str:
-        return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, surrogate={self.surrogate}, "
+        threshold = self.v_threshold
+        if isinstance(threshold, torch.Tensor):
+            threshold = f"learnable {list(threshold.shape)}" if threshold.dim() else f"{threshold.item():.4g} (learnable)"
+        return (f"v_threshold={threshold}, v_reset={self.v_reset}, surrogate={self.surrogate}, "
                 f"alpha={self.alpha}, detach_reset={self.detach_reset}, step_mode={self.step_mode}, "
                 f"backend={self.backend}" + (", stateful=True" if self.stateful else ""))
 
@@ -237,13 +255,17 @@ class LIFNode(BaseNode):
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function: Optional[SurrogateArg] = None,
                  detach_reset: bool = False, step_mode: str = "m", backend: str = "auto", store_v_seq: bool = False,
-                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False):
+                 *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False,
+                 learnable_threshold: bool = False, per_channel_threshold: bool = False,
+                 channels: Optional[int] = None):
         if not _finite(tau, "tau") > 1.0:
             raise ValueError(f"tau must be > 1, got {tau}")
+        _check_channels_used(channels, per_channel_threshold)
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
-                         stateful=stateful)
+                         stateful=stateful, learnable_threshold=learnable_threshold,
+                         per_channel_threshold=per_channel_threshold, channels=channels)
         self.tau = float(tau)
 
     def _decay(self) -> dict:
@@ -259,11 +281,14 @@ class IFNode(BaseNode):
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate_function: Optional[SurrogateArg] = None, detach_reset: bool = False, step_mode: str = "m",
                  backend: str = "auto", store_v_seq: bool = False, *, alpha: Optional[float] = None,
-                 surrogate: Optional[str] = None, stateful: bool = False):
+                 surrogate: Optional[str] = None, stateful: bool = False, learnable_threshold: bool = False,
+                 per_channel_threshold: bool = False, channels: Optional[int] = None):
+        _check_channels_used(channels, per_channel_threshold)
         super().__init__(leaky=False, decay_input=True, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
-                         stateful=stateful)
+                         stateful=stateful, learnable_threshold=learnable_threshold,
+                         per_channel_threshold=per_channel_threshold, channels=channels)
 
 
 class ParametricLIFNode(BaseNode):
@@ -279,17 +304,19 @@ class ParametricLIFNode(BaseNode):
                  v_reset: Optional[float] = 0.0, surrogate_function: Optional[SurrogateArg] = None,
                  detach_reset: bool = False, step_mode: str = "m", backend: str = "auto", store_v_seq: bool = False,
                  *, alpha: Optional[float] = None, surrogate: Optional[str] = None, stateful: bool = False,
-                 per_channel: bool = False, channels: Optional[int] = None):
+                 per_channel: bool = False, channels: Optional[int] = None, learnable_threshold: bool = False,
+                 per_channel_threshold: bool = False):
         if not _finite(init_tau, "init_tau") > 1.0:
             raise ValueError(f"init_tau must be > 1, got {init_tau}")
         if per_channel and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise ValueError(f"per_channel=True needs channels, the number of channels (an int >= 1), got {channels!r}")
-        if not per_channel and channels is not None:
-            raise ValueError("channels is only used with per_channel=True")
+        if not (per_channel or per_channel_threshold) and channels is not None:
+            raise ValueError("channels is only used with per_channel=True or per_channel_threshold=True")
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
-                         stateful=stateful)
+                         stateful=stateful, learnable_threshold=learnable_threshold,
+                         per_channel_threshold=per_channel_threshold, channels=channels)
         self.per_channel = bool(per_channel)
         self.channels = channels
         w0 = -math.log(init_tau - 1.0)
@@ -315,6 +342,11 @@ class ParametricLIFNode(BaseNode):
         tau = f"channels={self.channels}, per_channel=True" if self.per_channel else \
             f"tau={1.0 / self.w.sigmoid().item():.4f}"
         return f"{tau}, decay_input={self.decay_input}, " + super().extra_repr()
+
+
+def _check_channels_used(channels: Optional[int], per_channel_threshold: bool) -> None:
+    if channels is not None and not per_channel_threshold:
+        raise ValueError("channels is only used with per_channel_threshold=True")
 
 
 def _pick_surrogate(surrogate_function: Optional[SurrogateArg], surrogate: Optional[str]) -> SurrogateArg:

@@ -93,7 +93,7 @@ def multistep_neuron(
     *,
     tau: Optional[float] = None,
     leaky: bool = True,
-    v_threshold: float = 1.0,
+    v_threshold: Union[float, torch.Tensor] = 1.0,
     v_reset: Optional[float] = 0.0,
     decay_input: bool = True,
     detach_reset: bool = False,
@@ -110,6 +110,7 @@ def multistep_neuron(
             IF:               h = v + x[t]                          (tau / inv_tau ignored)
     fire    s = Theta(h - v_th)          (spiking=False: the surrogate's primitive)
     reset   hard: v = h (1 - s) + v_reset s      soft (v_reset None): v = h - v_th s, v_r = 0
+    v_th may be a tensor that broadcasts to one step (a learnable threshold; autograd gives its gradient).
     State and arithmetic in fp32 for half inputs, in the input dtype otherwise.
     """
     if leaky and (inv_tau is None) == (tau is None):
@@ -126,6 +127,8 @@ def multistep_neuron(
         v = v_init.to(compute).expand(step_shape)
     if isinstance(inv_tau, torch.Tensor):
         inv_tau = inv_tau.to(compute)
+    if isinstance(v_threshold, torch.Tensor):  # a learnable threshold, broadcast to one step
+        v_threshold = v_threshold.to(compute)
     spikes = []
     for t in range(xs.shape[0]):
         if not leaky:

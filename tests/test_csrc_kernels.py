@@ -43,7 +43,7 @@ def _neuron_case(T, N, dtype, *, leaky, v_reset, decay_input, detach_reset, surr
 
     spikes, v_last = ops.lif_forward(x, v_init, decay, leaky, decay_is_tau, v_th, v_reset, decay_input, sid, alpha,
                                      spiking, True)
-    grad_x, grad_v_init, grad_decay = ops.lif_backward(
+    grad_x, grad_v_init, grad_decay, _ = ops.lif_backward(
         grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_th, v_reset, decay_input, sid, alpha,
         spiking, detach_reset, need_decay_grad, True)
 
@@ -213,7 +213,7 @@ def test_neuron_spike_at_threshold_and_nan():
     assert spikes[0, 0] == 1 and spikes[1, 1] == 1 and spikes[0, 1] == 0
     assert torch.isnan(spikes[0, 2]) and torch.isnan(spikes[1, 2])
     for sid, surrogate in enumerate(SURROGATES):
-        grad_x, _, _ = ops.lif_backward(torch.ones_like(x), None, x, None, decay, False, False, 1.0, 0.0, True, sid,
+        grad_x, _, _, _ = ops.lif_backward(torch.ones_like(x), None, x, None, decay, False, False, 1.0, 0.0, True, sid,
                                         1.0, True, False, False, False)
         xr = x.clone().requires_grad_(True)
         R.multistep_neuron(xr, leaky=False, surrogate=surrogate, alpha=1.0)[0].sum().backward()
@@ -238,9 +238,9 @@ def test_neuron_optional_outputs():
     k = torch.tensor([0.5])
     spikes, v_last = ops.lif_forward(x, None, k, *FWD_OPTS[:-1], True, False)
     assert v_last.shape == (0,) and spikes.shape == x.shape
-    grad_x, grad_v_init, grad_decay = ops.lif_backward(torch.ones_like(x), None, x, None, k, *FWD_OPTS[:-1], True,
-                                                       False, False, False)
-    assert grad_v_init.shape == (0,) and grad_decay.shape == (0,)
+    grad_x, grad_v_init, grad_decay, grad_threshold = ops.lif_backward(
+        torch.ones_like(x), None, x, None, k, *FWD_OPTS[:-1], True, False, False, False)
+    assert grad_v_init.shape == (0,) and grad_decay.shape == (0,) and grad_threshold.shape == (0,)
     with_zero = ops.lif_backward(torch.ones_like(x), torch.zeros(100), x, None, k, *FWD_OPTS[:-1], True, False,
                                  False, True)
     assert torch.equal(grad_x, with_zero[0])

@@ -90,10 +90,10 @@ def _emulated(emulated, opts, x, v_init, grad_spikes, grad_v_last):
     decay = torch.tensor([value], dtype=_state_dtype(x.dtype))
     args = (x, v_init, decay, leaky, mode == "tau", 1.0, opts["v_reset"], opts["decay_input"],
             SURROGATE_IDS[opts["surrogate"]], reference.SURROGATE_DEFAULT_ALPHA[opts["surrogate"]], opts["spiking"])
-    spikes, v_last = emulated.lif_forward(*args, True)
+    spikes, v_last = emulated.lif_forward(*args, True, None)
     need_decay_grad = leaky and mode == "plif"
-    grad_x, grad_v_init, grad_decay = emulated.lif_backward(
-        grad_spikes, grad_v_last, *args, opts["detach_reset"], need_decay_grad, v_init is not None)
+    grad_x, grad_v_init, grad_decay, _ = emulated.lif_backward(
+        grad_spikes, grad_v_last, *args, opts["detach_reset"], need_decay_grad, v_init is not None, None, False)
     return (spikes, v_last, grad_x, grad_v_init if v_init is not None else None,
             grad_decay.sum() if need_decay_grad else None)
 
@@ -234,8 +234,9 @@ def test_one_k_per_neuron(emulated, dtype, decay_input, v_reset):
         x, v0, grad_spikes, grad_v = _case(5, N, dtype, v_init, grad_v_last)
         k = torch.rand(N, dtype=_state_dtype(dtype)) * 0.9 + 0.05
         args = (x, v0, k, True, False, 1.0, v_reset, decay_input, SURROGATE_IDS["atan"], 2.0, True)
-        spikes, v_last = emulated.lif_forward(*args, True)
-        grad_x, grad_v_init, grad_k = emulated.lif_backward(grad_spikes, grad_v, *args, False, True, v_init)
+        spikes, v_last = emulated.lif_forward(*args, True, None)
+        grad_x, grad_v_init, grad_k, _ = emulated.lif_backward(grad_spikes, grad_v, *args, False, True, v_init, None,
+                                                               False)
         xr = x.detach().clone().requires_grad_(True)
         v0r = None if v0 is None else v0.detach().clone().requires_grad_(True)
         kr = k.clone().requires_grad_(True)
@@ -249,3 +250,38 @@ def test_one_k_per_neuron(emulated, dtype, decay_input, v_reset):
         _assert_close(grad_k, kr.grad, dtype, f"{where}: grad k")
         if v0 is not None:
             _assert_close(grad_v_init, v0r.grad, dtype, f"{where}: grad_v_init")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("charge,v_reset,detach_reset", [(("tau", 2.5), -0.3, False), (None, None, True),
+                                                         (("plif", 0.45), None, False)])
+def test_one_threshold_per_neuron(emulated, dtype, charge, v_reset, detach_reset):
+    """A learnable threshold reaches the kernels as threshold [N] (the state dtype), alone (LIF dividing by
+    tau, IF) or with one k per neuron (PLIF per channel): spikes and v_last bit for bit, grad_x and the
+    per-neuron dL/dv_th (and dL/dk) against the reference with both broadcast over the steps; packed
+    (N = 32) and scalar (N = 13), T = 5."""
+    for N, (v_init, grad_v_last) in ((32, (True, True)), (13, (False, True))):
+        x, v0, grad_spikes, grad_v = _case(5, N, dtype, v_init, grad_v_last)
+        th = torch.rand(N, dtype=_state_dtype(dtype)) * 1.2 + 0.3
+        plif = charge is not None and charge[0] == "plif"
+        decay = (torch.rand(N, dtype=_state_dtype(dtype)) * 0.9 + 0.05 if plif
+                 else torch.tensor([2.5 if charge else 1.0], dtype=_state_dtype(dtype)))
+        args = (x, v0, decay, charge is not None, charge is not None and not plif, 0.0, v_reset, True,
+                SURROGATE_IDS["sigmoid"], 4.0, True)
+        spikes, v_last = emulated.lif_forward(*args, True, th)
+        grad_x, _, grad_k, grad_th = emulated.lif_backward(grad_spikes, grad_v, *args, detach_reset, plif, False, th,
+                                                           True)
+        xr = x.detach().clone().requires_grad_(True)
+        thr = th.clone().requires_grad_(True)
+        kr = decay.clone().requires_grad_(True) if plif else None
+        mode = {"inv_tau": kr} if plif else {"tau": 2.5} if charge else {}
+        want_spikes, want_v = reference.multistep_neuron(xr, **mode, leaky=charge is not None, v_threshold=thr,
+                                                         v_reset=v_reset, detach_reset=detach_reset, v_init=v0)
+        torch.autograd.backward([want_spikes, want_v], [grad_spikes, grad_v])
+        where = f"{dtype} N={N} {charge}"
+        assert torch.equal(spikes, want_spikes), f"{where}: spikes differ from the reference's"
+        assert torch.equal(v_last, want_v), f"{where}: v_last differs from the reference's"
+        _assert_close(grad_x, xr.grad, dtype, f"{where}: grad_x")
+        _assert_close(grad_th, thr.grad, dtype, f"{where}: grad v_th")
+        if plif:
+            _assert_close(grad_k, kr.grad, dtype, f"{where}: grad k")

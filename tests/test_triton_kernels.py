@@ -116,7 +116,7 @@ def _triton_neuron(opts, x, v_init, grad_spikes, grad_v_last):
               opts["spiking"])
     need_decay_grad = opts["plif"] and opts["leaky"]
     spikes, v_last = _cpu(*kernels.lif_forward(x, v_init, decay, *neuron, opts["need_v_last"]))
-    grad_x, grad_v_init, grad_decay = _cpu(*kernels.lif_backward(
+    grad_x, grad_v_init, grad_decay, _ = _cpu(*kernels.lif_backward(
         grad_spikes, grad_v_last, x, v_init, decay, *neuron, opts["detach_reset"], need_decay_grad,
         opts["need_grad_v_init"]))
     assert spikes.dtype == v_last.dtype == grad_x.dtype == grad_v_init.dtype == x.dtype

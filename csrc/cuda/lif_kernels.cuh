@@ -44,6 +44,7 @@ template <typename acc_t>
 struct Params : NeuronConstants<acc_t> {
   int charge, fire, surrogate;
   bool hard, divide;
+  bool per_neuron_decay;  // decay holds one k per neuron (with kPerNeuron); else its one value
 };
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -129,10 +130,10 @@ __device__ __forceinline__ acc_t surrogate_grad(acc_t u, const Params<acc_t>& p)
   return (d < acc_t(0) ? acc_t(0) : d) / p.alpha2;
 }
 
-// reset   hard: v = h (1 - s) + v_reset s    soft: v = h - v_th s
+// reset   hard: v = h (1 - s) + v_reset s    soft: v = h - v_th s   (v_th: the neuron's threshold)
 template <typename acc_t>
-__device__ __forceinline__ acc_t reset(acc_t h, acc_t s, const Params<acc_t>& p) {
-  return p.hard ? h * (acc_t(1) - s) + p.v_reset * s : h - p.v_th * s;
+__device__ __forceinline__ acc_t reset(acc_t h, acc_t s, acc_t v_th, const Params<acc_t>& p) {
+  return p.hard ? h * (acc_t(1) - s) + p.v_reset * s : h - v_th * s;
 }
 
 // VEC elements moved as one aligned access.
@@ -166,13 +167,19 @@ __device__ __forceinline__ void load_grad(const scalar_t* __restrict__ g, int64_
   for (int e = 0; e < VEC; ++e) out[e] = static_cast<acc_t>(g[row_off + (i + e) * col_stride]);
 }
 
-// The decay of the thread's VEC neurons: their own k (kPerNeuron: PLIF per channel, multiply mode; read
-// element by element, once per thread, as it needs no packing) or the one value for all, so that the
-// scalar path's code is what it was.
+// The parameters of the thread's VEC neurons: their own k (kPerNeuron and p.per_neuron_decay: PLIF per
+// channel, multiply mode) and v_th (kPerNeuron and thresholds given: a learnable threshold), read element
+// by element once per thread (no packing needed), or the one value for all, so that the scalar path's
+// code is what it was.
 template <int VEC, bool kPerNeuron, typename acc_t>
-__device__ __forceinline__ void neuron_decays(const acc_t* __restrict__ decay_ptr, int64_t i, acc_t (&k)[VEC]) {
+__device__ __forceinline__ void neuron_params(const acc_t* __restrict__ decay_ptr,
+                                              const acc_t* __restrict__ thresholds, int64_t i,
+                                              const Params<acc_t>& p, acc_t (&k)[VEC], acc_t (&v_th)[VEC]) {
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) k[e] = kPerNeuron ? decay_ptr[i + e] : *decay_ptr;
+  for (int e = 0; e < VEC; ++e) {
+    k[e] = kPerNeuron && p.per_neuron_decay ? decay_ptr[i + e] : *decay_ptr;
+    v_th[e] = kPerNeuron && thresholds != nullptr ? thresholds[i + e] : p.v_th;
+  }
 }
 
 template <int VEC, typename scalar_t, typename acc_t>
@@ -185,14 +192,15 @@ __device__ __forceinline__ void initial_v(const scalar_t* __restrict__ v_init, i
 
 template <typename scalar_t, typename acc_t, int VEC, bool kPerNeuron>
 __global__ void lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v_init,
-                                   const acc_t* __restrict__ decay_ptr, scalar_t* __restrict__ spikes,
-                                   scalar_t* __restrict__ v_last, int64_t T, int64_t N, Params<acc_t> p) {
+                                   const acc_t* __restrict__ decay_ptr, const acc_t* __restrict__ thresholds,
+                                   scalar_t* __restrict__ spikes, scalar_t* __restrict__ v_last, int64_t T, int64_t N,
+                                   Params<acc_t> p) {
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < N / VEC;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = q * VEC;
-    acc_t v[VEC], k[VEC];
+    acc_t v[VEC], k[VEC], v_th[VEC];
     initial_v<VEC>(v_init, i, p, v);
-    neuron_decays<VEC, kPerNeuron>(decay_ptr, i, k);
+    neuron_params<VEC, kPerNeuron>(decay_ptr, thresholds, i, p, k, v_th);
 #pragma unroll 4
     for (int64_t t = 0; t < T; ++t) {
       acc_t xv[VEC], s[VEC];
@@ -200,8 +208,8 @@ __global__ void lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const acc_t h = charge(v[e], xv[e], k[e], p);
-        s[e] = fire(h - p.v_th, p.fire, p);
-        v[e] = reset(h, s[e], p);
+        s[e] = fire(h - v_th[e], p.fire, p);
+        v[e] = reset(h, s[e], v_th[e], p);
       }
       store_pack<VEC>(spikes + t * N + i, s);
     }
@@ -212,8 +220,8 @@ __global__ void lif_forward_kernel(const scalar_t* __restrict__ x, const scalar_
 // h of steps t0 .. t0 + len - 1 (len <= C) into registers, v advanced past them.
 template <int C, int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void recompute_chunk(const scalar_t* __restrict__ x, int64_t t0, int64_t len, int64_t N,
-                                                int64_t i, const acc_t (&k)[VEC], const Params<acc_t>& p,
-                                                acc_t (&v)[VEC], acc_t (&h)[C][VEC]) {
+                                                int64_t i, const acc_t (&k)[VEC], const acc_t (&v_th)[VEC],
+                                                const Params<acc_t>& p, acc_t (&v)[VEC], acc_t (&h)[C][VEC]) {
   acc_t xs[C][VEC];
 #pragma unroll
   for (int j = 0; j < C; ++j) {
@@ -225,7 +233,7 @@ __device__ __forceinline__ void recompute_chunk(const scalar_t* __restrict__ x, 
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         h[j][e] = charge(v[e], xs[j][e], k[e], p);
-        v[e] = reset(h[j][e], fire(h[j][e] - p.v_th, p.fire, p), p);
+        v[e] = reset(h[j][e], fire(h[j][e] - v_th[e], p.fire, p), v_th[e], p);
       }
     }
   }
@@ -235,21 +243,27 @@ __device__ __forceinline__ void recompute_chunk(const scalar_t* __restrict__ x, 
 //   sg = surrogate'(h - v_th);  dv/dh = hard: (1 - s) + (v_reset - h) sg (1 - D) | soft: 1 - v_th sg (1 - D)
 //   gh = gs sg + gv dv/dh;  gx = gh / tau (LIF decay_input) | gh;  gv <- gh - gh / tau (LIF) | gh (IF)
 //   (multiply mode: gh k and gh (1 - k));  PLIF: dL/dk += gh (x - (v_prev - v_r)) | gh * -(v_prev - v_r)
+//   learnable threshold: dL/dv_th += gv (1 - s) - gh (gv before the step's update; docs/design.md 2.1)
+//
+// The kernel streams HBM: only many resident warps keep enough bytes in flight. __launch_bounds__(kThreads, 2)
+// caps its registers at 128, so that 2 blocks (16 warps, 25% of an sm_80 / sm_90 SM) fit. The forward has
+// no bound: it needs far fewer registers, and a bound lets ptxas spend more of them (fewer resident warps).
 template <typename scalar_t, typename acc_t, int VEC, int C, bool kPerNeuron>
-__global__ void lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, int64_t gs_stride_t,
+__global__ void __launch_bounds__(kThreads, 2) lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, int64_t gs_stride_t,
                                     int64_t gs_stride_n, const scalar_t* __restrict__ grad_v_last,
                                     int64_t gvl_stride, const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ v_init, const acc_t* __restrict__ decay_ptr,
-                                    scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_v_init,
-                                    acc_t* __restrict__ grad_decay, acc_t* __restrict__ checkpoints, int64_t T,
+                                    const acc_t* __restrict__ thresholds, scalar_t* __restrict__ grad_x,
+                                    scalar_t* __restrict__ grad_v_init, acc_t* __restrict__ grad_decay,
+                                    acc_t* __restrict__ grad_threshold, acc_t* __restrict__ checkpoints, int64_t T,
                                     int64_t N, Params<acc_t> p) {
   const int64_t chunks = (T + C - 1) / C;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < N / VEC;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = q * VEC;
-    acc_t v0[VEC], v[VEC], h[C][VEC], k[VEC], one_minus_k[VEC];
+    acc_t v0[VEC], v[VEC], h[C][VEC], k[VEC], one_minus_k[VEC], v_th[VEC];
     initial_v<VEC>(v_init, i, p, v0);
-    neuron_decays<VEC, kPerNeuron>(decay_ptr, i, k);
+    neuron_params<VEC, kPerNeuron>(decay_ptr, thresholds, i, p, k, v_th);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) one_minus_k[e] = acc_t(1) - k[e];
 #pragma unroll
@@ -260,13 +274,14 @@ __global__ void lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, in
 #pragma unroll
         for (int e = 0; e < VEC; ++e) checkpoints[(c - 1) * N + i + e] = v[e];
       }
-      recompute_chunk<C, VEC>(x, c * C, min(static_cast<int64_t>(C), T - c * C), N, i, k, p, v, h);
+      recompute_chunk<C, VEC>(x, c * C, min(static_cast<int64_t>(C), T - c * C), N, i, k, v_th, p, v, h);
     }
-    acc_t gv[VEC], k_acc[VEC];
+    acc_t gv[VEC], k_acc[VEC], th_acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       gv[e] = grad_v_last != nullptr ? static_cast<acc_t>(grad_v_last[(i + e) * gvl_stride]) : acc_t(0);
       k_acc[e] = acc_t(0);
+      th_acc[e] = acc_t(0);
     }
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t t0 = c * C, len = min(static_cast<int64_t>(C), T - t0);
@@ -276,7 +291,7 @@ __global__ void lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, in
       if (c != chunks - 1) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[e] = v_start[e];
-        recompute_chunk<C, VEC>(x, t0, len, N, i, k, p, v, h);
+        recompute_chunk<C, VEC>(x, t0, len, N, i, k, v_th, p, v, h);
       }
       acc_t gs[C][VEC];
 #pragma unroll
@@ -291,15 +306,18 @@ __global__ void lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, in
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const acc_t hj = h[j][e];
-            const acc_t u = hj - p.v_th;
+            const acc_t u = hj - v_th[e];
             const acc_t sg = surrogate_grad(u, p);
-            const acc_t dv_dh = p.hard ? (acc_t(1) - fire(u, p.fire, p)) + (p.v_reset - hj) * sg * p.not_detached
-                                       : acc_t(1) - p.v_th * sg * p.not_detached;
+            const acc_t not_fired = acc_t(1) - fire(u, p.fire, p);
+            const acc_t dv_dh = p.hard ? not_fired + (p.v_reset - hj) * sg * p.not_detached
+                                       : acc_t(1) - v_th[e] * sg * p.not_detached;
             const acc_t g = gs[j][e] * sg + gv[e] * dv_dh;
+            if (grad_threshold != nullptr) th_acc[e] += gv[e] * not_fired - g;
             const acc_t g_leak = leak(g, k[e], p);
             gx[e] = p.charge == kDecayInput ? g_leak : g;
             if (grad_decay != nullptr) {
-              const acc_t v_prev = j > 0 ? reset(h[j - 1][e], fire(h[j - 1][e] - p.v_th, p.fire, p), p) : v_start[e];
+              const acc_t v_prev =
+                  j > 0 ? reset(h[j - 1][e], fire(h[j - 1][e] - v_th[e], p.fire, p), v_th[e], p) : v_start[e];
               k_acc[e] += p.charge == kDecayInput ? g * (xv[e] - (v_prev - p.v_r)) : g * -(v_prev - p.v_r);
             }
             gv[e] = p.charge == kIF ? g : (p.divide ? g - g_leak : g * one_minus_k[e]);
@@ -312,6 +330,10 @@ __global__ void lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, in
     if (grad_decay != nullptr) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) grad_decay[i + e] = k_acc[e];
+    }
+    if (grad_threshold != nullptr) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) grad_threshold[i + e] = th_acc[e];
     }
   }
 }

@@ -51,9 +51,10 @@ constexpr int chunk_steps() {
   return 16 / (pack_width<scalar_t>() * static_cast<int>(sizeof(acc_t) / 4));
 }
 
-// fn(std::true_type) when decay holds one k per neuron (check_per_neuron_decay), else fn(std::false_type).
+// fn(std::true_type) when a parameter is per neuron (one k: check_per_neuron_decay; or one v_th: a
+// threshold tensor), else fn(std::false_type).
 template <typename Fn>
-void with_per_neuron_decay(bool per_neuron, const Fn& fn) {
+void with_per_neuron(bool per_neuron, const Fn& fn) {
   if (per_neuron) return fn(std::true_type{});
   fn(std::false_type{});
 }
@@ -73,27 +74,30 @@ inline bool can_pack(int64_t N, std::initializer_list<const at::Tensor*> tensors
 inline std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky,
     bool decay_is_tau, double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate,
-    double alpha, bool spiking, bool need_v_last) {
+    double alpha, bool spiking, bool need_v_last, const std::optional<at::Tensor>& threshold) {
   check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
+  check_per_neuron_threshold("lif_forward", x, threshold);
   const DeviceScope scope(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = at::empty_like(x);
   at::Tensor v_last = at::empty({need_v_last ? N : 0}, x.options());
   if (N == 0) return {spikes, v_last};
   const at::Tensor v0 = v_init.has_value() ? v_init->contiguous() : at::Tensor();
-  const bool per_neuron = check_per_neuron_decay("lif_forward", x, decay, decay_is_tau) && leaky;
+  const bool per_neuron_decay = check_per_neuron_decay("lif_forward", x, decay, decay_is_tau) && leaky;
   const at::Tensor d = decay.to(x.device(), acc_dtype(x.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>(leaky, decay_is_tau, decay_input, spiking, surrogate, v_threshold, v_reset,
-                                      alpha, false);
+    auto p = make_params<acc_t>(leaky, decay_is_tau, decay_input, spiking, surrogate, v_threshold, v_reset, alpha,
+                                false);
+    p.per_neuron_decay = per_neuron_decay;
     const auto launch = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      with_per_neuron_decay(per_neuron, [&](auto per) {
+      with_per_neuron(per_neuron_decay || threshold.has_value(), [&](auto per) {
         launch_kernel(
             lif_forward_kernel<scalar_t, acc_t, VEC, decltype(per)::value>, num_blocks(scope, N / VEC), kThreads,
             scope.stream(), x.const_data_ptr<scalar_t>(), v0.defined() ? v0.const_data_ptr<scalar_t>() : nullptr,
-            d.const_data_ptr<acc_t>(), spikes.data_ptr<scalar_t>(),
+            d.const_data_ptr<acc_t>(), threshold.has_value() ? threshold->const_data_ptr<acc_t>() : nullptr,
+            spikes.data_ptr<scalar_t>(),
             need_v_last ? v_last.data_ptr<scalar_t>() : nullptr, T, N, p);
       });
     };
@@ -106,49 +110,57 @@ inline std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(
   return {spikes, v_last};
 }
 
-// grad_v_init [N] (x's dtype) when need_grad_v_init; grad_decay [N] per-neuron partial sums of dL/dk in
-// the state dtype when need_decay_grad (the caller sums: deterministic); else empty [0].
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
+// grad_v_init [N] (x's dtype) when need_grad_v_init; grad_decay and grad_threshold [N] per-neuron partial
+// sums of dL/dk and dL/dv_th in the state dtype when need_decay_grad / need_threshold_grad (the caller
+// sums: deterministic); else empty [0].
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     const at::Tensor& grad_spikes_in, const std::optional<at::Tensor>& grad_v_last_in, const at::Tensor& x,
     const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky, bool decay_is_tau,
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
-    bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init) {
+    bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init,
+    const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
   check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
   check_neuron_grads(x, grad_spikes_in, grad_v_last_in, leaky, decay_is_tau, need_decay_grad);
+  check_per_neuron_threshold("lif_backward", x, threshold);
+  check_threshold_grad(threshold, need_threshold_grad);
   const DeviceScope scope(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_v_init = at::empty({need_grad_v_init ? N : 0}, x.options());
   at::Tensor grad_decay = at::empty({need_decay_grad ? N : 0}, x.options().dtype(acc));
-  if (N == 0) return {grad_x, grad_v_init, grad_decay};
+  at::Tensor grad_threshold = at::empty({need_threshold_grad ? N : 0}, x.options().dtype(acc));
+  if (N == 0) return {grad_x, grad_v_init, grad_decay, grad_threshold};
   // Gradients in x's dtype, read through their strides (a stride-0 broadcast stays unmaterialized).
   at::Tensor grad_spikes = grad_spikes_in.to(x.scalar_type());
   if (grad_spikes.stride(1) > 1) grad_spikes = grad_spikes.contiguous();
   const at::Tensor grad_v_last = grad_v_last_in.has_value() ? grad_v_last_in->to(x.scalar_type()) : at::Tensor();
   const at::Tensor v0 = v_init.has_value() ? v_init->contiguous() : at::Tensor();
-  const bool per_neuron = check_per_neuron_decay("lif_backward", x, decay, decay_is_tau) && leaky;
+  const bool per_neuron_decay = check_per_neuron_decay("lif_backward", x, decay, decay_is_tau) && leaky;
   const at::Tensor d = decay.to(x.device(), acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int C = chunk_steps<scalar_t, acc_t>();
     const int64_t chunks = (T + C - 1) / C;
     const at::Tensor checkpoints = chunks > 1 ? at::empty({chunks - 1, N}, x.options().dtype(acc)) : at::Tensor();
-    const auto p = make_params<acc_t>(leaky, decay_is_tau, decay_input, spiking, surrogate, v_threshold, v_reset,
-                                      alpha, detach_reset);
+    auto p = make_params<acc_t>(leaky, decay_is_tau, decay_input, spiking, surrogate, v_threshold, v_reset, alpha,
+                                detach_reset);
+    p.per_neuron_decay = per_neuron_decay;
     const bool gs_packed = grad_spikes.stride(1) == 1 && aligned16(grad_spikes.const_data_ptr()) &&
                            (T <= 1 || grad_spikes.stride(0) % pack_width<scalar_t>() == 0);
     const auto launch = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      with_per_neuron_decay(per_neuron, [&](auto per) {
+      with_per_neuron(per_neuron_decay || threshold.has_value(), [&](auto per) {
         launch_kernel(
             lif_backward_kernel<scalar_t, acc_t, VEC, C, decltype(per)::value>, num_blocks(scope, N / VEC), kThreads,
             scope.stream(), grad_spikes.const_data_ptr<scalar_t>(), grad_spikes.stride(0), grad_spikes.stride(1),
             grad_v_last.defined() ? grad_v_last.const_data_ptr<scalar_t>() : nullptr,
             grad_v_last.defined() ? grad_v_last.stride(0) : 0, x.const_data_ptr<scalar_t>(),
             v0.defined() ? v0.const_data_ptr<scalar_t>() : nullptr, d.const_data_ptr<acc_t>(),
-            grad_x.data_ptr<scalar_t>(), need_grad_v_init ? grad_v_init.data_ptr<scalar_t>() : nullptr,
+            threshold.has_value() ? threshold->const_data_ptr<acc_t>() : nullptr, grad_x.data_ptr<scalar_t>(),
+            need_grad_v_init ? grad_v_init.data_ptr<scalar_t>() : nullptr,
             need_decay_grad ? grad_decay.data_ptr<acc_t>() : nullptr,
+            need_threshold_grad ? grad_threshold.data_ptr<acc_t>() : nullptr,
             checkpoints.defined() ? checkpoints.data_ptr<acc_t>() : nullptr, T, N, p);
       });
     };
@@ -158,7 +170,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
       launch(std::integral_constant<int, 1>{});
     }
   });
-  return {grad_x, grad_v_init, grad_decay};
+  return {grad_x, grad_v_init, grad_decay, grad_threshold};
 }
 
 }  // namespace stars_fast::lif_cuda

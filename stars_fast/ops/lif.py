@@ -8,7 +8,9 @@ every backend, registers the autograd formula once for the compiled backends and
 `decay` (a 1-element tensor) holds tau when `decay_is_tau` (the charge divides by tau, as
 SpikingJelly's LIFNode) and k = 1/tau otherwise (the charge multiplies by k, as its
 ParametricLIFNode, whose k = sigmoid(w) may need a gradient). A per-channel k reaches the kernels
-as one k per neuron: `decay` of N entries in the order of x's [T, N] view.
+as one k per neuron: `decay` of N entries in the order of x's [T, N] view. A learnable threshold (a
+tensor v_threshold: one value, or one per channel) reaches them the same way, as `threshold` of N
+entries that replaces the float v_threshold; its gradient comes back per neuron and autograd sums it.
 """
 from __future__ import annotations
 
@@ -50,30 +52,33 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fake_forward(x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha,
-                  spiking, detach_reset, need_v_last):
+                  spiking, detach_reset, need_v_last, threshold=None):
     return torch.empty_like(x), x.new_empty(x.shape[1:] if need_v_last else (0,))
 
 
 def _fake_backward(grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset,
-                   decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad, need_grad_v_init):
+                   decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad, need_grad_v_init,
+                   threshold=None, need_threshold_grad=False):
     grad_decay = x.new_empty(x.shape[1:] if need_decay_grad else (0,), dtype=_state_dtype(x.dtype))
-    return torch.empty_like(x), x.new_empty(x.shape[1:] if need_grad_v_init else (0,)), grad_decay
+    grad_threshold = x.new_empty(x.shape[1:] if need_threshold_grad else (0,), dtype=_state_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty(x.shape[1:] if need_grad_v_init else (0,)), grad_decay, grad_threshold
 
 
 def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_grad):
     """The backward as a differentiable graph (for create_graph=True: double backward), by autograd
     through reference.multistep_neuron on the saved inputs. Its second derivatives are the reference's."""
-    x, v_init, decay = saved
+    x, v_init, decay, threshold = saved
     leaky, decay_is_tau, v_threshold, v_reset, decay_input, surrogate, alpha, spiking, detach_reset = options
     k = decay.reshape(()) if decay.numel() == 1 else decay  # one k per neuron broadcasts over x's [T, N]
     mode = {"tau": k} if decay_is_tau else {"inv_tau": k}
     with torch.enable_grad():
         spikes, v_last = reference.multistep_neuron(
-            x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            x, leaky=leaky, v_threshold=v_threshold if threshold is None else threshold, v_reset=v_reset,
+            decay_input=decay_input,
             detach_reset=detach_reset, surrogate=tuple(SURROGATE_IDS)[surrogate], alpha=alpha, spiking=spiking,
             v_init=v_init, **(mode if leaky else {}))
         pairs = [(out, g) for out, g in ((spikes, grad_spikes), (v_last, grad_v_last)) if g is not None]
-        wrt = [t for t, need in zip((x, v_init, decay), needs_input_grad) if need]
+        wrt = [t for t, need in zip((x, v_init, decay, threshold), needs_input_grad) if need]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
                                          allow_unused=True))
     return tuple(next(grads) if need else None for need in needs_input_grad)
@@ -81,51 +86,58 @@ def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_gr
 
 def _setup_context(ctx, inputs, output):
     x, v_init, decay = inputs[:3]
-    ctx.save_for_backward(x, v_init, decay)
+    threshold = inputs[13] if len(inputs) > 13 else None
+    ctx.save_for_backward(x, v_init, decay, threshold)
     ctx.options = inputs[3:12]  # leaky .. detach_reset
     ctx.need_v_last = inputs[12]
     ctx.set_materialize_grads(False)
 
 
 def _neuron_backward(ctx, grad_spikes, grad_v_last, backward_op):
-    """Autograd of the neuron (both compiled homes): the gradients of (x, v_init, decay) by backward_op.
+    """Autograd of the neuron (both compiled homes): the gradients of (x, v_init, decay, threshold) by
+    backward_op, in the places of the op's 14 inputs.
 
     Autograd does not materialize missing gradients: backward_op gets grad_v_last=None when v_last
-    is unused, and computes grad_v_init / grad_decay only for inputs that need them.
+    is unused, and computes grad_v_init / grad_decay / grad_threshold only for inputs that need them.
     """
     saved = ctx.saved_tensors
-    x, v_init, decay = saved
+    x, v_init, decay, threshold = saved
     leaky = ctx.options[0]
     if not ctx.need_v_last:  # v_last was the empty [0] placeholder: whatever gradient it got is none
         grad_v_last = None
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and leaky)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and leaky,
+             len(ctx.needs_input_grad) > 13 and ctx.needs_input_grad[13])
     if (grad_spikes is None and grad_v_last is None) or not any(needs):
-        return (None,) * 13
+        return (None,) * 14
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (grad_spikes, grad_v_last, *saved)):
-        return _reference_backward(saved, ctx.options, grad_spikes, grad_v_last, needs) + (None,) * 10
+        grad_x, grad_v_init, grad_decay, grad_threshold = _reference_backward(
+            saved, ctx.options, grad_spikes, grad_v_last, needs)
+        return (grad_x, grad_v_init, grad_decay) + (None,) * 10 + (grad_threshold,)
     if grad_spikes is None:  # only v_last is used: a stride-0 zero, never materialized
         grad_spikes = x.new_zeros(()).expand(x.shape)
-    grad_x, grad_v_init, grad_decay = backward_op(
+    grad_x, grad_v_init, grad_decay, grad_threshold = backward_op(
         grad_spikes, grad_v_last, x, v_init,  # the kernels read gradients through their strides
-        decay, *ctx.options, needs[2], needs[1])
+        decay, *ctx.options, needs[2], needs[1], threshold, needs[3])
     if needs[2]:  # per-neuron partial sums: summed for one k; one k per neuron takes its own
         grad_decay = (grad_decay.sum() if decay.numel() == 1 else grad_decay).reshape(decay.shape).to(decay.dtype)
     else:
         grad_decay = None
-    return (grad_x if needs[0] else None, grad_v_init if needs[1] else None, grad_decay) + (None,) * 10
+    grad_threshold = grad_threshold.to(threshold.dtype) if needs[3] else None  # one v_th per neuron: its own
+    return ((grad_x if needs[0] else None, grad_v_init if needs[1] else None, grad_decay) + (None,) * 10
+            + (grad_threshold,))
 
 
 class _ExtNeuron(torch.autograd.Function):
     """The C++/CUDA kernels (torch.ops.stars_fast.lif_forward / lif_backward, whose fake kernels are
     registered below) under autograd. A plain autograd.Function, not a custom_op wrapper: that costs
     ~0.2 ms less per forward + backward (0.32 against 0.50-0.53 ms measured at [4, 64]), which every
-    neuron layer of a synthesis step pays. Takes the Triton op's 13 arguments (detach_reset, 12th, is
+    neuron layer of a synthesis step pays. Takes the Triton op's 14 arguments (detach_reset, 12th, is
     only read by the backward) and returns (spikes, v_last)."""
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first, not a setup_context: that binds the arguments by inspect, ~0.1 ms
-        output = _ext_forward(*inputs[:11], inputs[12])  # the C++ op takes no detach_reset
+        output = _ext_forward(*inputs[:11], inputs[12], inputs[13])  # the C++ op takes no detach_reset
         _setup_context(ctx, inputs, output)
         return output
 
@@ -136,7 +148,7 @@ class _ExtNeuron(torch.autograd.Function):
 
 def _fake_ext_forward(*args):
     """The fake of the C++ lif_forward (the Triton op's arguments without detach_reset)."""
-    return _fake_forward(*args[:11], False, args[11])
+    return _fake_forward(*args[:11], False, *args[11:])
 
 
 if _backend.extension_built():  # fake kernels of the C++ ops, for torch.compile and FakeTensor
@@ -155,18 +167,20 @@ def _define_triton_neuron_op():
     @torch.library.triton_op("stars_fast::neuron_triton", mutates_args=())
     def forward_op(x: Tensor, v_init: Optional[Tensor], decay: Tensor, leaky: bool, decay_is_tau: bool,
                    v_threshold: float, v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float,
-                   spiking: bool, detach_reset: bool, need_v_last: bool) -> Tuple[Tensor, Tensor]:
+                   spiking: bool, detach_reset: bool, need_v_last: bool,
+                   threshold: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         return _triton_forward(x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input,
-                               surrogate, alpha, spiking, need_v_last)
+                               surrogate, alpha, spiking, need_v_last, threshold)
 
     @torch.library.triton_op("stars_fast::neuron_triton_backward", mutates_args=())
     def backward_op(grad_spikes: Tensor, grad_v_last: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
                     decay: Tensor, leaky: bool, decay_is_tau: bool, v_threshold: float, v_reset: Optional[float],
                     decay_input: bool, surrogate: int, alpha: float, spiking: bool, detach_reset: bool,
-                    need_decay_grad: bool, need_grad_v_init: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                    need_decay_grad: bool, need_grad_v_init: bool, threshold: Optional[Tensor],
+                    need_threshold_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _triton_backward(grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_threshold,
                                 v_reset, decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad,
-                                need_grad_v_init)
+                                need_grad_v_init, threshold, need_threshold_grad)
 
     forward_op.register_fake(_fake_forward)
     backward_op.register_fake(_fake_backward)
@@ -213,9 +227,24 @@ def _check_decay(leaky: bool, inv_tau, tau, x_shape):
         raise ValueError(f"inv_tau (1/tau) must be in (0, 1], got {inv_tau}")
 
 
+def _check_threshold(v_threshold, x_shape):
+    """v_threshold: a finite number, or a learnable threshold: a float tensor of one element or one value per
+    channel ([C], dim 2 of x). Tensor values are not checked (no device sync)."""
+    if not isinstance(v_threshold, Tensor):
+        return _finite(v_threshold, "v_threshold")
+    if not v_threshold.is_floating_point():
+        raise ValueError(f"v_threshold must be a floating-point tensor, got dtype {v_threshold.dtype}")
+    if v_threshold.numel() != 1 and (v_threshold.dim() != 1 or len(x_shape) < 3 or v_threshold.shape[0] != x_shape[2]):
+        raise ValueError(f"v_threshold must be a number, a 1-element tensor or one value per channel, shape [C] with "
+                         f"x of shape [T, B, C, ...]; got v_threshold of shape {tuple(v_threshold.shape)} and x of "
+                         f"shape {tuple(x_shape)}")
+    return v_threshold
+
+
 def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surrogate: str, alpha, v_threshold,
-                       v_reset, inv_tau, tau, spiking: bool = True) -> Tuple[float, float, Optional[float]]:
-    """Every argument check of the neuron, for all backends; returns (alpha, v_threshold, v_reset) as floats."""
+                       v_reset, inv_tau, tau, spiking: bool = True) -> Tuple[float, Union[float, Tensor], Optional[float]]:
+    """Every argument check of the neuron, for all backends; returns (alpha, v_threshold, v_reset) as floats
+    (v_threshold stays a tensor when it is one)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
@@ -232,7 +261,7 @@ def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surroga
     alpha = _finite(reference.SURROGATE_DEFAULT_ALPHA[surrogate] if alpha is None else alpha, "alpha")
     if not alpha > 0:
         raise ValueError(f"alpha (the surrogate's sharpness) must be > 0, got {alpha}")
-    v_threshold = _finite(v_threshold, "v_threshold")
+    v_threshold = _check_threshold(v_threshold, x.shape)
     v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
     _check_decay(neuron == "lif", inv_tau, tau, x.shape)
     if v_init is not None:
@@ -301,7 +330,7 @@ def multistep_neuron(
     *,
     tau: Optional[float] = None,
     neuron: str = "lif",
-    v_threshold: float = 1.0,
+    v_threshold: Union[float, Tensor] = 1.0,
     v_reset: Optional[float] = 0.0,
     decay_input: bool = True,
     detach_reset: bool = False,
@@ -320,6 +349,8 @@ def multistep_neuron(
     multiplies by it: a float, or a tensor that may need grad, as ParametricLIFNode). IF ignores both.
     inv_tau may also be a tensor [C] of one k per channel, the channel dim being dim 2 of x[T, B, C, ...]
     (PLIF per channel); its gradient is reduced per channel without atomics (deterministic).
+    v_threshold may be a tensor (a learnable threshold): one element, or one value per channel [C] like
+    inv_tau; its gradient is reduced the same way.
     """
     alpha, v_threshold, v_reset = _check_neuron_args(x, v_init, neuron, surrogate, alpha, v_threshold, v_reset,
                                                      inv_tau, tau, spiking)
@@ -328,17 +359,24 @@ def multistep_neuron(
     order = _memory_order(x)
     if leaky and _is_per_channel(inv_tau):  # one k per neuron (a view), permuted with x below
         inv_tau = _per_neuron_view(inv_tau.to(device=x.device, dtype=_state_dtype(x.dtype)), x)
+    threshold = None  # a learnable threshold: one v_th per neuron (a view), permuted with x below
+    if isinstance(v_threshold, Tensor):
+        threshold = v_threshold.to(device=x.device, dtype=_state_dtype(x.dtype))
+        threshold = (_per_neuron_view(threshold, x) if _is_per_channel(threshold)
+                     else threshold.reshape(()).expand(x.shape[1:]))
     if order is not None:  # run in x's memory order (a view of a dense x); the outputs get x's layout back
         step_order = [d - 1 for d in order[1:]]
         if v_init is not None:
             v_init = v_init.expand(x.shape[1:]).permute(step_order).contiguous()
         if leaky and _is_per_channel(inv_tau):
             inv_tau = inv_tau.permute(step_order)
+        if threshold is not None:
+            threshold = threshold.permute(step_order)
         x = x.permute(order)
     if chosen == "reference" or x.numel() == 0:
         decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
         spikes, v_last = reference.multistep_neuron(
-            x, leaky=leaky, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            x, leaky=leaky, v_threshold=v_threshold if threshold is None else threshold, v_reset=v_reset, decay_input=decay_input,
             detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init, **decay)
         return _in_input_layout(order, spikes, v_last if return_v else None)
     steps, step_shape = x.shape[0], x.shape[1:]
@@ -346,9 +384,11 @@ def multistep_neuron(
     if v_init is not None:
         v_init = v_init.to(x.dtype).expand(step_shape).reshape(-1).contiguous()
     decay, decay_is_tau = _decay_tensor(leaky, inv_tau, tau, x)
+    if threshold is not None:  # [N] in x's memory order, what the kernels read instead of the float
+        threshold, v_threshold = threshold.reshape(-1).contiguous(), 0.0
     op = _triton_neuron if chosen == "triton" else _ExtNeuron.apply
     spikes, v_last = op(x2d, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input,
-                        SURROGATE_IDS[surrogate], alpha, spiking, detach_reset, return_v)
+                        SURROGATE_IDS[surrogate], alpha, spiking, detach_reset, return_v, threshold)
     return _in_input_layout(order, spikes.reshape(x.shape), v_last.reshape(step_shape) if return_v else None)
 
 
