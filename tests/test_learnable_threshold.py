@@ -1,6 +1,6 @@
 """A learnable threshold: multistep_neuron(x, v_threshold=theta) with theta a tensor of one element or one
 value per channel [C] (dim 2 of x[T, B, C, ...]), and the nodes' `learnable_threshold=True`, on every
-backend, against a plain-PyTorch loop written here (it shares no code with the package), against closed
+backend, against the plain-PyTorch loop of tests/neuron_loop.py (no code shared with the package), against closed
 forms of dL/dv_th, and against finite differences (float64 gradcheck of the smooth neuron)."""
 import pytest
 import torch
@@ -9,53 +9,9 @@ from stars_fast.neurons import IFNode, LIFNode, ParametricLIFNode
 from stars_fast.ops.lif import multistep_neuron
 
 from conftest import require_backend
+from neuron_loop import ALPHA, loop
 
 BACKENDS = ["reference", "cpu", "triton"]  # triton runs under TRITON_INTERPRET=1 without a GPU
-ALPHA = 4.0  # the sigmoid surrogate's default sharpness
-
-
-class _SigmoidSpike(torch.autograd.Function):
-    """Theta(u) forward, alpha sigmoid'(alpha u) backward."""
-
-    @staticmethod
-    def forward(ctx, u):
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        s = torch.sigmoid(ALPHA * u)
-        return grad * ALPHA * s * (1 - s)
-
-
-def _channel_view(p, x):
-    """A scalar, or [C] broadcast over the channels (dim 2 of x)."""
-    return p if p.dim() == 0 else p.reshape((1, -1) + (1,) * (x.dim() - 3))
-
-
-def _loop(x, theta, k=None, *, neuron="lif", decay_input=True, v_reset=0.0, detach_reset=False, spiking=True):
-    """SpikingJelly's LIF (tau = 2.5, divides) / IF / PLIF (k multiplies) step by step, the threshold
-    theta a tensor broadcast over one step."""
-    dtype = x.dtype
-    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    theta = _channel_view(theta.to(x.dtype), x)
-    k = None if k is None else _channel_view(k.to(x.dtype), x)
-    v_r = 0.0 if v_reset is None else v_reset
-    v = torch.full_like(x[0], v_r)
-    spikes = []
-    for t in range(x.shape[0]):
-        if neuron == "if":
-            h = v + x[t]
-        elif neuron == "lif":
-            h = v + (x[t] - (v - v_r)) / 2.5 if decay_input else v - (v - v_r) / 2.5 + x[t]
-        else:
-            h = v + (x[t] - (v - v_r)) * k if decay_input else v - (v - v_r) * k + x[t]
-        s = _SigmoidSpike.apply(h - theta) if spiking else torch.sigmoid(ALPHA * (h - theta))
-        s_reset = s.detach() if detach_reset else s
-        v = h - theta * s_reset if v_reset is None else h * (1 - s_reset) + v_reset * s_reset
-        spikes.append(s)
-    return torch.stack(spikes).to(dtype), v.to(dtype)
 
 
 def _op(backend, neuron, **opts):
@@ -83,7 +39,7 @@ def _grads(fn, x, theta, k=None, seed=1):
 def _assert_matches_loop(backend, x, theta, tol, neuron="lif", k=None, **opts):
     """Spikes exact, v_last and every gradient within tol (rtol, atol); the loop runs on x's contiguous copy."""
     got = _grads(_op(backend, neuron, **opts), x, theta, k)
-    want = _grads(lambda x, theta, k: _loop(x, theta, k, neuron=neuron, **opts), x.contiguous(), theta, k)
+    want = _grads(lambda x, theta, k: loop(x, theta, k, neuron=neuron, **opts), x.contiguous(), theta, k)
     assert torch.equal(got[0], want[0])
     for g, r in zip(got[1:], want[1:]):
         torch.testing.assert_close(g, r, rtol=tol[0], atol=tol[1])

@@ -1,6 +1,6 @@
 """PLIF with one time constant per channel: ParametricLIFNode(per_channel=True, channels=C) and
 multistep_neuron(x, inv_tau=k) with k of shape [C] (the channels at dim 2 of x[T, B, C, ...]), on
-every backend, against a plain-PyTorch loop written here (it shares no code with the package)."""
+every backend, against the plain-PyTorch loop of tests/neuron_loop.py (no code shared with the package)."""
 import pytest
 import torch
 
@@ -8,41 +8,14 @@ from stars_fast.neurons import ParametricLIFNode
 from stars_fast.ops.lif import multistep_neuron
 
 from conftest import require_backend
+from neuron_loop import loop
 
 BACKENDS = ["reference", "cpu", "triton"]  # triton runs under TRITON_INTERPRET=1 without a GPU
-ALPHA = 4.0  # the sigmoid surrogate's default sharpness
 
 
-class _SigmoidSpike(torch.autograd.Function):
-    """Theta(u) forward, alpha sigmoid'(alpha u) backward."""
-
-    @staticmethod
-    def forward(ctx, u):
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        s = torch.sigmoid(ALPHA * u)
-        return grad * ALPHA * s * (1 - s)
-
-
-def _loop(x, k, *, decay_input=True, v_reset=0.0, v_threshold=1.0, detach_reset=False, spiking=True):
+def _loop(x, k, *, v_threshold=1.0, **opts):
     """SpikingJelly's ParametricLIFNode, step by step, with k [C] broadcast over the channels (dim 2 of x)."""
-    dtype = x.dtype  # half x: computed in fp32, outputs in x's dtype (their gradients arrive rounded to it)
-    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    k = k.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 3))
-    v_r = 0.0 if v_reset is None else v_reset
-    v = torch.full_like(x[0], v_r)
-    spikes = []
-    for t in range(x.shape[0]):
-        h = v + (x[t] - (v - v_r)) * k if decay_input else v - (v - v_r) * k + x[t]
-        s = _SigmoidSpike.apply(h - v_threshold) if spiking else torch.sigmoid(ALPHA * (h - v_threshold))
-        s_reset = s.detach() if detach_reset else s
-        v = h - v_threshold * s_reset if v_reset is None else h * (1 - s_reset) + v_reset * s_reset
-        spikes.append(s)
-    return torch.stack(spikes).to(dtype), v.to(dtype)
+    return loop(x, v_threshold, k, neuron="plif", **opts)
 
 
 def _grads(fn, x, w, seed=1):

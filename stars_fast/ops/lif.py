@@ -206,6 +206,15 @@ def _finite(value, name: str) -> float:
     return value if isinstance(value, torch.SymFloat) else float(value)
 
 
+def _check_one_or_per_channel(t: Tensor, name: str, per_channel: str, x_shape):
+    """A float tensor of one element or of one value per channel ([C], dim 2 of x[T, B, C, ...])."""
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.numel() != 1 and (t.dim() != 1 or len(x_shape) < 3 or t.shape[0] != x_shape[2]):
+        raise ValueError(f"{name} must be a 1-element tensor or {per_channel}, shape [C] with x of shape "
+                         f"[T, B, C, ...]; got {name} of shape {tuple(t.shape)} and x of shape {tuple(x_shape)}")
+
+
 def _check_decay(leaky: bool, inv_tau, tau, x_shape):
     """LIF: exactly one of inv_tau (float in (0, 1], a 1-element float tensor, or a float tensor [C] of
     one k per channel, dim 2 of x) or tau (float > 1). Tensor values are not checked (no device sync)."""
@@ -217,12 +226,7 @@ def _check_decay(leaky: bool, inv_tau, tau, x_shape):
         if not _finite(tau, "tau") > 1.0:
             raise ValueError(f"tau must be > 1 for a LIF neuron, got {tau}")
     elif isinstance(inv_tau, Tensor):
-        if not inv_tau.is_floating_point():
-            raise ValueError(f"inv_tau must be a floating-point tensor, got dtype {inv_tau.dtype}")
-        if inv_tau.numel() != 1 and (inv_tau.dim() != 1 or len(x_shape) < 3 or inv_tau.shape[0] != x_shape[2]):
-            raise ValueError(f"inv_tau must be a 1-element tensor or one k per channel, shape [C] with x of shape "
-                             f"[T, B, C, ...]; got inv_tau of shape {tuple(inv_tau.shape)} and x of shape "
-                             f"{tuple(x_shape)}")
+        _check_one_or_per_channel(inv_tau, "inv_tau", "one k per channel", x_shape)
     elif not 0.0 < _finite(inv_tau, "inv_tau") <= 1.0:
         raise ValueError(f"inv_tau (1/tau) must be in (0, 1], got {inv_tau}")
 
@@ -232,12 +236,7 @@ def _check_threshold(v_threshold, x_shape):
     channel ([C], dim 2 of x). Tensor values are not checked (no device sync)."""
     if not isinstance(v_threshold, Tensor):
         return _finite(v_threshold, "v_threshold")
-    if not v_threshold.is_floating_point():
-        raise ValueError(f"v_threshold must be a floating-point tensor, got dtype {v_threshold.dtype}")
-    if v_threshold.numel() != 1 and (v_threshold.dim() != 1 or len(x_shape) < 3 or v_threshold.shape[0] != x_shape[2]):
-        raise ValueError(f"v_threshold must be a number, a 1-element tensor or one value per channel, shape [C] with "
-                         f"x of shape [T, B, C, ...]; got v_threshold of shape {tuple(v_threshold.shape)} and x of "
-                         f"shape {tuple(x_shape)}")
+    _check_one_or_per_channel(v_threshold, "v_threshold", "one value per channel", x_shape)
     return v_threshold
 
 
