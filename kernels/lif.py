@@ -20,10 +20,18 @@ Backward is the reverse scan of section 2.1 (gv = dL/dv, sg = surrogate'(u), D =
     gh    = gs[t] sg + gv dv/dh
     gx[t] = gh / tau | gh k (LIF, decay_input) | gh;   gv <- gh - gh / tau | gh - gh k (LIF) | gh (IF)
     dL/dv_init = final gv;   dL/dk = sum_t gh (x[t] - (v_prev - v_r)) (decay_input) | sum_t gh (v_r - v_prev)
+    dL/dv_th = sum_t gv (1 - s) - gh   (a learnable threshold: gv before its update; docs/design.md 2.1)
 
-Memory traffic. Each thread owns 16 contiguous bytes of every [N] row it touches (4 fp32 or
-8 fp16/bf16 neurons: ld.global.v4 / st.global.v4 when N % 16 == 0; Triton specializes on it).
-With b bytes per element, per neuron (S = 4 backward steps per chunk, see below):
+Memory traffic. Each thread owns a few contiguous neurons of every [N] row it touches; when
+N % 16 == 0 (rows 16-byte aligned; Triton specializes on it) their elements are one vector access
+per row: in the forward 4 neurons (16 B of fp32: ld/st.global.v4, 8 B of fp16/bf16: v2), in the
+backward 8 B (2 fp32 or 4 fp16/bf16 neurons: v2; 2 fp16/bf16 neurons, one 32-bit access, with dL/dk,
+which also holds dh/dk per step). Otherwise the accesses are scalar, each neuron with its own address
+registers, and a thread owns 2 neurons in the forward, 1 in the backward. These splits keep every
+variant within 128 registers per thread, so with 4 warps per program 16 warps are resident per SM
+(25% occupancy, the floor of tests/compile_gate.py for these memory-bound kernels): 8 B per thread
+at 16 warps keep as many bytes in flight as 16 B at 8. With b bytes per element, per neuron (S = 4
+backward steps per chunk, see below):
 
     minimal   forward  2 T b (read x, write spikes)
               backward 3 T b (read x and grad_spikes, write grad_x)
@@ -35,24 +43,26 @@ With b bytes per element, per neuron (S = 4 backward steps per chunk, see below)
               both      + 4 B of k per neuron for PLIF per channel (read once per program)
     e.g. T = 4: forward and backward minimal; T = 32 fp32: backward 3 T b + 28 b + 48 B (1.42x)
 
-The backward cannot hold all T steps in registers at 16 B per thread without spilling (nor compile
-in reasonable time: Triton's coalescing pass grows with the cube of an unrolled chunk), so it works
-in chunks of S = 4 time steps (2 for PLIF with 16-bit I/O), for every T (a partial last chunk
-is masked). A first pass runs the forward over chunks 0..C-2, storing the state v at the start of
-each chunk 1..C-2 (fp32, a scratch [C - 2, N]). Then, chunk by chunk from the last, it loads the
-chunk's x and grad_spikes (all loads issued before any store), recomputes the coefficients of
-gh = cs[t] + gv bs[t] (cs = grad_spikes sg, bs = dv/dh) into a compile-time tuple (the loop is
-unrolled, so the tuple lives in registers), and runs the reverse scan over them, storing grad_x:
-no load waits on a store. No T x N scratch, and h is exact for fp16/bf16 I/O (a scratch h in
-grad_x's dtype would lose bits and could flip a spike). The forward loads chunks of 4 (T <= 4) or
-8 steps of x before storing their spikes.
+The backward cannot hold all T steps in registers (nor compile in reasonable time: Triton's
+coalescing pass grows with the cube of an unrolled chunk), so it works in chunks of S = 4 time
+steps, for every T (a partial last chunk is masked): at T <= 4 it reads x and grad_spikes once. A
+first pass runs the forward over chunks 0..C-2, storing the state v at the start of each chunk
+1..C-2 (fp32, a scratch [C - 2, N]). Then, chunk by chunk from the last, it loads the chunk's x and
+grad_spikes (all loads issued before any store), recomputes the coefficients of gh = cs[t] + gv
+bs[t] (cs = grad_spikes sg, bs = dv/dh) into a compile-time tuple (the loop is unrolled, so the
+tuple lives in registers), and runs the reverse scan over them, storing grad_x: no load waits on a
+store. No T x N scratch, and h is exact for fp16/bf16 I/O (a scratch h in grad_x's dtype would lose
+bits and could flip a spike). The forward loads chunks of 4 (T <= 4) or 8 steps of x before storing
+their spikes.
 
 All launches use enable_fp_fusion=False: a multiply-add fused on the GPU would round differently
 from the reference (and from the C++ kernels, built with -ffp-contract=off), and a spike exactly at
-threshold could flip. Only the surrogate, spiking, dL/dk, one k per neuron (PLIF per channel: the
-scalar k's code stays as it was) and the chunk size are compile-time constants; the neuron options
-(LIF/IF, divide/multiply, reset, decay_input, detach_reset) are runtime flags selected per element,
-and v_init, v_last, grad_v_last, grad_v_init runtime flags too, so the variants stay few (tests/compile_gate.py compiles every one for sm_80 and sm_90).
+threshold could flip. Only the surrogate, spiking, dL/dk, dL/dv_th, one k per neuron (PLIF per
+channel), one v_th per neuron (a learnable threshold; the scalars' code stays as it was) and the chunk
+size are compile-time constants; the neuron options (LIF/IF, divide/multiply, reset, decay_input,
+detach_reset) are runtime flags selected per element, and v_init, v_last, grad_v_last, grad_v_init
+runtime flags too, so the variants stay few (tests/compile_gate.py compiles every one for sm_80 and
+sm_90).
 """
 from __future__ import annotations
 
@@ -66,12 +76,12 @@ import triton.language as tl
 
 SIGMOID, ATAN, TRIANGLE, PIECEWISE_EXP, SOFT_SIGN, SUPER_SPIKE, ERF = range(7)  # stars_fast.ops.lif.SURROGATE_IDS
 _NUM_WARPS = 4
-_BYTES_PER_THREAD = 16  # one 128-bit access per thread per [N] row
 _FWD_MAX_STEPS = 8  # x of a forward chunk, loaded before its spikes are stored
-_BWD_MAX_STEPS = 4  # steps of a backward chunk held in registers (every T; masked past T)
-# An explicit register limit: without one, ptxas may pick fewer registers (an occupancy target) and
-# spill a few long-lived values; with it, every variant compiles spill-free (the compile gate checks).
-_MAX_REGISTERS = 255
+_BWD_STEPS = 4  # steps of a backward chunk held in registers (every T; masked past T)
+# Registers per thread: at most 128 keeps 16 warps per SM (25% occupancy) at 4 warps per program. The
+# neurons per thread (_fwd_block, _bwd_block) fit every variant in it; with the limit, ptxas cannot
+# exceed it: a variant that needs more spills, which the compile gate fails.
+_MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -199,6 +209,17 @@ def _decays(DECAY, offs, mask, PER_NEURON_DECAY: tl.constexpr):
 
 
 @triton.jit
+def _thresholds(THRESHOLD, offs, mask, v_threshold, PER_NEURON_THRESHOLD: tl.constexpr):
+    """v_th: the block's own threshold per neuron when PER_NEURON_THRESHOLD (a learnable threshold), else
+    the one value, so that the float threshold's code is what it was."""
+    if PER_NEURON_THRESHOLD:
+        v_th = tl.load(THRESHOLD + offs, mask=mask, other=1.0).to(tl.float32)
+    else:
+        v_th = v_threshold
+    return v_th
+
+
+@triton.jit
 def _initial_v(V_INIT, offs, mask, v_rest, has_v_init):
     """v before t = 0: v_init, or v_reset (0 for soft reset)."""
     v = tl.zeros(offs.shape, tl.float32) + v_rest
@@ -209,10 +230,10 @@ def _initial_v(V_INIT, offs, mask, v_rest, has_v_init):
 
 @triton.jit(do_not_specialize=["T"])
 def _lif_fwd_kernel(
-    X, V_INIT, DECAY, SPIKES, V_LAST,
+    X, V_INIT, DECAY, THRESHOLD, SPIKES, V_LAST,
     T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, has_v_init, need_v_last,
-    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, PER_NEURON_DECAY: tl.constexpr, STEPS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, SPIKING: tl.constexpr, PER_NEURON_DECAY: tl.constexpr,
+    PER_NEURON_THRESHOLD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """spikes[t] (and v_last when asked) for BLOCK neurons: the charge/fire/reset scan over t.
 
@@ -223,6 +244,7 @@ def _lif_fwd_kernel(
     mask = offs < N
     n = tl.cast(N, tl.int64)
     decay, inv_tau = _decays(DECAY, offs, mask, PER_NEURON_DECAY)
+    v_th = _thresholds(THRESHOLD, offs, mask, v_threshold, PER_NEURON_THRESHOLD)
     v = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
     for t0 in range(0, T, STEPS):
         xs = ()
@@ -230,7 +252,7 @@ def _lif_fwd_kernel(
             xs = xs + (tl.load(X + (t0 + i) * n + offs, mask=mask & (t0 + i < T), other=0.0),)
         for i in tl.static_range(STEPS):
             t = t0 + i
-            h, s, v_next = _step(v, xs[i].to(tl.float32), decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky,
+            h, s, v_next = _step(v, xs[i].to(tl.float32), decay, inv_tau, v_th, v_rest, alpha, inv_alpha2, leaky,
                                  divide, hard_reset, decay_input, SURROGATE, SPIKING)
             tl.store(SPIKES + t * n + offs, s.to(SPIKES.dtype.element_ty), mask=mask & (t < T))
             v = tl.where(t < T, v_next, v)
@@ -240,13 +262,15 @@ def _lif_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def _lif_bwd_kernel(
-    GRAD_SPIKES, GRAD_V_LAST, X, V_INIT, DECAY, GRAD_X, GRAD_V_INIT, GRAD_DECAY, V_CHECKPOINTS,
+    GRAD_SPIKES, GRAD_V_LAST, X, V_INIT, DECAY, THRESHOLD, GRAD_X, GRAD_V_INIT, GRAD_DECAY, GRAD_THRESHOLD,
+    V_CHECKPOINTS,
     T, N, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset, decay_input, detach_reset,
     has_grad_v_last, has_v_init, need_grad_v_init,
     SURROGATE: tl.constexpr, SPIKING: tl.constexpr, NEED_DECAY_GRAD: tl.constexpr, PER_NEURON_DECAY: tl.constexpr,
-    STEPS: tl.constexpr, BLOCK: tl.constexpr,
+    PER_NEURON_THRESHOLD: tl.constexpr, NEED_THRESHOLD_GRAD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad_x[t], dL/dv_init and the per-neuron dL/dk for BLOCK neurons: checkpoint, recompute, reverse scan.
+    """grad_x[t], dL/dv_init and the per-neuron dL/dk and dL/dv_th for BLOCK neurons: checkpoint, recompute,
+    reverse scan.
 
     Pass 1 runs the forward over chunks 0..C-2 and stores v at the start of chunks 1..C-2 in
     V_CHECKPOINTS[c - 1]. Pass 2 takes chunks last to first: v at the chunk's start (from pass 1,
@@ -258,13 +282,14 @@ def _lif_bwd_kernel(
     mask = offs < N
     n = tl.cast(N, tl.int64)
     decay, inv_tau = _decays(DECAY, offs, mask, PER_NEURON_DECAY)
+    v_th = _thresholds(THRESHOLD, offs, mask, v_threshold, PER_NEURON_THRESHOLD)
     v_init = _initial_v(V_INIT, offs, mask, v_rest, has_v_init)
     num_chunks = tl.cdiv(T, STEPS)
     v = v_init
     for c in range(num_chunks - 1):
         for i in tl.static_range(STEPS):
             x = tl.load(X + (c * STEPS + i) * n + offs, mask=mask, other=0.0).to(tl.float32)
-            h, s, v = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset,
+            h, s, v = _step(v, x, decay, inv_tau, v_th, v_rest, alpha, inv_alpha2, leaky, divide, hard_reset,
                             decay_input, SURROGATE, SPIKING)
         if c + 2 < num_chunks:
             tl.store(V_CHECKPOINTS + c * n + offs, v, mask=mask)
@@ -272,6 +297,7 @@ def _lif_bwd_kernel(
     if has_grad_v_last:
         gv = tl.load(GRAD_V_LAST + offs, mask=mask, other=0.0).to(tl.float32)
     grad_decay = tl.zeros([BLOCK], tl.float32)
+    grad_threshold = tl.zeros([BLOCK], tl.float32)
     for chunk in range(num_chunks):
         c = num_chunks - 1 - chunk
         t0 = c * STEPS
@@ -287,18 +313,21 @@ def _lif_bwd_kernel(
         cs = ()
         bs = ()
         qs = ()  # dh/dk at fixed v, for dL/dk
+        keeps = ()  # 1 - s, for dL/dv_th
         for i in tl.static_range(STEPS):
             x = xs[i].to(tl.float32)
-            h, s, v_next = _step(v, x, decay, inv_tau, v_threshold, v_rest, alpha, inv_alpha2, leaky, divide,
+            h, s, v_next = _step(v, x, decay, inv_tau, v_th, v_rest, alpha, inv_alpha2, leaky, divide,
                                  hard_reset, decay_input, SURROGATE, SPIKING)
-            sg = _surrogate_grad(h - v_threshold, alpha, inv_alpha2, SURROGATE)
+            sg = _surrogate_grad(h - v_th, alpha, inv_alpha2, SURROGATE)
             keep = 1.0 - s
             dv_dh_hard = tl.where(detach_reset, keep, keep + (v_rest - h) * sg)
-            dv_dh_soft = tl.where(detach_reset, 1.0, 1.0 - v_threshold * sg)
+            dv_dh_soft = tl.where(detach_reset, 1.0, 1.0 - v_th * sg)
             cs = cs + (gss[i].to(tl.float32) * sg,)
             bs = bs + (tl.where(hard_reset, dv_dh_hard, dv_dh_soft),)
             if NEED_DECAY_GRAD:
                 qs = qs + (tl.where(decay_input, x - (v - v_rest), v_rest - v),)
+            if NEED_THRESHOLD_GRAD:
+                keeps = keeps + (keep,)
             v = v_next
         for i in tl.static_range(STEPS - 1, -1, -1):
             t = t0 + i
@@ -308,14 +337,19 @@ def _lif_bwd_kernel(
             tl.store(GRAD_X + t * n + offs, gx.to(GRAD_X.dtype.element_ty), mask=mask & (t < T))
             if NEED_DECAY_GRAD:
                 grad_decay += tl.where(t < T, gh * qs[i], 0.0)
+            if NEED_THRESHOLD_GRAD:
+                grad_threshold += tl.where(t < T, gv * keeps[i] - gh, 0.0)
             gv = tl.where(t < T, tl.where(leaky, gh - leaked, gh), gv)
     if need_grad_v_init:
         tl.store(GRAD_V_INIT + offs, gv.to(GRAD_V_INIT.dtype.element_ty), mask=mask)
     if NEED_DECAY_GRAD:
         tl.store(GRAD_DECAY + offs, grad_decay, mask=mask)
+    if NEED_THRESHOLD_GRAD:
+        tl.store(GRAD_THRESHOLD + offs, grad_threshold, mask=mask)
 
 
-def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, surrogate: int, spiking: bool) -> int:
+def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, surrogate: int, spiking: bool,
+           threshold: Optional[torch.Tensor]) -> int:
     """Validates the arguments shared by both launchers; returns N, the number of neurons."""
     if x.dim() < 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be a [T, N] float32/float16/bfloat16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
@@ -332,13 +366,30 @@ def _check(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
                          f"5 (super_spike) or 6 (erf), got {surrogate}")
     if not spiking and surrogate == SUPER_SPIKE:
         raise ValueError("super_spike has no primitive: spiking=False is not supported with it")
+    if threshold is not None and (threshold.numel() != n or threshold.dtype != torch.float32
+                                  or threshold.device != x.device):
+        raise ValueError(f"threshold must be a float32 tensor of N = {n} elements (one v_th per neuron) on "
+                         f"{x.device}, got {threshold.dtype} of shape {tuple(threshold.shape)} on {threshold.device}")
     return n
 
 
-def _block(dtype: torch.dtype, N: int) -> int:
-    """Neurons per program: 16 bytes of x per thread and row when N % 16 == 0 (rows 16-byte aligned,
-    128-bit accesses); else the accesses are scalar and 4 neurons per thread keep registers unspilled."""
-    per_thread = _BYTES_PER_THREAD // torch.empty((), dtype=dtype).element_size() if N % 16 == 0 else 4
+def _fwd_block(N: int) -> int:
+    """Neurons per forward program: 4 per thread when N % 16 == 0 (one 16 B fp32 or 8 B fp16/bf16 vector
+    access per row), else 2 (scalar accesses, each neuron with its own address registers)."""
+    return (4 if N % 16 == 0 else 2) * 32 * _NUM_WARPS
+
+
+def _bwd_block(dtype: torch.dtype, N: int, need_parameter_grad: bool) -> int:
+    """Neurons per backward program, which holds S steps of coefficients per neuron: 8 bytes per thread
+    and row when N % 16 == 0 (one v2 access), but 2 fp16/bf16 neurons (4 bytes) when dh/dk or 1 - s is
+    held too (dL/dk, dL/dv_th); else 1 neuron per thread (scalar accesses, each neuron with its own
+    address registers)."""
+    if N % 16 != 0:
+        per_thread = 1
+    elif torch.empty((), dtype=dtype).element_size() == 2:
+        per_thread = 2 if need_parameter_grad else 4
+    else:
+        per_thread = 2
     return per_thread * 32 * _NUM_WARPS
 
 
@@ -370,14 +421,14 @@ def _is_per_neuron_decay(decay: torch.Tensor, decay_is_tau: bool) -> bool:
 def lif_forward(
     x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor, leaky: bool, decay_is_tau: bool,
     v_threshold: float, v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float, spiking: bool,
-    need_v_last: bool,
+    need_v_last: bool, threshold: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multi-step neuron over x[T, N] -> (spikes [T, N], v_last [N] if need_v_last else [0]), x's dtype.
 
     decay holds tau (divided by) when decay_is_tau, else k = 1/tau (multiplied by): one value, or one k
-    per neuron (N values); IF ignores it.
+    per neuron (N values); IF ignores it. threshold: one v_th per neuron (fp32 [N]) in place of v_threshold.
     """
-    N = _check(x, v_init, decay, surrogate, spiking)
+    N = _check(x, v_init, decay, surrogate, spiking, threshold)
     per_neuron_decay = bool(leaky) and _is_per_neuron_decay(decay, decay_is_tau)
     x = x.contiguous()
     T = x.shape[0]
@@ -387,16 +438,16 @@ def lif_forward(
         return spikes, v_last
     v_init = v_init.contiguous() if v_init is not None else None
     leaky = bool(leaky)
-    block = _block(x.dtype, N)
+    block = _fwd_block(N)
     with _device_guard(x):
         torch.library.wrap_triton(_lif_fwd_kernel)[(triton.cdiv(N, block),)](
-            x, v_init if v_init is not None else x, _decay_operand(decay, x), spikes,
+            x, v_init if v_init is not None else x, _decay_operand(decay, x), threshold, spikes,
             v_last if need_v_last else spikes,
             T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
             leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), v_init is not None,
             bool(need_v_last), SURROGATE=0 if spiking else int(surrogate), SPIKING=bool(spiking),
-            PER_NEURON_DECAY=per_neuron_decay, STEPS=_fwd_steps(T), BLOCK=block, num_warps=_NUM_WARPS, num_stages=1,
-            maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
+            PER_NEURON_DECAY=per_neuron_decay, PER_NEURON_THRESHOLD=threshold is not None, STEPS=_fwd_steps(T),
+            BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
         )
     return spikes, v_last
 
@@ -405,14 +456,18 @@ def lif_backward(
     grad_spikes: torch.Tensor, grad_v_last: Optional[torch.Tensor], x: torch.Tensor, v_init: Optional[torch.Tensor],
     decay: torch.Tensor, leaky: bool, decay_is_tau: bool, v_threshold: float, v_reset: Optional[float],
     decay_input: bool, surrogate: int, alpha: float, spiking: bool, detach_reset: bool, need_decay_grad: bool,
-    need_grad_v_init: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Surrogate-gradient backward -> (grad_x [T, N], grad_v_init [N] or [0], grad_decay [N] or [0]).
+    need_grad_v_init: bool, threshold: Optional[torch.Tensor] = None, need_threshold_grad: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Surrogate-gradient backward -> (grad_x [T, N], grad_v_init [N] or [0], grad_decay [N] or [0],
+    grad_threshold [N] or [0]).
 
-    grad_v_last None is zero (never read). grad_decay is the per-neuron partial sum (fp32) of dL/dk
-    when need_decay_grad (multiply mode only; the caller reduces it), else empty.
+    grad_v_last None is zero (never read). grad_decay and grad_threshold are the per-neuron partial sums
+    (fp32) of dL/dk when need_decay_grad (multiply mode only) and of dL/dv_th when need_threshold_grad
+    (threshold given); the caller reduces them. Else empty.
     """
-    N = _check(x, v_init, decay, surrogate, spiking)
+    N = _check(x, v_init, decay, surrogate, spiking, threshold)
+    if need_threshold_grad and threshold is None:
+        raise ValueError("need_threshold_grad requires a threshold tensor")
     leaky = bool(leaky)
     per_neuron_decay = leaky and _is_per_neuron_decay(decay, decay_is_tau)
     need_decay_grad = bool(need_decay_grad) and leaky
@@ -426,26 +481,26 @@ def lif_backward(
     grad_x = torch.empty_like(x)
     grad_v_init = torch.empty(x.shape[1:] if need_grad_v_init else (0,), dtype=x.dtype, device=x.device)
     grad_decay = torch.empty(x.shape[1:] if need_decay_grad else (0,), dtype=torch.float32, device=x.device)
+    grad_threshold = torch.empty(x.shape[1:] if need_threshold_grad else (0,), dtype=torch.float32, device=x.device)
     if N == 0:
-        return grad_x, grad_v_init, grad_decay
+        return grad_x, grad_v_init, grad_decay, grad_threshold
     if grad_v_last is not None:
         grad_v_last = grad_v_last.to(x.dtype).contiguous()
     v_init = v_init.contiguous() if v_init is not None else None
-    # PLIF with 16-bit I/O also holds dh/dk per step (8 neurons per thread): 2 steps fit in registers
-    steps = 2 if need_decay_grad and x.element_size() == 2 else _BWD_MAX_STEPS
-    checkpoints = torch.empty((max(triton.cdiv(T, steps) - 2, 1), N if T > 2 * steps else 1),
+    checkpoints = torch.empty((max(triton.cdiv(T, _BWD_STEPS) - 2, 1), N if T > 2 * _BWD_STEPS else 1),
                               dtype=torch.float32, device=x.device)
-    block = _block(x.dtype, N)
+    block = _bwd_block(x.dtype, N, need_decay_grad or bool(need_threshold_grad))
     with _device_guard(x):
         torch.library.wrap_triton(_lif_bwd_kernel)[(triton.cdiv(N, block),)](
             grad_spikes, grad_v_last if grad_v_last is not None else grad_spikes, x,
-            v_init if v_init is not None else x, _decay_operand(decay, x), grad_x,
-            grad_v_init if need_grad_v_init else grad_x, grad_decay if need_decay_grad else None, checkpoints,
+            v_init if v_init is not None else x, _decay_operand(decay, x), threshold, grad_x,
+            grad_v_init if need_grad_v_init else grad_x, grad_decay if need_decay_grad else None,
+            grad_threshold if need_threshold_grad else None, checkpoints,
             T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset), float(alpha), 1.0 / (alpha * alpha),
             leaky, bool(decay_is_tau), v_reset is not None, bool(decay_input), bool(detach_reset),
             grad_v_last is not None, v_init is not None, bool(need_grad_v_init),
             SURROGATE=int(surrogate), SPIKING=bool(spiking), NEED_DECAY_GRAD=need_decay_grad,
-            PER_NEURON_DECAY=per_neuron_decay, STEPS=steps,
-            BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
+            PER_NEURON_DECAY=per_neuron_decay, PER_NEURON_THRESHOLD=threshold is not None,
+            NEED_THRESHOLD_GRAD=bool(need_threshold_grad), STEPS=_BWD_STEPS, BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
         )
-    return grad_x, grad_v_init, grad_decay
+    return grad_x, grad_v_init, grad_decay, grad_threshold

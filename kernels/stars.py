@@ -515,7 +515,11 @@ def pool_mean(x: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     block_s = min(triton.next_power_of_2(max(S, 1)), 256)
-    block_r = max(1, 2048 // block_s)
+    # 16 elements per thread when the rows are 16-byte aligned (S % 16 == 0, or S == 1: vector loads), 8 when
+    # the loads are scalar, each element with its own address registers: either fits 128 registers, so 16
+    # warps per SM keep this memory-bound kernel's loads in flight. Only the rows per program change with
+    # it: the sum over t and s of each row, and its layout, do not.
+    block_r = max(1, (2048 if S % 16 == 0 or S == 1 else 1024) // block_s)
     with _device_guard(x):
         torch.library.wrap_triton(_pool_mean_kernel)[(triton.cdiv(R, block_r),)](
             x, out, T, R, S, float(T * S), BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)

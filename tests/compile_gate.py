@@ -11,12 +11,15 @@
 2. Compile. Each distinct launch is compiled with triton.compile(ASTSource(...)) for
    GPUTarget("cuda", 80, 32) and GPUTarget("cuda", 90, 32) in worker processes without
    TRITON_INTERPRET; the ptxas -v log of Triton's own ptxas run (the bundled ptxas, sm_80 / sm_90a,
-   the same flags) gives registers and spill bytes, the PTX the count of 128-bit global accesses.
-   Results are cached by (the hash of the kernel's module source, kernel, signature, constexprs, options, target,
-   Triton version) in $STARS_FAST_COMPILE_GATE_CACHE (default ~/.cache/stars_fast/compile_gate).
+   the same flags) gives registers and spill bytes, the compiled kernel its shared memory, the PTX
+   its global loads and stores by width. Results are cached by (the hash of the kernel's module
+   source, kernel, signature, constexprs, options, target, Triton version, result format) in
+   $STARS_FAST_COMPILE_GATE_CACHE (default ~/.cache/stars_fast/compile_gate).
+3. Occupancy. From registers, shared memory and num_warps, the warps resident per SM
+   (resident_warps); the memory-bound kernels (MEMORY_BOUND) need MIN_MEMORY_BOUND_OCCUPANCY.
 
 Run `python tests/compile_gate.py` for the table; tests/test_compile_gate.py fails on any compile
-error or spill.
+error, spill, or memory-bound launch below the occupancy floor.
 
 Covering design of the LIF grid: every option combination (LIF/IF/PLIF x hard/soft reset x
 decay_input x detach_reset x sigmoid/atan/triangle x spiking x v_init x return_v) at T = 33, which uses
@@ -24,9 +27,10 @@ the largest chunk of both kernels (and the checkpointed backward), and every T =
 default options; each in fp32, fp16 and bf16, with N a multiple of 16 (vectorized) and not. The other
 surrogates (piecewise_exp, soft_sign, super_spike, erf) differ from these in the surrogate and primitive
 code only: at T = 33 with N vectorized, LIF and PLIF (dL/dk) spiking and smooth in fp32, and in bf16
-(16 bytes per thread: the most registers) LIF spiking and PLIF smooth. Per-channel PLIF (one k per
+(the most neurons per thread) LIF spiking and PLIF smooth. Per-channel PLIF (one k per
 neuron) differs from PLIF in the load of k only: at T = 33 with v_init, spiking and smooth, in fp32 and
-bf16 with N vectorized, and fp32 / fp16 with N not.
+bf16 with N vectorized, and fp32 / fp16 with N not. A learnable threshold (one v_th per neuron, dL/dv_th)
+runs the same cases on LIF, IF and per-channel PLIF (hard reset), and on LIF with the soft reset.
 """
 from __future__ import annotations
 
@@ -52,6 +56,50 @@ from typing import Callable, Dict, List, Tuple
 TARGETS = (80, 90)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "stars_fast" / "compile_gate"
+RESULT_FORMAT = 2  # in the cache key: entries written before compile_launch's result gained a field are not read
+# They stream HBM with little arithmetic per byte: only many resident warps keep enough bytes in flight to
+# reach the memory bandwidth. The STARS GEMM-like kernels are compute-bound and exempt.
+MEMORY_BOUND = frozenset({"_lif_fwd_kernel", "_lif_bwd_kernel", "_pool_mean_kernel"})
+MIN_MEMORY_BOUND_OCCUPANCY = 0.25  # 16 of 64 warps per SM
+DEFAULT_NUM_WARPS = 4  # Triton's, for a launch that does not name num_warps
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """What one SM of a compute capability holds (CUDA C++ Programming Guide, technical specifications per
+    compute capability), allocated as cuda_occupancy.h does."""
+
+    shared_bytes: int                      # shared memory usable by blocks
+    registers: int = 65536
+    register_partitions: int = 4           # the register file is split over the SM's 4 schedulers
+    register_unit: int = 256               # registers are allocated per warp in units of 256
+    max_warps: int = 64
+    max_blocks: int = 32
+    shared_unit: int = 128                 # shared memory is allocated per block in units of 128 bytes
+    shared_reserved_per_block: int = 1024  # by the driver
+
+
+SM_LIMITS = {80: SmLimits(shared_bytes=164 * 1024), 90: SmLimits(shared_bytes=228 * 1024)}
+
+
+def resident_warps(registers: int, shared_bytes: int, threads: int, limits: SmLimits) -> int:
+    """Warps resident on one SM for a kernel of `registers` per thread and `shared_bytes` of shared memory,
+    launched in blocks of `threads`: whole blocks, as many as the registers (ceil(32 registers / 256) * 256
+    a warp; each register partition holds whole warps), the shared memory (plus the 1 KiB the driver
+    reserves per block), the warp slots and the block slots allow. Occupancy is this over
+    limits.max_warps. The same allocation as tests/test_cuda_compile.py's for the CUDA kernels."""
+    warps_per_block = _round_up(threads, 32) // 32
+    registers_per_warp = _round_up(registers * 32, limits.register_unit)
+    warps_by_registers = (limits.registers // limits.register_partitions // registers_per_warp
+                          * limits.register_partitions)
+    shared_per_block = _round_up(shared_bytes + limits.shared_reserved_per_block, limits.shared_unit)
+    blocks = min(warps_by_registers // warps_per_block, limits.shared_bytes // shared_per_block,
+                 limits.max_warps // warps_per_block, limits.max_blocks)
+    return blocks * warps_per_block
+
+
+def _round_up(value, unit):
+    return -(-value // unit) * unit
 
 
 @dataclass(frozen=True)
@@ -70,8 +118,12 @@ class Launch:
         import triton
 
         text = repr((self.module, self.name, self.signature, self.constexprs, self.attrs, self.options,
-                     self.source_hash, capability, triton.__version__))
+                     self.source_hash, capability, triton.__version__, RESULT_FORMAT))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def num_warps(self) -> int:
+        return dict(self.options).get("num_warps", DEFAULT_NUM_WARPS)
 
     def describe(self) -> str:
         """The key specialization: pointer dtypes, 16-divisible integer arguments, constexprs."""
@@ -151,17 +203,24 @@ def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
 
     def run(T, dtype, n_aligned, neuron, v_reset, decay_input, detach_reset, surrogate, spiking, with_v_init,
             return_v):
-        # N = 128 (16-divisible) or 37; per-channel PLIF needs a channel dim (dim 2)
-        shape = (T, 2, 16, 4) if n_aligned else (T, 1, 37) if neuron == "plif_channel" else (T, 37)
+        # N = 128 (16-divisible) or 37; a per-channel k or threshold needs a channel dim (dim 2)
+        per_channel = neuron.startswith("plif_channel") or neuron.endswith("_threshold")
+        shape = (T, 2, 16, 4) if n_aligned else (T, 1, 37) if per_channel else (T, 37)
         x = torch.randn(shape, dtype=_dtype(dtype), requires_grad=True)
         v_init = torch.randn(shape[1:], dtype=x.dtype, requires_grad=True) if with_v_init else None
         common = dict(v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate,
                       spiking=spiking, v_init=v_init, backend="triton")
+        if neuron.endswith("_threshold"):  # a learnable threshold, one per channel
+            common["v_threshold"] = torch.ones(shape[2], requires_grad=True)
+            neuron = neuron.removesuffix("_threshold")
         if neuron in ("plif", "plif_channel"):
             w = torch.zeros(shape[2] if neuron == "plif_channel" else (), requires_grad=True)
             spikes, v = lif.multistep_neuron(x, torch.sigmoid(w), **common)
             if not return_v:
                 v = None
+        elif "v_threshold" in common:
+            spikes, v = lif.multistep_neuron(x, tau=2.5 if neuron == "lif" else None, neuron=neuron,
+                                             return_v=return_v, **common)
         else:
             out = stars_fast.multistep_lif(x, neuron=neuron, tau=2.5, return_v=return_v, **common)
             spikes, v = out if return_v else (out, None)
@@ -188,7 +247,11 @@ def lif_scenarios() -> List[Tuple[str, Callable[[], None]]]:
                                   lambda d=dtype, o=opts: run(33, d, True, *o)))
     for dtype, aligned, spiking in [("float32", True, True), ("float32", True, False), ("float32", False, True),
                                     ("bfloat16", True, True), ("bfloat16", True, False), ("float16", False, False)]:
-        opts = ("plif_channel", 0.0, True, False, "sigmoid", spiking, True, True)
+        for neuron in ("plif_channel", "lif_threshold", "if_threshold", "plif_channel_threshold"):
+            opts = (neuron, 0.0, True, False, "sigmoid", spiking, True, True)
+            scenarios.append((f"lif T=33 {dtype} aligned={aligned} {opts}",
+                              lambda d=dtype, a=aligned, o=opts: run(33, d, a, *o)))
+        opts = ("lif_threshold", None, True, False, "sigmoid", spiking, True, True)  # soft reset: v_th in the reset
         scenarios.append((f"lif T=33 {dtype} aligned={aligned} {opts}",
                           lambda d=dtype, a=aligned, o=opts: run(33, d, a, *o)))
     return scenarios
@@ -246,14 +309,25 @@ def _worker_init():
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_gate_triton_")
 
 
-def _global_accesses(ptx: str) -> Dict[str, int]:
-    return {"v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
-            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", ptx)),
-            "scalar_loads": len(re.findall(r"ld\.global(?:\.(?!v[248]\b)\w+)*\.[bfsu](?:8|16|32|64) ", ptx))}
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+
+
+def _global_accesses(ptx: str) -> Dict[str, Dict[str, int]]:
+    """{"loads": {bytes: count}, "stores": {bytes: count}}: the PTX's global accesses by width, the bytes
+    one thread moves per instruction (ld.global.v2.b32: 8), keys as strings (the result is JSON)."""
+    counts = {"loads": {}, "stores": {}}
+    for op, suffixes in _GLOBAL_ACCESS.findall(ptx):
+        parts = suffixes.split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
+        bits = int(re.fullmatch(r"[bfsu](\d+)", parts[-1]).group(1))
+        width = counts["loads" if op == "ld" else "stores"]
+        width[str(vector * bits // 8)] = width.get(str(vector * bits // 8), 0) + 1
+    return counts
 
 
 def compile_launch(launch: Launch, capability: int) -> dict:
-    """Compile one launch for sm_<capability> -> {registers, spill_stores, spill_loads, ...} or {error}."""
+    """Compile one launch for sm_<capability> -> {registers, spill_stores, spill_loads, shared, loads, stores,
+    ...} or {error}."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -272,9 +346,9 @@ def compile_launch(launch: Launch, capability: int) -> dict:
         if match is None:
             raise RuntimeError(f"no ptxas -v report in the compile log:\n{log.getvalue()[-2000:]}")
         stores, loads, registers = map(int, match.groups())
-        return dict(registers=registers, spill_stores=stores, spill_loads=loads, launch=launch.describe(),
-                    seconds=round(time.time() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu_start, 2),
-                    **_global_accesses(kernel.asm["ptx"]))
+        return dict(registers=registers, spill_stores=stores, spill_loads=loads, shared=kernel.metadata.shared,
+                    launch=launch.describe(), seconds=round(time.time() - start, 2),
+                    cpu_seconds=round(_cpu_seconds() - cpu_start, 2), **_global_accesses(kernel.asm["ptx"]))
     except Exception as e:  # reported per launch: the gate fails on it
         return dict(error=f"{type(e).__name__}: {str(e)[-3000:]}", launch=launch.describe(),
                     seconds=round(time.time() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu_start, 2))
@@ -322,32 +396,68 @@ def compile_all(launches, workers: int = 2) -> Dict[Tuple[Launch, int], dict]:
 
 # ----------------------------------------------------------------------------------------------- table
 
+def occupancy(launch: Launch, capability: int, result: dict) -> Tuple[int, float]:
+    """(warps resident per SM, occupancy) of one compiled launch."""
+    limits = SM_LIMITS[capability]
+    warps = resident_warps(result["registers"], result["shared"], 32 * launch.num_warps, limits)
+    return warps, warps / limits.max_warps
+
+
+def low_occupancy(results) -> List[str]:
+    """The compiles of MEMORY_BOUND kernels below MIN_MEMORY_BOUND_OCCUPANCY, one line each."""
+    lines = []
+    for (launch, capability), r in results.items():
+        if launch.name in MEMORY_BOUND and "error" not in r:
+            warps, fraction = occupancy(launch, capability, r)
+            if fraction < MIN_MEMORY_BOUND_OCCUPANCY:
+                lines.append(f"sm_{capability} {launch.name} {launch.describe()}: {r['registers']} registers, "
+                             f"{r['shared']} B shared, {launch.num_warps} warps a program -> {warps} warps/SM "
+                             f"({fraction:.1%})")
+    return sorted(lines)
+
+
+def _widths(counts: Dict[str, int]) -> str:
+    return " ".join(f"{width}:{counts[width]}" for width in sorted(counts, key=int, reverse=True)) or "-"
+
+
 def table(launches, results) -> str:
-    """One row per launch (registers sm_80 / sm_90, spill bytes), then the worst per kernel."""
+    """One row per launch (registers, spill bytes, resident warps and occupancy per target, global accesses
+    by width on sm_90), then the worst per kernel (memory-bound ones marked *)."""
     rows = ["kernel                | specialization (dtypes | constexprs | 16-divisible ints)"
-            " | regs sm_80 | regs sm_90 | spill B | v4 ld/st"]
-    worst: Dict[str, List] = {}
+            " | regs sm_80 | regs sm_90 | spill B | warps/SM sm_80 | sm_90 | occupancy % sm_80 | sm_90"
+            " | sm_90 loads | stores (bytes:count)"]
+    worst: Dict[str, dict] = {}
     for launch in sorted(launches, key=lambda l: (l.name, l.describe())):
-        cells, spills = [], 0
-        for capability in TARGETS:
+        w = worst.setdefault(launch.name, dict(count=0, regs={c: 0 for c in TARGETS}, spills=0,
+                                               warps={c: None for c in TARGETS}))
+        w["count"] += 1
+        regs, warps, percent, spills = ["ERROR"] * len(TARGETS), ["-"] * len(TARGETS), ["-"] * len(TARGETS), 0
+        for i, capability in enumerate(TARGETS):
             r = results[launch, capability]
             if "error" in r:
-                cells.append("ERROR")
                 continue
-            cells.append(str(r["registers"]))
+            resident, fraction = occupancy(launch, capability, r)
+            regs[i], warps[i], percent[i] = str(r["registers"]), str(resident), f"{100 * fraction:.1f}"
             spills += r["spill_stores"] + r["spill_loads"]
-            w = worst.setdefault(launch.name, [0, {c: 0 for c in TARGETS}, 0])
-            w[1][capability] = max(w[1][capability], r["registers"])
-            w[2] += r["spill_stores"] + r["spill_loads"]
-        worst.setdefault(launch.name, [0, {c: 0 for c in TARGETS}, 0])[0] += 1
+            w["regs"][capability] = max(w["regs"][capability], r["registers"])
+            fewest = w["warps"][capability]
+            w["warps"][capability] = resident if fewest is None else min(fewest, resident)
+        w["spills"] += spills
         r90 = results[launch, 90]
-        vec = f"{r90.get('v4_loads', '-')}/{r90.get('v4_stores', '-')}"
-        rows.append(f"{launch.name:21s} | {launch.describe()} | {cells[0]:>10s} | {cells[1]:>10s} | {spills:7d}"
-                    f" | {vec}")
+        accesses = f"{_widths(r90.get('loads', {}))} | {_widths(r90.get('stores', {}))}"
+        rows.append(f"{launch.name:21s} | {launch.describe()} | {regs[0]:>10s} | {regs[1]:>10s} | {spills:7d}"
+                    f" | {warps[0]:>14s} | {warps[1]:>5s} | {percent[0]:>17s} | {percent[1]:>5s} | {accesses}")
     rows.append("")
-    rows.append("kernel                | launches | worst regs sm_80 | worst regs sm_90 | spill bytes")
-    for name, (count, regs, spills) in sorted(worst.items()):
-        rows.append(f"{name:21s} | {count:8d} | {regs[80]:16d} | {regs[90]:16d} | {spills:11d}")
+    rows.append("kernel                | launches | worst regs sm_80 | worst regs sm_90 | spill bytes"
+                " | min warps/SM sm_80 | sm_90 | min occupancy % sm_80 | sm_90")
+    for name, w in sorted(worst.items()):
+        warps = [w["warps"][c] for c in TARGETS]
+        percent = [f"{100 * x / SM_LIMITS[c].max_warps:.1f}" if x is not None else "-" for x, c in zip(warps, TARGETS)]
+        warps = [str(x) if x is not None else "-" for x in warps]
+        marked = name + (" *" if name in MEMORY_BOUND else "")
+        rows.append(f"{marked:21s} | {w['count']:8d} | {w['regs'][80]:16d} | {w['regs'][90]:16d} | {w['spills']:11d}"
+                    f" | {warps[0]:>18s} | {warps[1]:>5s} | {percent[0]:>21s} | {percent[1]:>5s}")
+    rows.append(f"* memory-bound: needs {MIN_MEMORY_BOUND_OCCUPANCY:.0%} occupancy on every target")
     return "\n".join(rows)
 
 
@@ -376,6 +486,8 @@ def main():
     for (launch, capability), r in results.items():
         if "error" in r:
             print(f"compile error sm_{capability} {launch.name} {launch.describe()}: {r['error'][:2000]}")
+    for line in low_occupancy(results):
+        print("below the memory-bound occupancy floor:", line)
 
 
 if __name__ == "__main__":

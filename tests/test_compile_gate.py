@@ -1,5 +1,6 @@
 """The compile gate (tests/compile_gate.py): every Triton launch the public ops make compiles for
-sm_80 and sm_90 with zero register spills; the register table is printed.
+sm_80 and sm_90 with zero register spills, and the memory-bound kernels keep at least 25% occupancy;
+the register and occupancy table is printed.
 
 CPU-only: the launches are recorded under TRITON_INTERPRET=1 (set by conftest.py before the kernels
 are defined) and compiled in worker processes. A cold run compiles a few hundred variants (minutes,
@@ -25,6 +26,23 @@ def _interpreted() -> bool:
     return isinstance(lif._lif_fwd_kernel, InterpretedFunction)
 
 
+def test_resident_warps():
+    sm80, sm90 = compile_gate.SM_LIMITS[80], compile_gate.SM_LIMITS[90]
+    # 4 warps a program (128 threads). 199 registers: 6400 a warp, 2 warps per register partition, 8 per
+    # SM = 12.5%
+    assert compile_gate.resident_warps(199, 0, 128, sm80) == 8
+    # 128: 4096 a warp, 16 warps = 25%; one more register and a partition holds 3 warps: 12
+    assert compile_gate.resident_warps(128, 0, 128, sm90) == 16
+    assert compile_gate.resident_warps(129, 0, 128, sm90) == 12
+    # 32: 64 warps by registers, the SM's warp limit too: 100%
+    assert compile_gate.resident_warps(32, 0, 128, sm80) == 64
+    # 40 KiB of shared memory (+ 1 KiB reserved) a program: 4 programs in 164 KiB, 5 in 228 KiB
+    assert compile_gate.resident_warps(32, 40 * 1024, 128, sm80) == 16
+    assert compile_gate.resident_warps(32, 40 * 1024, 128, sm90) == 20
+    # one-warp programs: the 32-block limit
+    assert compile_gate.resident_warps(16, 0, 32, sm90) == 32
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gate records launches under the CPU interpreter")
 def test_every_launch_compiles_for_sm80_and_sm90_without_spills(capsys):
     if not _interpreted():
@@ -41,6 +59,9 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(capsys):
               f"{r['spill_loads']} B spill loads" for (l, c), r in results.items()
               if r["spill_stores"] or r["spill_loads"]]
     assert not spills, f"{len(spills)} compiles spill registers:\n" + "\n".join(spills)
+    low = compile_gate.low_occupancy(results)
+    assert not low, (f"{len(low)} compiles of memory-bound kernels below "
+                     f"{compile_gate.MIN_MEMORY_BOUND_OCCUPANCY:.0%} occupancy:\n" + "\n".join(low))
 
 
 def _n_is_16_divisible(launch) -> bool:
@@ -48,10 +69,21 @@ def _n_is_16_divisible(launch) -> bool:
     return any(path == (names.index("N"),) and "tt.divisibility" in attr for path, attr in launch.attrs)
 
 
+def _constexprs(launch) -> dict:
+    return dict((launch.signature[path[0]][0], value) for path, value in launch.constexprs)
+
+
+def _bytes_per_thread(launch) -> int:
+    """Bytes of x per thread and [N] row: BLOCK neurons over the program's threads, times x's element size."""
+    element = {"*fp32": 4, "*fp16": 2, "*bf16": 2}[dict(launch.signature)["X"]]
+    return _constexprs(launch)["BLOCK"] // (32 * launch.num_warps) * element
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gate records launches under the CPU interpreter")
-def test_lif_launches_use_128_bit_accesses():
-    """Every LIF launch with a 16-divisible N reads x (and grad_spikes) and writes its outputs with
-    ld/st.global.v4 (16 B per thread); the only scalar global load is the 1-element decay."""
+def test_lif_launches_use_vector_accesses():
+    """Every LIF launch with a 16-divisible N reads x (and grad_spikes) and writes its outputs with one
+    access per thread and row of all the thread's neurons (ld/st.global.v4 for 16 bytes, v2 for 8, a
+    32-bit access for 4); no access is narrower but the one scalar load of a single decay value."""
     if not _interpreted():
         pytest.skip("the kernels were defined without TRITON_INTERPRET=1; run this file on its own")
     launches, failures = compile_gate.record_all(compile_gate.lif_scenarios()[::7])
@@ -60,7 +92,13 @@ def test_lif_launches_use_128_bit_accesses():
     assert aligned
     results = compile_gate.compile_all(aligned)
     for (launch, capability), r in results.items():
-        steps = dict((launch.signature[p[0]][0], v) for p, v in launch.constexprs)["STEPS"]
+        where = f"sm_{capability} {launch.describe()}"
+        steps = _constexprs(launch)["STEPS"]
         loads_per_chunk = steps * (2 if launch.name == "_lif_bwd_kernel" else 1)
-        assert r["scalar_loads"] <= 1, f"sm_{capability} {launch.describe()}: {r['scalar_loads']} scalar loads"
-        assert r["v4_loads"] >= loads_per_chunk and r["v4_stores"] >= steps, (capability, launch.describe(), r)
+        width = _bytes_per_thread(launch)
+        assert width >= 4, f"{where}: {width} bytes per thread and row"
+        loads, stores = ({int(w): n for w, n in r[kind].items()} for kind in ("loads", "stores"))
+        assert loads.get(width, 0) >= loads_per_chunk and stores.get(width, 0) >= steps, (where, width, r)
+        narrow_loads = sum(n for w, n in loads.items() if w < width)
+        narrow_stores = sum(n for w, n in stores.items() if w < width)
+        assert narrow_loads <= 1 and narrow_stores == 0, (where, width, r)

@@ -168,7 +168,7 @@ def _define_triton_neuron_op():
     def forward_op(x: Tensor, v_init: Optional[Tensor], decay: Tensor, leaky: bool, decay_is_tau: bool,
                    v_threshold: float, v_reset: Optional[float], decay_input: bool, surrogate: int, alpha: float,
                    spiking: bool, detach_reset: bool, need_v_last: bool,
-                   threshold: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                   threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         return _triton_forward(x, v_init, decay, leaky, decay_is_tau, v_threshold, v_reset, decay_input,
                                surrogate, alpha, spiking, need_v_last, threshold)
 
@@ -176,8 +176,8 @@ def _define_triton_neuron_op():
     def backward_op(grad_spikes: Tensor, grad_v_last: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
                     decay: Tensor, leaky: bool, decay_is_tau: bool, v_threshold: float, v_reset: Optional[float],
                     decay_input: bool, surrogate: int, alpha: float, spiking: bool, detach_reset: bool,
-                    need_decay_grad: bool, need_grad_v_init: bool, threshold: Optional[Tensor],
-                    need_threshold_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    need_decay_grad: bool, need_grad_v_init: bool, threshold: Optional[Tensor] = None,
+                    need_threshold_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _triton_backward(grad_spikes, grad_v_last, x, v_init, decay, leaky, decay_is_tau, v_threshold,
                                 v_reset, decay_input, surrogate, alpha, spiking, detach_reset, need_decay_grad,
                                 need_grad_v_init, threshold, need_threshold_grad)
