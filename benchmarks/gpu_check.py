@@ -1,7 +1,13 @@
 """One-shot GPU check: build with CUDA, run the CUDA/Triton tests, time the LIF op
 against SpikingJelly 2.0 with the copy bandwidth of the same run, count the STARS launches with
 torch.profiler and time STARS against the vectorized eager baseline, and time the synthesis step
-ResNet-34 -> S-ResNet-18 (B=256, T=4) fused vs reference with STARS on and off. Writes ONE Markdown
+ResNet-34 -> S-ResNet-18 (B=256, T=4) fused vs reference with STARS on and off. The fused ops run on
+every backend this device has (triton, cuda: the C++/CUDA extension), side by side. Beside each cuda
+timing is the occupancy the CUDA compile gate predicts for the kernels it ran (registers and resident
+warps per SM from tests/test_cuda_compile.py's nvcc -Xptxas -v compile for this GPU's target, started
+in the background at the beginning: about a minute of one core per .cu file); after the Triton
+timings, a row gives the same for the Triton kernels from Triton's own cache of what it compiled in
+this run (none in the dry run: the interpreter compiles nothing). Writes ONE Markdown
 table to <out>/gpu_check.md and prints it. Each section is guarded: a failure becomes a FAIL row
 and the next section runs. Sized for < 8 minutes on one H200: the build gets 240 s at most, the
 tests run last with the time left of --budget-s (450 s), and no section starts after it.
@@ -15,24 +21,32 @@ On a CPU, to check the script itself (no build, tests only collected, tiny sizes
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
+import importlib
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # this checkout's stars_fast (not another installed copy), and user_baselines / bench_synthesis_step
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
+TESTS = os.path.join(REPO, "tests")  # test_cuda_compile: the CUDA compile gate and the occupancy formula
 
 import torch  # noqa: E402
 
 ROWS = []  # (section, item, result, status)
 START = time.perf_counter()
+GATE_DEADLINE_S = 300  # seconds into the run after which no section waits for the CUDA compile gate's table
+CPP_TYPES = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}  # c++filt's
+STARS_CUDA_KERNELS = ("rows_and_constants_kernel", "pairs_and_soft_sums_kernel", "gram_difference_kernel",
+                      "gram_gradient_and_finalize_kernel", "gradient_kernel")
 
 
 def record(section, item, result, status="ok"):
@@ -91,6 +105,78 @@ def median_ms(fn, device, reps, warmup=3):
 
 def _tail(text, lines=6):
     return " / ".join(text.strip().splitlines()[-lines:])
+
+
+def _compile_gate():
+    sys.path.insert(0, TESTS)
+    try:
+        return importlib.import_module("test_cuda_compile")
+    finally:
+        sys.path.remove(TESTS)
+
+
+def cuda_compile_gate(target):
+    """{kernel name: KernelResources} of csrc/cuda compiled for sm_<target> as tests/test_cuda_compile.py
+    compiles it (the build's flags, -Xptxas -v), or the reason there is none."""
+    gate = _compile_gate()
+    if gate.CUDA_HOME is None:
+        return "nvcc not found (set CUDA_HOME)"
+    if target not in gate.SM_LIMITS:
+        return f"no occupancy limits for sm_{target} in tests/test_cuda_compile.py"
+    with tempfile.TemporaryDirectory() as out:
+        kernels, failures = gate.compile_kernels(out, targets=(target,))
+    if failures:
+        return "nvcc failed: " + _tail(failures[0], 3)
+    return {k.kernel: k for k in kernels}
+
+
+def cuda_occupancy(gate_table, patterns):
+    """'CUDA sm_XX: name R regs [S B spilled] W warps/SM = O%, ...' for the CUDA kernels whose names match
+    `patterns` (regular expressions, one kernel each) in the compile gate's table (a Future of
+    cuda_compile_gate), or why it is not known."""
+    try:
+        kernels = gate_table.result(timeout=max(0.0, GATE_DEADLINE_S - (time.perf_counter() - START)))
+    except Exception as error:  # a timeout or a failed compile: the timing rows still stand
+        return f"CUDA occupancy unknown ({type(error).__name__}: {str(error)[:100]})"
+    if isinstance(kernels, str):
+        return f"CUDA occupancy unknown: {kernels}"
+    parts = []
+    for pattern in patterns:
+        found = [k for name, k in kernels.items() if re.fullmatch(pattern, name)]
+        if len(found) != 1:
+            parts.append(f"{pattern}: {len(found)} kernels match")
+            continue
+        k = found[0]
+        spilled = f" {k.spill_stores} B spilled" if k.spill_stores else ""
+        parts.append(f"{re.sub(r'<.*', '', k.kernel).split('::')[-1]} {k.registers} regs{spilled} {k.warps} warps/SM = "
+                     f"{k.occupancy:.1%}")
+    targets = sorted({k.target for k in kernels.values()})
+    return f"CUDA {'/'.join(f'sm_{t}' for t in targets)}: " + ", ".join(parts)
+
+
+def triton_occupancy(module_name, target):
+    """'name T threads R regs S spilled W warps/SM = O%; ...' of the kernels of stars_fast.kernels.<module_name>
+    that Triton compiled in this run (its JIT cache: the very launches timed), by the compile gate's formula."""
+    import triton
+
+    gate = _compile_gate()
+    if target not in gate.SM_LIMITS:
+        return f"no occupancy limits for sm_{target} in tests/test_cuda_compile.py"
+    limits = gate.SM_LIMITS[target]
+    module = importlib.import_module(f"stars_fast.kernels.{module_name}")
+    rows = set()
+    for fn in vars(module).values():
+        if not isinstance(fn, triton.runtime.JITFunction):
+            continue
+        for caches in getattr(fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                kernel._init_handles()  # loads the binary: n_regs and n_spills come from the driver
+                threads, shared = 32 * kernel.metadata.num_warps, kernel.metadata.shared
+                warps = gate.resident_warps(kernel.n_regs, shared, threads, limits)
+                rows.add(f"{fn.__name__} {threads} threads {kernel.n_regs} regs {kernel.n_spills} spilled "
+                         f"{shared} B smem {warps} warps/SM = {warps / limits.max_warps:.1%}")
+    return f"sm_{target}: " + "; ".join(sorted(rows)) if rows else \
+        "no compiled Triton kernel (the interpreter compiles none)"
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -169,7 +255,7 @@ def _text(output):
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
-def section_lif(device, dry_run):
+def section_lif(device, dry_run, gate_table, target):
     import stars_fast
     from user_baselines import lif_loop, spikingjelly_implementation, spikingjelly_lif
 
@@ -199,6 +285,7 @@ def section_lif(device, dry_run):
                     if mismatch:
                         record("lif", f"{case} {name}", mismatch, "FAIL")
                         del variants[name]
+                kernels = _lif_cuda_kernels(dtype)
                 for mode, elements in (("fwd+bwd", 5), ("fwd", 2)):
                     times = {name: median_ms(_lif_call(fn, x, grad, mode), device, reps) for name, fn in variants.items()}
                     for name, t in times.items():
@@ -214,12 +301,30 @@ def section_lif(device, dry_run):
                             if mode == "fwd+bwd" and device == "cuda" and (
                                     gbs < 0.85 * copy_gbs or (sj_speedup is not None and sj_speedup < 1.3)):
                                 status = "below target"
+                        if name == "fused-cuda":
+                            result += "; " + cuda_occupancy(gate_table, kernels[mode])
                         label = f"{case} {mode} {name}"
                         if name == "spikingjelly":
                             label += f" ({spikingjelly_implementation(x)})"
                         record("lif", label, result, status)
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if "cuda" not in backends:  # the compile gate's prediction all the same
+            record("lif", f"{str(dtype).removeprefix('torch.')} fused-cuda, not timed here",
+                   cuda_occupancy(gate_table, _lif_cuda_kernels(dtype)["fwd+bwd"]), "skipped")
+    if "triton" in backends:
+        with item_guard("lif", "fused-triton kernels"):
+            record("lif", "fused-triton kernels (registers: Triton's compile in this run)",
+                   triton_occupancy("lif", target))
+
+
+def _lif_cuda_kernels(dtype):
+    """{mode: name patterns} of the CUDA kernels the LIF op runs for a contiguous x of `dtype` (lif_ops.cuh):
+    16 bytes a thread (x is 16-byte aligned), one k for all neurons."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    forward = rf".*::lif_forward_kernel<{CPP_TYPES[dtype]}, float, {vec}, false>"
+    backward = rf".*::lif_backward_kernel<{CPP_TYPES[dtype]}, float, {vec}, \d+, false>"
+    return {"fwd": [forward], "fwd+bwd": [forward, backward]}
 
 
 def _lif_forward_backward(fn, x, grad):
@@ -253,7 +358,7 @@ def _lif_mismatch(fn, x, grad, ours, dtype):
     return ""
 
 
-def section_stars(device, dry_run):
+def section_stars(device, dry_run, gate_table, target):
     import stars_fast
     from torch.profiler import ProfilerActivity, profile
 
@@ -314,6 +419,7 @@ def section_stars(device, dry_run):
                     leaf.grad = None
                 run()
             times[name] = median_ms(timed, device, reps)
+    stars_kernels = [rf".*::{kernel}<float>" for kernel in STARS_CUDA_KERNELS]
     operands = stars_gemm_operands(zt, zs)
     floor_ms = median_ms(lambda: stars_gemm_floor(operands), device, reps)
     record("stars", f"B={batch} GEMMs alone (u u^T, E u per side and layer)", f"{floor_ms:.3f} ms")
@@ -325,7 +431,15 @@ def section_stars(device, dry_run):
             result += f", {speedup:.1f}x vectorized eager"
             if device == "cuda" and speedup < 10:
                 status = "below target"  # target: >= 10x a vectorized eager implementation
+        if name == "fused-cuda":
+            result += "; " + cuda_occupancy(gate_table, stars_kernels)
         record("stars", f"B={batch} fwd+bwd {name}", result, status)
+    if "cuda" not in backends:  # the compile gate's prediction all the same
+        record("stars", "fused-cuda, not timed here", cuda_occupancy(gate_table, stars_kernels), "skipped")
+    if "triton" in backends:
+        with item_guard("stars", "fused-triton kernels"):
+            record("stars", "fused-triton kernels (registers: Triton's compile in this run)",
+                   triton_occupancy("stars", target))
 
 
 def section_synthesis(device, dry_run):
@@ -395,6 +509,10 @@ def main(argv=None):
         parser.error("no CUDA device visible: run on the GPU machine, or pass --cpu-dry-run")
     device = "cpu" if args.cpu_dry_run else "cuda"
     dry = args.cpu_dry_run
+    major, minor = (9, 0) if dry else torch.cuda.get_device_capability(0)
+    target = 10 * major + minor
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    gate_table = background.submit(cuda_compile_gate, target)  # nvcc runs beside the build and the timings
     with guarded("environment", args.budget_s) as go:
         if go:
             section_environment(device)
@@ -404,10 +522,10 @@ def main(argv=None):
             section_build(device, skip, timeout_s=240)
     with guarded("lif", args.budget_s) as go:
         if go:
-            section_lif(device, dry)
+            section_lif(device, dry, gate_table, target)
     with guarded("stars", args.budget_s) as go:
         if go:
-            section_stars(device, dry)
+            section_stars(device, dry, gate_table, target)
     with guarded("synthesis", args.budget_s) as go:
         if go:
             section_synthesis(device, dry)

@@ -26,23 +26,6 @@ def _interpreted() -> bool:
     return isinstance(lif._lif_fwd_kernel, InterpretedFunction)
 
 
-def test_resident_warps():
-    sm80, sm90 = compile_gate.SM_LIMITS[80], compile_gate.SM_LIMITS[90]
-    # 4 warps a program (128 threads). 199 registers: 6400 a warp, 2 warps per register partition, 8 per
-    # SM = 12.5%
-    assert compile_gate.resident_warps(199, 0, 128, sm80) == 8
-    # 128: 4096 a warp, 16 warps = 25%; one more register and a partition holds 3 warps: 12
-    assert compile_gate.resident_warps(128, 0, 128, sm90) == 16
-    assert compile_gate.resident_warps(129, 0, 128, sm90) == 12
-    # 32: 64 warps by registers, the SM's warp limit too: 100%
-    assert compile_gate.resident_warps(32, 0, 128, sm80) == 64
-    # 40 KiB of shared memory (+ 1 KiB reserved) a program: 4 programs in 164 KiB, 5 in 228 KiB
-    assert compile_gate.resident_warps(32, 40 * 1024, 128, sm80) == 16
-    assert compile_gate.resident_warps(32, 40 * 1024, 128, sm90) == 20
-    # one-warp programs: the 32-block limit
-    assert compile_gate.resident_warps(16, 0, 32, sm90) == 32
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gate records launches under the CPU interpreter")
 def test_every_launch_compiles_for_sm80_and_sm90_without_spills(capsys):
     if not _interpreted():

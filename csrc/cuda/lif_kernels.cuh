@@ -2,8 +2,9 @@
 // and their helpers, launched by lif_ops.cuh. No ATen, so that the host compiler builds it too, on the
 // CUDA emulation of emulation/cuda_on_host.h (the tests run these kernels on the CPU that way).
 //
-// Each thread owns VEC neighbouring neurons (16 bytes per access: 4 fp32, 8 fp16/bf16, 2 fp64;
-// VEC = 1 when N or a pointer is not aligned for that), grid-stride with int64 offsets, the loop over
+// Each thread owns VEC neighbouring neurons (the forward 16 bytes per access: 4 fp32, 8 fp16/bf16, 2 fp64;
+// the backward at most 4, 8 bytes of fp16/bf16, to stay within its register bound; VEC = 1 when N or a
+// pointer is not aligned for that), grid-stride with int64 offsets, the loop over
 // T inside: every x[t] row is read coalesced once. State and arithmetic in fp32 (fp64 for fp64 data)
 // whatever the I/O dtype, in the order of stars_fast.reference.multistep_neuron: divide mode is an
 // IEEE division by tau (nvcc's default -prec-div=true) and setup.py builds with --fmad=false, so no
@@ -15,7 +16,7 @@
 // the start of chunks 1.. into a [T/C, N] scratch (only when T > C) and keeping the last chunk's h;
 // the reverse scan then walks the chunks last to first, recomputing each earlier chunk's h from its
 // checkpoint. Each chunk's grad_spikes is loaded up front (C independent loads in flight), then the
-// reverse steps run and store grad_x. T <= C (C = 4 for fp32) reads x and grad_spikes once and
+// reverse steps run and store grad_x. T <= C (C = 4 for every dtype) reads x and grad_spikes once and
 // writes grad_x once: the minimal traffic.
 #pragma once
 
@@ -249,14 +250,14 @@ __device__ __forceinline__ void recompute_chunk(const scalar_t* __restrict__ x, 
 // caps its registers at 128, so that 2 blocks (16 warps, 25% of an sm_80 / sm_90 SM) fit. The forward has
 // no bound: it needs far fewer registers, and a bound lets ptxas spend more of them (fewer resident warps).
 template <typename scalar_t, typename acc_t, int VEC, int C, bool kPerNeuron>
-__global__ void __launch_bounds__(kThreads, 2) lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, int64_t gs_stride_t,
-                                    int64_t gs_stride_n, const scalar_t* __restrict__ grad_v_last,
-                                    int64_t gvl_stride, const scalar_t* __restrict__ x,
-                                    const scalar_t* __restrict__ v_init, const acc_t* __restrict__ decay_ptr,
-                                    const acc_t* __restrict__ thresholds, scalar_t* __restrict__ grad_x,
-                                    scalar_t* __restrict__ grad_v_init, acc_t* __restrict__ grad_decay,
-                                    acc_t* __restrict__ grad_threshold, acc_t* __restrict__ checkpoints, int64_t T,
-                                    int64_t N, Params<acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 2)
+    lif_backward_kernel(const scalar_t* __restrict__ grad_spikes, int64_t gs_stride_t, int64_t gs_stride_n,
+                        const scalar_t* __restrict__ grad_v_last, int64_t gvl_stride, const scalar_t* __restrict__ x,
+                        const scalar_t* __restrict__ v_init, const acc_t* __restrict__ decay_ptr,
+                        const acc_t* __restrict__ thresholds, scalar_t* __restrict__ grad_x,
+                        scalar_t* __restrict__ grad_v_init, acc_t* __restrict__ grad_decay,
+                        acc_t* __restrict__ grad_threshold, acc_t* __restrict__ checkpoints, int64_t T, int64_t N,
+                        Params<acc_t> p) {
   const int64_t chunks = (T + C - 1) / C;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < N / VEC;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {

@@ -38,17 +38,25 @@ inline int64_t num_blocks(const DeviceScope& scope, int64_t threads_needed) {
   return std::max<int64_t>(1, std::min<int64_t>((threads_needed + kThreads - 1) / kThreads, sms * 32));
 }
 
-// Elements per 16-byte access for scalar_t.
+// Elements per 16-byte access for scalar_t: the forward's packed width.
 template <typename scalar_t>
 constexpr int pack_width() {
   return static_cast<int>(16 / sizeof(scalar_t));
 }
 
+// The backward's packed width: at most 4 elements (8 bytes of fp16/bf16), because it holds a chunk of h
+// and grad_spikes per element in registers: 8 fp16/bf16 elements a thread needed 134-148 registers, over
+// the 128 of __launch_bounds__(kThreads, 2) (25% occupancy), and spilled; 4 need 109-120.
+template <typename scalar_t>
+constexpr int backward_pack_width() {
+  return std::min(pack_width<scalar_t>(), 4);
+}
+
 // Steps kept in registers per chunk: h (and a chunk of grad_spikes) in about 16 registers each
-// (fp32: 4 steps, so T <= 4 reads x once; the unrolled chunk is what ptxas compiles slowest).
+// (4 steps for every dtype, so T <= 4 reads x once; the unrolled chunk is what ptxas compiles slowest).
 template <typename scalar_t, typename acc_t>
 constexpr int chunk_steps() {
-  return 16 / (pack_width<scalar_t>() * static_cast<int>(sizeof(acc_t) / 4));
+  return 16 / (backward_pack_width<scalar_t>() * static_cast<int>(sizeof(acc_t) / 4));
 }
 
 // fn(std::true_type) when a parameter is per neuron (one k: check_per_neuron_decay; or one v_th: a
@@ -59,14 +67,18 @@ void with_per_neuron(bool per_neuron, const Fn& fn) {
   fn(std::false_type{});
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether p is aligned for a VEC-wide packed access of scalar_t.
+template <typename scalar_t, int VEC>
+inline bool aligned_for(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * VEC) == 0;
+}
 
 // Whether every tensor (undefined ones skipped) allows VEC-wide packed access at every row.
-template <typename scalar_t>
+template <typename scalar_t, int VEC>
 inline bool can_pack(int64_t N, std::initializer_list<const at::Tensor*> tensors) {
-  if (N % pack_width<scalar_t>() != 0) return false;
+  if (N % VEC != 0) return false;
   for (const at::Tensor* t : tensors) {
-    if (t->defined() && t->numel() > 0 && !aligned16(t->const_data_ptr())) return false;
+    if (t->defined() && t->numel() > 0 && !aligned_for<scalar_t, VEC>(t->const_data_ptr())) return false;
   }
   return true;
 }
@@ -101,8 +113,9 @@ inline std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(
             need_v_last ? v_last.data_ptr<scalar_t>() : nullptr, T, N, p);
       });
     };
-    if (can_pack<scalar_t>(N, {&x, &v0, &spikes, &v_last})) {
-      launch(std::integral_constant<int, pack_width<scalar_t>()>{});
+    constexpr int kPack = pack_width<scalar_t>();
+    if (can_pack<scalar_t, kPack>(N, {&x, &v0, &spikes, &v_last})) {
+      launch(std::integral_constant<int, kPack>{});
     } else {
       launch(std::integral_constant<int, 1>{});
     }
@@ -146,8 +159,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_c
     auto p = make_params<acc_t>(leaky, decay_is_tau, decay_input, spiking, surrogate, v_threshold, v_reset, alpha,
                                 detach_reset);
     p.per_neuron_decay = per_neuron_decay;
-    const bool gs_packed = grad_spikes.stride(1) == 1 && aligned16(grad_spikes.const_data_ptr()) &&
-                           (T <= 1 || grad_spikes.stride(0) % pack_width<scalar_t>() == 0);
+    constexpr int kPack = backward_pack_width<scalar_t>();
+    const bool gs_packed = grad_spikes.stride(1) == 1 && aligned_for<scalar_t, kPack>(grad_spikes.const_data_ptr()) &&
+                           (T <= 1 || grad_spikes.stride(0) % kPack == 0);
     const auto launch = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       with_per_neuron(per_neuron_decay || threshold.has_value(), [&](auto per) {
@@ -164,8 +178,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_c
             checkpoints.defined() ? checkpoints.data_ptr<acc_t>() : nullptr, T, N, p);
       });
     };
-    if ((gs_packed || grad_spikes.stride(1) == 0) && can_pack<scalar_t>(N, {&x, &v0, &grad_x, &grad_v_init})) {
-      launch(std::integral_constant<int, pack_width<scalar_t>()>{});
+    if ((gs_packed || grad_spikes.stride(1) == 0) && can_pack<scalar_t, kPack>(N, {&x, &v0, &grad_x, &grad_v_init})) {
+      launch(std::integral_constant<int, kPack>{});
     } else {
       launch(std::integral_constant<int, 1>{});
     }

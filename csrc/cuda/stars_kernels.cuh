@@ -1,6 +1,11 @@
 // Device code of the STARS ops (stars_ops.cuh launches it): the kernels, their helpers and the argument
 // structs they take by value. No ATen, so that the host compiler builds it too, on the CUDA emulation of
 // emulation/cuda_on_host.h (the tests run these kernels on the CPU that way).
+//
+// Sums of products (the GEMM tiles, dot products, sums of squares) accumulate with fma(): setup.py builds
+// every kernel with --fmad=false, which the LIF kernels need to match their reference bit for bit, and
+// which here would only double the instructions (a multiply, then an add). fma() is one FFMA / DFMA on
+// the GPU whatever that flag says, and std::fma on the emulation's host: the same single rounding.
 #pragma once
 
 #include <cstdint>
@@ -53,7 +58,7 @@ __device__ __forceinline__ acc_t warp_row_norm(const acc_t* __restrict__ z, int6
   m = warp_max(m);
   if (isinf(m) || m == acc_t(0)) return m;
   acc_t scaled = 0;
-  for (int64_t c = lane; c < C; c += 32) scaled += (z[c] / m) * (z[c] / m);
+  for (int64_t c = lane; c < C; c += 32) scaled = fma(z[c] / m, z[c] / m, scaled);
   return m * sqrt(__shfl_sync(0xffffffffu, warp_sum(scaled), 0));
 }
 
@@ -284,7 +289,7 @@ __device__ void layer_constants_block(const acc_t* __restrict__ z, int64_t n, co
         if (normalize) moment += static_cast<double>(x);
       } else if (pass == 1 && normalize) {
         const double d = static_cast<double>(x) - mean;
-        moment += d * d;
+        moment = fma(d, d, moment);
       }
       if (digit_pass) {
         const Key key = ordered_key(x);
@@ -487,7 +492,7 @@ __device__ void normalize_rows(const acc_t* __restrict__ zs, const acc_t* __rest
   for (int64_t i = block * kWarps + threadIdx.x / 32; i < B; i += blocks * kWarps) {
     acc_t sq = 0, probe = 0;
     for (int64_t c = lane; c < C; c += 32) {
-      sq += z[i * C + c] * z[i * C + c];
+      sq = fma(z[i * C + c], z[i * C + c], sq);
       probe += z[i * C + c] * acc_t(0);
     }
     const acc_t norm = warp_row_norm(z + i * C, C, sq);
@@ -590,7 +595,7 @@ __device__ acc_t gemm_tile(const acc_t* __restrict__ a, const acc_t* __restrict_
                                                                    : acc_t(0);
     if (TRANS_B) tb[tx][ty] = bv; else tb[ty][tx] = bv;  // tb[k][n]
     __syncthreads();
-    for (int k = 0; k < kTile; ++k) sum += ta[ty][k] * tb[k][tx];
+    for (int k = 0; k < kTile; ++k) sum = fma(ta[ty][k], tb[k][tx], sum);
     __syncthreads();
   }
   return sum;
@@ -617,7 +622,7 @@ __device__ void finalize_layer(const acc_t* __restrict__ row_sq, int64_t row_sq_
     ps = block_sum(ps, smem);
     pt = block_sum(pt, smem);
     const acc_t d = ps / static_cast<acc_t>(ns) - pt / static_cast<acc_t>(nt);
-    tar += d * d;
+    tar = fma(d, d, tar);
     if (threadIdx.x == 0) w[m] = acc_t(2) * d / static_cast<acc_t>(M);
   }
   if (threadIdx.x == 0) {
@@ -651,7 +656,7 @@ __device__ void gradient_rows(const acc_t* __restrict__ zs, const acc_t* __restr
     const bool paired = in_pair[i];  // the same in the whole warp: the shuffle below is warp-uniform
     acc_t dot = 0, inv_norm = 0;
     if (paired) {
-      for (int64_t c = lane; c < C; c += 32) dot += u[c] * g[c];
+      for (int64_t c = lane; c < C; c += 32) dot = fma(u[c], g[c], dot);
       dot = __shfl_sync(0xffffffffu, warp_sum(dot), 0);
       inv_norm = acc_t(1) / norms[side + i];
     }
@@ -660,7 +665,7 @@ __device__ void gradient_rows(const acc_t* __restrict__ zs, const acc_t* __restr
       acc_t tar = 0;
       for (int64_t m = 0; m < M; ++m) {
         const acc_t s = sigmoid((zn - theta[m]) * inv_delta);
-        tar += w[m] * (s * (acc_t(1) - s));
+        tar = fma(w[m], s * (acc_t(1) - s), tar);
       }
       const acc_t rca = paired ? coef_rca * ((g[c] - u[c] * dot) * inv_norm) : acc_t(0);
       out[i * C + c] = rca + tar_coef * tar;
