@@ -1,6 +1,6 @@
 """A learnable threshold: multistep_neuron(x, v_threshold=theta) with theta a tensor of one element or one
 value per channel [C] (dim 2 of x[T, B, C, ...]), and the nodes' `learnable_threshold=True`, on every
-backend, against the plain-PyTorch loop of tests/neuron_loop.py (no code shared with the package), against closed
+backend, against the plain-PyTorch loop of tests/neuron_helpers.py (no code shared with the package), against closed
 forms of dL/dv_th, and against finite differences (float64 gradcheck of the smooth neuron)."""
 import pytest
 import torch
@@ -9,7 +9,7 @@ from stars_fast.neurons import IFNode, LIFNode, ParametricLIFNode
 from stars_fast.ops.lif import multistep_neuron
 
 from conftest import require_backend
-from neuron_loop import ALPHA, loop
+from neuron_helpers import ALPHA, assert_compiled_matches_eager, loop, opcheck_triton_neuron
 
 BACKENDS = ["reference", "cpu", "triton"]  # triton runs under TRITON_INTERPRET=1 without a GPU
 
@@ -205,17 +205,11 @@ def test_constructor_errors():
 def test_opcheck_with_a_threshold_per_neuron(backend):
     """The ops' schemas, fake kernels and autograd registration with threshold [N]."""
     require_backend(backend)
-    from stars_fast import _backend
-    from stars_fast.ops import lif
-
     x, v_init, th = torch.randn(3, 20, requires_grad=True), torch.randn(20), torch.rand(20) + 0.5
     decay = torch.tensor([0.4])
     args = (x, v_init, decay, True, False, 0.0, None, True, 0, 4.0, True, False, True, th.requires_grad_(True))
-    if backend == "triton":  # under the interpreter a launch reads real pointers: no fake-tensor dispatch check
-        multistep_neuron(torch.zeros(1, 1), 0.5, backend="triton")  # defines the op on the first triton call
-        tests = ("test_schema", "test_autograd_registration", "test_faketensor") if _backend.triton_interpreter() \
-            else None
-        torch.library.opcheck(lif._triton_neuron, args, **({"test_utils": tests} if tests else {}))
+    if backend == "triton":
+        opcheck_triton_neuron(args)
     else:
         plain = (x.detach(), v_init, decay, *args[3:11])
         torch.library.opcheck(torch.ops.stars_fast.lif_forward, (*plain, True, th.detach()))
@@ -228,15 +222,5 @@ def test_torch_compile_fullgraph():
     node = LIFNode(backend="cpu", learnable_threshold=True, per_channel_threshold=True, channels=6)
     with torch.no_grad():
         node.v_threshold.copy_(torch.linspace(0.5, 1.5, 6))
-    compiled = torch.compile(node, fullgraph=True, backend="aot_eager")
     x = (torch.randn(4, 2, 6, 3, 3) + 0.5).to(memory_format=torch.channels_last_3d)
-    outs = []
-    for fn in (compiled, node):
-        node.v_threshold.grad = None
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        y.sum().backward()
-        outs.append((y, xi.grad, node.v_threshold.grad.clone()))
-    assert torch.equal(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1:], outs[1][1:]):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(node, x, node.v_threshold)

@@ -1,6 +1,6 @@
 """PLIF with one time constant per channel: ParametricLIFNode(per_channel=True, channels=C) and
 multistep_neuron(x, inv_tau=k) with k of shape [C] (the channels at dim 2 of x[T, B, C, ...]), on
-every backend, against the plain-PyTorch loop of tests/neuron_loop.py (no code shared with the package)."""
+every backend, against the plain-PyTorch loop of tests/neuron_helpers.py (no code shared with the package)."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from stars_fast.neurons import ParametricLIFNode
 from stars_fast.ops.lif import multistep_neuron
 
 from conftest import require_backend
-from neuron_loop import loop
+from neuron_helpers import assert_compiled_matches_eager, loop, opcheck_triton_neuron
 
 BACKENDS = ["reference", "cpu", "triton"]  # triton runs under TRITON_INTERPRET=1 without a GPU
 
@@ -188,16 +188,10 @@ def test_constructor_errors():
 def test_opcheck_with_one_k_per_neuron(backend):
     """The ops' schemas, fake kernels and autograd registration with decay [N] (one k per neuron)."""
     require_backend(backend)
-    from stars_fast import _backend
-    from stars_fast.ops import lif
-
     x, v_init, k = torch.randn(3, 20, requires_grad=True), torch.randn(20), torch.rand(20) * 0.8 + 0.1
     args = (x, v_init, k.requires_grad_(True), True, False, 1.0, 0.0, True, 0, 4.0, True, False, True)
-    if backend == "triton":  # under the interpreter a launch reads real pointers: no fake-tensor dispatch check
-        multistep_neuron(torch.zeros(1, 1), 0.5, backend="triton")  # defines the op on the first triton call
-        tests = ("test_schema", "test_autograd_registration", "test_faketensor") if _backend.triton_interpreter() \
-            else None
-        torch.library.opcheck(lif._triton_neuron, args, **({"test_utils": tests} if tests else {}))
+    if backend == "triton":
+        opcheck_triton_neuron(args)
     else:
         plain = (x.detach(), v_init, k.detach(), *args[3:11])
         torch.library.opcheck(torch.ops.stars_fast.lif_forward, (*plain, True))
@@ -210,15 +204,5 @@ def test_torch_compile_fullgraph():
     node = ParametricLIFNode(per_channel=True, channels=6, backend="cpu")
     with torch.no_grad():
         node.w.copy_(torch.linspace(-1, 2, 6))
-    compiled = torch.compile(node, fullgraph=True, backend="aot_eager")
     x = (torch.randn(4, 2, 6, 3, 3) + 0.5).to(memory_format=torch.channels_last_3d)
-    outs = []
-    for fn in (compiled, node):
-        node.w.grad = None
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        y.sum().backward()
-        outs.append((y, xi.grad, node.w.grad.clone()))
-    assert torch.equal(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1:], outs[1][1:]):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(node, x, node.w)

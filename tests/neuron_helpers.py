@@ -1,6 +1,7 @@
-"""A plain-PyTorch neuron loop for the tests: SpikingJelly's LIF (dividing by tau) / IF / PLIF (multiplying
-by k) step by step, with the threshold and k scalars or tensors broadcast over the channels. It shares no
-code with the package: the tests compare the fused ops with it."""
+"""Helpers of the neuron tests. `loop`: a plain-PyTorch neuron loop, SpikingJelly's LIF (dividing by tau) /
+IF / PLIF (multiplying by k) step by step, with the threshold and k scalars or tensors broadcast over the
+channels; it shares no code with the package, and the tests compare the fused ops with it. Also the
+checks of a compiled node and of the Triton op's registration."""
 import torch
 
 ALPHA = 4.0  # the sigmoid surrogate's default sharpness
@@ -51,3 +52,31 @@ def loop(x, v_threshold=1.0, k=None, *, neuron="plif", tau=2.5, decay_input=True
         v = h - theta * s_reset if v_reset is None else h * (1 - s_reset) + v_reset * s_reset
         spikes.append(s)
     return torch.stack(spikes).to(dtype), v.to(dtype)
+
+
+def assert_compiled_matches_eager(node, x, parameter):
+    """torch.compile(node, fullgraph=True) against the eager node on x: the same spikes, and the same
+    gradients of x and of the node's `parameter`."""
+    compiled = torch.compile(node, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (compiled, node):
+        parameter.grad = None
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        y.sum().backward()
+        outs.append((y, xi.grad, parameter.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        torch.testing.assert_close(a, b)
+
+
+def opcheck_triton_neuron(args):
+    """torch.library.opcheck of the Triton neuron op (defined on the first triton call). Under the
+    interpreter a launch reads real data pointers, so the fake-tensor dispatch check cannot run there."""
+    from stars_fast import _backend
+    from stars_fast.ops import lif
+
+    lif.multistep_neuron(torch.zeros(1, 1), 0.5, backend="triton")
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor") if _backend.triton_interpreter() \
+        else None
+    torch.library.opcheck(lif._triton_neuron, args, **({"test_utils": tests} if tests else {}))
