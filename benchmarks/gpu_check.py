@@ -320,10 +320,11 @@ def section_lif(device, dry_run, gate_table, target):
 
 def _lif_cuda_kernels(dtype):
     """{mode: name patterns} of the CUDA kernels the LIF op runs for a contiguous x of `dtype` (lif_ops.cuh):
-    16 bytes a thread (x is 16-byte aligned), one k for all neurons."""
+    the forward 16 bytes a thread (x is 16-byte aligned), the backward at most 4 elements a thread
+    (backward_pack_width), one k for all neurons."""
     vec = 16 // torch.empty((), dtype=dtype).element_size()
     forward = rf".*::lif_forward_kernel<{CPP_TYPES[dtype]}, float, {vec}, false>"
-    backward = rf".*::lif_backward_kernel<{CPP_TYPES[dtype]}, float, {vec}, \d+, false>"
+    backward = rf".*::lif_backward_kernel<{CPP_TYPES[dtype]}, float, {min(vec, 4)}, \d+, false>"
     return {"fwd": [forward], "fwd+bwd": [forward, backward]}
 
 
