@@ -119,10 +119,8 @@ class BaseNode(nn.Module):
         self.v_threshold = _finite(v_threshold, "v_threshold")
         if per_channel_threshold and not learnable_threshold:
             raise ValueError("per_channel_threshold=True needs learnable_threshold=True")
-        if per_channel_threshold and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
-            raise ValueError(f"per_channel_threshold=True needs channels, the number of channels (an int >= 1), "
-                             f"got {channels!r}")
-        if learnable_threshold:  # a Parameter in place of the float: the op takes either
+        if learnable_threshold:  # a Parameter in place of the float (the op takes either); channels: checked by
+            # the subclass (_check_channels)
             shape = (channels,) if per_channel_threshold else ()
             self.v_threshold = nn.Parameter(torch.full(shape, self.v_threshold))
         self.v_reset = None if v_reset is None else _finite(v_reset, "v_reset")
@@ -238,8 +236,9 @@ class BaseNode(nn.Module):
 
     def extra_repr(self) -> str:
         threshold = self.v_threshold
-        if isinstance(threshold, torch.Tensor):
-            threshold = f"learnable {list(threshold.shape)}" if threshold.dim() else f"{threshold.item():.4g} (learnable)"
+        if isinstance(threshold, torch.Tensor):  # a learnable threshold: its value, or its shape per channel
+            threshold = f"learnable {list(threshold.shape)}" if threshold.dim() else \
+                f"{threshold.item():.4g} (learnable)"
         return (f"v_threshold={threshold}, v_reset={self.v_reset}, surrogate={self.surrogate}, "
                 f"alpha={self.alpha}, detach_reset={self.detach_reset}, step_mode={self.step_mode}, "
                 f"backend={self.backend}" + (", stateful=True" if self.stateful else ""))
@@ -260,7 +259,7 @@ class LIFNode(BaseNode):
                  channels: Optional[int] = None):
         if not _finite(tau, "tau") > 1.0:
             raise ValueError(f"tau must be > 1, got {tau}")
-        _check_channels_used(channels, per_channel_threshold)
+        _check_channels(channels, per_channel_threshold=per_channel_threshold)
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
@@ -283,7 +282,7 @@ class IFNode(BaseNode):
                  backend: str = "auto", store_v_seq: bool = False, *, alpha: Optional[float] = None,
                  surrogate: Optional[str] = None, stateful: bool = False, learnable_threshold: bool = False,
                  per_channel_threshold: bool = False, channels: Optional[int] = None):
-        _check_channels_used(channels, per_channel_threshold)
+        _check_channels(channels, per_channel_threshold=per_channel_threshold)
         super().__init__(leaky=False, decay_input=True, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
@@ -308,10 +307,7 @@ class ParametricLIFNode(BaseNode):
                  per_channel_threshold: bool = False):
         if not _finite(init_tau, "init_tau") > 1.0:
             raise ValueError(f"init_tau must be > 1, got {init_tau}")
-        if per_channel and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
-            raise ValueError(f"per_channel=True needs channels, the number of channels (an int >= 1), got {channels!r}")
-        if not (per_channel or per_channel_threshold) and channels is not None:
-            raise ValueError("channels is only used with per_channel=True or per_channel_threshold=True")
+        _check_channels(channels, per_channel=per_channel, per_channel_threshold=per_channel_threshold)
         super().__init__(leaky=True, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                          surrogate_function=_pick_surrogate(surrogate_function, surrogate), alpha=alpha,
                          detach_reset=detach_reset, step_mode=step_mode, backend=backend, store_v_seq=store_v_seq,
@@ -344,9 +340,14 @@ class ParametricLIFNode(BaseNode):
         return f"{tau}, decay_input={self.decay_input}, " + super().extra_repr()
 
 
-def _check_channels_used(channels: Optional[int], per_channel_threshold: bool) -> None:
-    if channels is not None and not per_channel_threshold:
-        raise ValueError("channels is only used with per_channel_threshold=True")
+def _check_channels(channels: Optional[int], **per_channel_flags: bool) -> None:
+    """channels, the number of channels: an int >= 1 when one of the node's per-channel options is on, else
+    None (it would be ignored)."""
+    used = [name for name, on in per_channel_flags.items() if on]
+    if used and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+        raise ValueError(f"{used[0]}=True needs channels, the number of channels (an int >= 1), got {channels!r}")
+    if not used and channels is not None:
+        raise ValueError(f"channels is only used with {' or '.join(f'{name}=True' for name in per_channel_flags)}")
 
 
 def _pick_surrogate(surrogate_function: Optional[SurrogateArg], surrogate: Optional[str]) -> SurrogateArg:
