@@ -501,6 +501,7 @@ def lif_backward(
             grad_v_last is not None, v_init is not None, bool(need_grad_v_init),
             SURROGATE=int(surrogate), SPIKING=bool(spiking), NEED_DECAY_GRAD=need_decay_grad,
             PER_NEURON_DECAY=per_neuron_decay, PER_NEURON_THRESHOLD=threshold is not None,
-            NEED_THRESHOLD_GRAD=bool(need_threshold_grad), STEPS=_BWD_STEPS, BLOCK=block, num_warps=_NUM_WARPS, num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
+            NEED_THRESHOLD_GRAD=bool(need_threshold_grad), STEPS=_BWD_STEPS, BLOCK=block, num_warps=_NUM_WARPS,
+            num_stages=1, maxnreg=_MAX_REGISTERS, enable_fp_fusion=False,
         )
     return grad_x, grad_v_init, grad_decay, grad_threshold

@@ -74,9 +74,8 @@ def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_gr
     with torch.enable_grad():
         spikes, v_last = reference.multistep_neuron(
             x, leaky=leaky, v_threshold=v_threshold if threshold is None else threshold, v_reset=v_reset,
-            decay_input=decay_input,
-            detach_reset=detach_reset, surrogate=tuple(SURROGATE_IDS)[surrogate], alpha=alpha, spiking=spiking,
-            v_init=v_init, **(mode if leaky else {}))
+            decay_input=decay_input, detach_reset=detach_reset, surrogate=tuple(SURROGATE_IDS)[surrogate],
+            alpha=alpha, spiking=spiking, v_init=v_init, **(mode if leaky else {}))
         pairs = [(out, g) for out, g in ((spikes, grad_spikes), (v_last, grad_v_last)) if g is not None]
         wrt = [t for t, need in zip((x, v_init, decay, threshold), needs_input_grad) if need]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
@@ -86,7 +85,7 @@ def _reference_backward(saved, options, grad_spikes, grad_v_last, needs_input_gr
 
 def _setup_context(ctx, inputs, output):
     x, v_init, decay = inputs[:3]
-    threshold = inputs[13] if len(inputs) > 13 else None
+    threshold = inputs[13] if len(inputs) > 13 else None  # the Triton op's autograd may see 13 without one
     ctx.save_for_backward(x, v_init, decay, threshold)
     ctx.options = inputs[3:12]  # leaky .. detach_reset
     ctx.need_v_last = inputs[12]
@@ -241,7 +240,8 @@ def _check_threshold(v_threshold, x_shape):
 
 
 def _check_neuron_args(x: Tensor, v_init: Optional[Tensor], neuron: str, surrogate: str, alpha, v_threshold,
-                       v_reset, inv_tau, tau, spiking: bool = True) -> Tuple[float, Union[float, Tensor], Optional[float]]:
+                       v_reset, inv_tau, tau,
+                       spiking: bool = True) -> Tuple[float, Union[float, Tensor], Optional[float]]:
     """Every argument check of the neuron, for all backends; returns (alpha, v_threshold, v_reset) as floats
     (v_threshold stays a tensor when it is one)."""
     if not isinstance(x, Tensor):
@@ -375,8 +375,9 @@ def multistep_neuron(
     if chosen == "reference" or x.numel() == 0:
         decay = ({"tau": tau} if tau is not None else {"inv_tau": inv_tau}) if leaky else {}
         spikes, v_last = reference.multistep_neuron(
-            x, leaky=leaky, v_threshold=v_threshold if threshold is None else threshold, v_reset=v_reset, decay_input=decay_input,
-            detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking, v_init=v_init, **decay)
+            x, leaky=leaky, v_threshold=v_threshold if threshold is None else threshold, v_reset=v_reset,
+            decay_input=decay_input, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, spiking=spiking,
+            v_init=v_init, **decay)
         return _in_input_layout(order, spikes, v_last if return_v else None)
     steps, step_shape = x.shape[0], x.shape[1:]
     x2d = x.reshape(steps, -1).contiguous()
