@@ -36,7 +36,6 @@ LifOptions options(const at::Tensor& x, const at::Tensor& decay, bool leaky, boo
   const bool per_neuron = check_per_neuron_decay(op, x, decay, decay_is_tau);
   const double d = per_neuron ? 1.0 : decay.item<double>();  // per neuron: the kernels read `decays` instead
   check_decay_value(op, leaky, decay_is_tau, d);
-  check_per_neuron_threshold(op, x, threshold);
   return LifOptions{leaky,        decay_input, v_reset.has_value(),    spiking, detach_reset, decay_is_tau, surrogate,
                     d,            v_threshold, v_reset.value_or(0.0), alpha,
                     per_neuron && leaky ? decay.const_data_ptr() : nullptr,
@@ -63,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward_cpu(const at::Tensor& x, const st
                                                    double v_threshold, std::optional<double> v_reset,
                                                    bool decay_input, int64_t surrogate, double alpha, bool spiking,
                                                    bool need_v_last, const std::optional<at::Tensor>& threshold) {
-  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
+  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold, threshold);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = empty_output(x.sizes(), x.options());
   at::Tensor v_last = at::empty({need_v_last ? N : 0}, x.options());
@@ -90,9 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
     bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init,
     const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
-  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
-  check_neuron_grads(x, grad_spikes, grad_v_last, leaky, decay_is_tau, need_decay_grad);
-  check_threshold_grad(threshold, need_threshold_grad);
+  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold, threshold);
+  check_neuron_grads(x, grad_spikes, grad_v_last, leaky, decay_is_tau, need_decay_grad, threshold,
+                     need_threshold_grad);
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
   at::Tensor grad_v_init = at::empty({need_grad_v_init ? N : 0}, x.options());

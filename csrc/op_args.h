@@ -49,14 +49,29 @@ inline double normalize_scale(double mean, double std_pop, double eps) {
 // ---------------------------------------------------------------------------------------------
 // Neuron (lif_forward / lif_backward).
 
+// A learnable threshold: v_th per neuron ([N]), which the kernels read in place (then on x's device, in the
+// state dtype, contiguous) instead of v_threshold. Its values are not checked (that would synchronize a
+// GPU); a NaN threshold gives NaN spikes, as in the reference.
+inline void check_per_neuron_threshold(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& threshold) {
+  if (!threshold.has_value()) return;
+  TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == x.size(1), op,
+              ": threshold must have shape [N] = [", x.size(1), "] (one v_th per neuron), got shape ",
+              threshold->sizes());
+  TORCH_CHECK(threshold->device() == x.device(), op, ": threshold must be on ", x.device(), ", got ",
+              threshold->device());
+  TORCH_CHECK(threshold->scalar_type() == acc_dtype(x.scalar_type()), op, ": threshold must be ",
+              acc_dtype(x.scalar_type()), " for ", x.scalar_type(), " x, got ", threshold->scalar_type());
+  TORCH_CHECK(threshold->is_contiguous(), op, ": threshold must be contiguous");
+}
+
 // x [T, N] contiguous; v_init [N] of x's dtype; decay one float element on x's device or the CPU
 // (tau when decay_is_tau, else k = 1/tau), or [N] values of k, one per neuron (check_per_neuron_decay);
 // surrogate 0 (sigmoid) | 1 (atan) | 2 (triangle) | 3 (piecewise_exp) | 4 (soft_sign) | 5 (super_spike,
-// spiking only: it has no primitive) | 6 (erf); alpha > 0. The Python op checks all of this first
-// (stars_fast/ops/lif.py); these are the second line.
+// spiking only: it has no primitive) | 6 (erf); alpha > 0; threshold None or [N] (check_per_neuron_threshold).
+// The Python op checks all of this first (stars_fast/ops/lif.py); these are the second line.
 inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& v_init,
                                 const at::Tensor& decay, int64_t surrogate, bool spiking, double alpha,
-                                double v_threshold) {
+                                double v_threshold, const std::optional<at::Tensor>& threshold) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
   check_float(x, x.device(), op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, N], got shape ", x.sizes());
@@ -82,6 +97,7 @@ inline void check_neuron_inputs(const char* op, const at::Tensor& x, const std::
                     ": super_spike has no primitive: spiking=False is not supported with it");
   TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a positive number, got ", alpha);
   TORCH_CHECK(std::isfinite(v_threshold), op, ": v_threshold must be finite, got ", v_threshold);
+  check_per_neuron_threshold(op, x, threshold);
 }
 
 // Whether decay holds one k = 1/tau per neuron ([N], N > 1), which the kernels read in place: then it
@@ -98,27 +114,6 @@ inline bool check_per_neuron_decay(const char* op, const at::Tensor& x, const at
   return true;
 }
 
-// A learnable threshold: v_th per neuron ([N]), which the kernels read in place (then on x's device, in the
-// state dtype, contiguous) instead of v_threshold. Its values are not checked (that would synchronize a
-// GPU); a NaN threshold gives NaN spikes, as in the reference.
-inline void check_per_neuron_threshold(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& threshold) {
-  if (!threshold.has_value()) return;
-  TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == x.size(1), op,
-              ": threshold must have shape [N] = [", x.size(1), "] (one v_th per neuron), got shape ",
-              threshold->sizes());
-  TORCH_CHECK(threshold->device() == x.device(), op, ": threshold must be on ", x.device(), ", got ",
-              threshold->device());
-  TORCH_CHECK(threshold->scalar_type() == acc_dtype(x.scalar_type()), op, ": threshold must be ",
-              acc_dtype(x.scalar_type()), " for ", x.scalar_type(), " x, got ", threshold->scalar_type());
-  TORCH_CHECK(threshold->is_contiguous(), op, ": threshold must be contiguous");
-}
-
-// dL/dv_th is taken with respect to a per-neuron threshold operand.
-inline void check_threshold_grad(const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
-  TORCH_CHECK_VALUE(!need_threshold_grad || threshold.has_value(),
-                    "lif_backward: need_threshold_grad requires a threshold tensor");
-}
-
 // A decay value read on the host: tau finite and > 1 (divide mode), or k = 1/tau finite and > 0.
 inline void check_decay_value(const char* op, bool leaky, bool decay_is_tau, double decay) {
   if (!leaky) return;
@@ -129,10 +124,12 @@ inline void check_decay_value(const char* op, bool leaky, bool decay_is_tau, dou
   }
 }
 
-// The incoming gradients of lif_backward: grad_spikes like x (any strides), grad_v_last [N] or None.
+// The incoming gradients of lif_backward: grad_spikes like x (any strides), grad_v_last [N] or None; the
+// parameter gradients asked for exist: dL/dk of a leaky neuron's k, dL/dv_th of a threshold tensor.
 inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spikes,
                                const std::optional<at::Tensor>& grad_v_last, bool leaky, bool decay_is_tau,
-                               bool need_decay_grad) {
+                               bool need_decay_grad, const std::optional<at::Tensor>& threshold,
+                               bool need_threshold_grad) {
   check_float(grad_spikes, x.device(), "lif_backward", "grad_spikes");
   TORCH_CHECK(grad_spikes.sizes() == x.sizes(), "lif_backward: grad_spikes shape ", grad_spikes.sizes(),
               " differs from x shape ", x.sizes());
@@ -144,6 +141,8 @@ inline void check_neuron_grads(const at::Tensor& x, const at::Tensor& grad_spike
   TORCH_CHECK(leaky || !need_decay_grad, "lif_backward: need_decay_grad requires the leaky (LIF) neuron");
   TORCH_CHECK_VALUE(!decay_is_tau || !need_decay_grad,
               "lif_backward: need_decay_grad requires decay_is_tau=False (decay holds k = 1/tau)");
+  TORCH_CHECK_VALUE(!need_threshold_grad || threshold.has_value(),
+                    "lif_backward: need_threshold_grad requires a threshold tensor");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -285,3 +285,13 @@ def test_one_threshold_per_neuron(emulated, dtype, charge, v_reset, detach_reset
         _assert_close(grad_th, thr.grad, dtype, f"{where}: grad v_th")
         if plif:
             _assert_close(grad_k, kr.grad, dtype, f"{where}: grad k")
+
+
+def test_a_bad_threshold_operand_is_refused(emulated):
+    """The CUDA ops check the threshold operand as the CPU ones do (op_args.h)."""
+    x, decay = torch.randn(3, 20), torch.tensor([0.4])
+    options = (True, False, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match=r"threshold must have shape \[N\] = \[20\]"):
+        emulated.lif_forward(x, None, decay, *options, False, torch.ones(5))
+    with pytest.raises(ValueError, match="need_threshold_grad requires a threshold tensor"):
+        emulated.lif_backward(torch.ones_like(x), None, x, None, decay, *options, False, False, False, None, True)

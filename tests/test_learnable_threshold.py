@@ -188,6 +188,21 @@ def test_bad_thresholds_are_clear_errors(backend):
         node(torch.randn(3, 2, 5, 2))
 
 
+def test_the_compiled_ops_refuse_a_bad_threshold_operand():
+    """The C++ ops' own checks (the second line behind the Python op's): threshold [N] in the state dtype,
+    and a threshold gradient only with a threshold."""
+    require_backend("cpu")
+    x, decay = torch.randn(3, 20), torch.tensor([0.4])
+    options = (True, False, 1.0, 0.0, True, 0, 4.0, True)
+    with pytest.raises(RuntimeError, match=r"threshold must have shape \[N\] = \[20\]"):
+        torch.ops.stars_fast.lif_forward(x, None, decay, *options, False, torch.ones(5))
+    with pytest.raises(RuntimeError, match="threshold must be Float for Float x, got Double"):
+        torch.ops.stars_fast.lif_forward(x, None, decay, *options, False, torch.ones(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="need_threshold_grad requires a threshold tensor"):
+        torch.ops.stars_fast.lif_backward(torch.ones_like(x), None, x, None, decay, *options, False, False, False,
+                                          None, True)
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="needs learnable_threshold=True"):
         LIFNode(per_channel_threshold=True, channels=3)

@@ -87,8 +87,7 @@ inline std::tuple<at::Tensor, at::Tensor> lif_forward_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& v_init, const at::Tensor& decay, bool leaky,
     bool decay_is_tau, double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate,
     double alpha, bool spiking, bool need_v_last, const std::optional<at::Tensor>& threshold) {
-  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
-  check_per_neuron_threshold("lif_forward", x, threshold);
+  check_neuron_inputs("lif_forward", x, v_init, decay, surrogate, spiking, alpha, v_threshold, threshold);
   const DeviceScope scope(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   at::Tensor spikes = at::empty_like(x);
@@ -132,10 +131,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_c
     double v_threshold, std::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
     bool spiking, bool detach_reset, bool need_decay_grad, bool need_grad_v_init,
     const std::optional<at::Tensor>& threshold, bool need_threshold_grad) {
-  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold);
-  check_neuron_grads(x, grad_spikes_in, grad_v_last_in, leaky, decay_is_tau, need_decay_grad);
-  check_per_neuron_threshold("lif_backward", x, threshold);
-  check_threshold_grad(threshold, need_threshold_grad);
+  check_neuron_inputs("lif_backward", x, v_init, decay, surrogate, spiking, alpha, v_threshold, threshold);
+  check_neuron_grads(x, grad_spikes_in, grad_v_last_in, leaky, decay_is_tau, need_decay_grad, threshold,
+                     need_threshold_grad);
   const DeviceScope scope(x.device());
   const int64_t T = x.size(0), N = x.size(1);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
